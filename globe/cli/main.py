@@ -1,0 +1,214 @@
+"""The `globe` command: argparse for the verbs, Hydra for the `key=value` configuration.
+
+Why here: the library never imports Hydra. This module composes `globe/conf/default.yaml` with the
+user's overrides, turns the result into a typed `GlobeConfig` and calls the library.
+
+    globe inspect PATH [--json]
+    globe fit      model.path=PATH output_dir=DIR [overrides]      [-m: sweep comma lists]
+    globe export   model.path=PATH artifacts=DIR output_dir=OUT export.format=globe|dense
+    globe eval     model.path=PATH_OR_OUT [eval.text=FILE | eval.dataset=wikitext2] [output=FILE]
+    globe generate model.path=PATH prompt="..." [max_new_tokens=N]
+    globe report   RUN_DIR
+    globe demo     [--out DIR] [--fast]
+
+Bad input prints one line `error: ...` and exits 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..config import GlobeConfig
+from ..errors import GlobeError
+
+VERBS_WITH_OVERRIDES = ("fit", "export", "eval", "generate")
+
+
+def compose(overrides: list[str]) -> GlobeConfig:
+    """Hydra compose of the packaged config with `key=value` overrides -> validated GlobeConfig."""
+    from hydra import compose as h_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for o in overrides:
+        if "=" not in o:
+            raise GlobeError(f"bad argument {o!r}: expected key=value (Hydra override syntax)")
+    try:
+        with initialize_config_module(config_module="globe.conf", version_base=None):
+            cfg = h_compose(config_name="default", overrides=list(overrides))
+        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except (HydraException, OmegaConfBaseException) as e:
+        raise GlobeError(f"bad override: {str(e).splitlines()[0]}") from None
+    try:
+        conf = GlobeConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise GlobeError(f"config {e}") from None
+    return _fill_defaults(conf)
+
+
+def _fill_defaults(conf: GlobeConfig) -> GlobeConfig:
+    from ..models import FIXTURE_DIR
+
+    if not conf.model.path:
+        conf.model.path = str(FIXTURE_DIR)
+    if conf.eval.text is None and conf.eval.dataset is None:
+        cand = Path(conf.model.path) / "eval.txt"
+        if cand.is_file():
+            conf.eval.text = str(cand)
+    return conf
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """`-m` multirun: `bank.m_up=16,32 sparsity.target_support=8,12` -> the cartesian product."""
+    choices = []
+    for o in overrides:
+        k, _, v = o.partition("=")
+        if "," in v and not v.startswith("["):
+            choices.append([f"{k}={x}" for x in v.split(",")])
+        else:
+            choices.append([o])
+    return [list(c) for c in itertools.product(*choices)]
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from ..io.inspect import format_table, inspect
+
+    info = inspect(a.path)
+    if a.json:
+        _print_json(info)
+    else:
+        print(format_table(info))
+    return 0
+
+
+def cmd_fit(overrides: list[str], multirun: bool) -> int:
+    runs = expand_sweep(overrides) if multirun else [overrides]
+    confs = []
+    for i, ov in enumerate(runs):  # validate every run's config before any work
+        conf = compose(ov)
+        if not conf.output_dir:
+            raise GlobeError("output_dir is required: globe fit model.path=PATH output_dir=DIR")
+        if multirun:
+            tag = "_".join(o.replace("/", "-") for o in ov if o not in overrides)
+            conf.output_dir = str(Path(conf.output_dir) / f"{i:03d}_{tag}")
+        confs.append(conf)
+    from ..fit.run import run_fit
+
+    results = [{"output_dir": c.output_dir, "summary": run_fit(c)} for c in confs]
+    _print_json(results if multirun else results[0]["summary"])
+    return 0
+
+
+def cmd_export(overrides: list[str]) -> int:
+    conf = compose(overrides)
+    if not conf.artifacts and conf.export.format != "dense":
+        raise GlobeError("artifacts is required: globe export model.path=PATH artifacts=DIR output_dir=OUT")
+    if not conf.output_dir:
+        raise GlobeError("output_dir is required for export")
+    from ..runtime.export import export
+
+    out = export(conf)
+    print(str(out))
+    return 0
+
+
+def cmd_eval(overrides: list[str]) -> int:
+    conf = compose(overrides)
+    from ..eval.run import run_eval
+
+    _print_json(run_eval(conf))
+    return 0
+
+
+def cmd_generate(overrides: list[str]) -> int:
+    conf = compose(overrides)
+    if not conf.prompt:
+        raise GlobeError('prompt is required: globe generate model.path=PATH prompt="..."')
+    from ..runtime.generate import generate
+
+    print(generate(conf))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from ..eval.report import render_report
+
+    print(str(render_report(a.run_dir)))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    run_demo(out_dir=a.out, fast=a.fast)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="globe", description="GloBE: global-basis compression of MoE experts")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = ap.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("inspect", help="summarise an MoE checkpoint (no weights loaded)")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the JSON object only")
+    for verb, text in (("fit", "fit global Up/Gate banks"), ("export", "write a compressed or dense model"),
+                       ("eval", "perplexity, speed, memory, hit rate"), ("generate", "greedy generation")):
+        q = sub.add_parser(verb, help=text)
+        q.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
+        if verb == "fit":
+            q.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values")
+    p = sub.add_parser("report", help="Markdown + PNG report of a fit run")
+    p.add_argument("run_dir")
+    p = sub.add_parser("demo", help="inspect, fit, export and evaluate the bundled fixture")
+    p.add_argument("--out", default=None, help="output directory (default: a fresh temp dir)")
+    p.add_argument("--fast", action="store_true", help="shorter schedule")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or "debug=true" in argv
+    argv = [x for x in argv if x != "--debug"]
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        if a.verb == "inspect":
+            return cmd_inspect(a)
+        if a.verb == "fit":
+            return cmd_fit(a.overrides, a.multirun)
+        if a.verb == "export":
+            return cmd_export(a.overrides)
+        if a.verb == "eval":
+            return cmd_eval(a.overrides)
+        if a.verb == "generate":
+            return cmd_generate(a.overrides)
+        if a.verb == "report":
+            return cmd_report(a)
+        if a.verb == "demo":
+            return cmd_demo(a)
+    except (GlobeError, FileNotFoundError) as e:
+        if debug:
+            traceback.print_exc()
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

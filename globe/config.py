@@ -1,0 +1,271 @@
+"""Typed configuration for every GloBE verb.
+
+Why: the library never imports Hydra. The CLI composes YAML with Hydra, turns the result into these
+dataclasses (`GlobeConfig.from_dict`) and calls the library. Every dataclass validates itself in
+`__post_init__` and raises `ValueError("<key>: <problem>")`; checks that need the model's shapes
+(r <= min(p, d), target support <= m) live in `GlobeConfig.check_shapes`, which runs before any
+weight is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = ("up", "gate")
+SPARSE_MAPS = ("entmax", "sparsemax", "softmax")
+ACTIVATIONS = ("silu", "tanh", "identity")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelCfg:
+    path: str = ""  # local directory or hub id
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.path, str), "model.path", "must be a string")
+
+
+@dataclass
+class BankCfg:
+    m_up: int = 32  # atoms in the global Up bank
+    m_gate: int = 32  # atoms in the global Gate bank
+    r: int | None = None  # atom rank; None -> round(r_frac * p)
+    r_frac: float = 0.5
+    allow_r_above: bool = False  # permit r > min(p, d)
+    activation: str = "silu"  # phi applied after mixing
+    init: str = "svd"  # svd | random
+    seed: int = 0
+    gain0: float = 1.0  # initial gain g inside phi (atoms have unit RMS)
+    mobe_m: int | None = None  # MoBE-style baseline: atoms per layer (None -> max(2, m // layers))
+
+    def __post_init__(self) -> None:
+        _need(int(self.m_up) >= 1, "bank.m_up", f"must be >= 1, got {self.m_up}")
+        _need(int(self.m_gate) >= 1, "bank.m_gate", f"must be >= 1, got {self.m_gate}")
+        _need(self.r is None or int(self.r) >= 1, "bank.r", f"must be >= 1, got {self.r}")
+        _need(0 < float(self.r_frac) <= 4, "bank.r_frac", f"must be in (0, 4], got {self.r_frac}")
+        _need(self.activation in ACTIVATIONS, "bank.activation",
+              f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        _need(self.init in ("svd", "random"), "bank.init", f"unknown init {self.init!r}; svd|random")
+        _need(float(self.gain0) > 0, "bank.gain0", f"must be > 0, got {self.gain0}")
+        _need(self.mobe_m is None or int(self.mobe_m) >= 1, "bank.mobe_m", f"must be >= 1, got {self.mobe_m}")
+
+    def m(self, family: str) -> int:
+        return int(self.m_up if family == "up" else self.m_gate)
+
+    def rank(self, p: int) -> int:
+        return int(self.r) if self.r is not None else max(1, round(self.r_frac * p))
+
+
+@dataclass
+class SparsityCfg:
+    map: str = "entmax"  # entmax (alpha below) | sparsemax | softmax (ablation only)
+    alpha: float = 1.5
+    T0: float = 1.0  # initial temperature
+    T_min: float = 1e-3
+    T_max: float = 1e3
+    target_support: int = 8  # median number of nonzero codes per expert
+    eta: float = 0.05  # temperature controller gain
+    l1: float = 0.0
+    eps_prune: float = 1e-4  # codes below eps * max are zeroed at export
+    T_auto: bool = True  # calibrate the initial T so the initial median support equals the target
+    z_max: float = 1.0  # cap on the per-expert std of the logits (they cannot outrun T); 0 = no cap
+
+    def __post_init__(self) -> None:
+        _need(self.map in SPARSE_MAPS, "sparsity.map",
+              f"unknown sparse map {self.map!r}; choose one of {', '.join(SPARSE_MAPS)}")
+        _need(1.0 < float(self.alpha) <= 2.0, "sparsity.alpha", f"must be in (1, 2], got {self.alpha}")
+        _need(float(self.T0) > 0, "sparsity.T0", f"must be > 0, got {self.T0}")
+        _need(0 < float(self.T_min) <= float(self.T_max), "sparsity.T_min", "need 0 < T_min <= T_max")
+        _need(int(self.target_support) >= 1, "sparsity.target_support",
+              f"must be >= 1, got {self.target_support}")
+        _need(float(self.eta) >= 0, "sparsity.eta", f"must be >= 0, got {self.eta}")
+        _need(float(self.l1) >= 0, "sparsity.l1", f"must be >= 0, got {self.l1}")
+        _need(0 <= float(self.eps_prune) < 1, "sparsity.eps_prune", f"must be in [0, 1), got {self.eps_prune}")
+        _need(float(self.z_max) >= 0, "sparsity.z_max", f"must be >= 0, got {self.z_max}")
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 300
+    batch_size: int = 64  # experts per minibatch, drawn across all MoE layers
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    refit_every: int = 1  # closed-form ridge refit of A every K steps
+    ridge: float = 1e-4
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    objective: str = "weight"  # weight | activation
+    calib_text: str | None = None  # text file for the activation-aware objective
+    calib_tokens: int = 4096
+    calib_per_expert: bool = False  # covariance of tokens routed to each expert (else per layer)
+    device: str = "auto"
+    autocast_bf16: bool = False  # bf16 autocast of the large products on GPU (fp32 masters)
+    seed: int = 0
+    patience: int = 0  # early stop after this many evals without improvement (0 = off)
+    eval_every: int = 25
+    checkpoint_every: int = 50
+    log_every: int = 10
+    max_memory_gb: float = 16.0  # experts kept in their stored dtype if fp32 would exceed this
+    baselines: bool = True  # also fit per-expert SVD and MoBE-style bank at matched budget
+    lr_codes: float | None = None  # Adam lr of the logits (None -> 5 * lr)
+    eval_chunk: int = 32  # experts per chunk in full evaluations and A refits
+    baseline_steps: int | None = None  # Adam steps of the MoBE-style baseline (None -> steps)
+
+    def __post_init__(self) -> None:
+        _need(int(self.steps) >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _need(int(self.batch_size) >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _need(float(self.lr) > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _need(int(self.refit_every) >= 1, "train.refit_every", "must be >= 1")
+        _need(float(self.ridge) >= 0, "train.ridge", "must be >= 0")
+        fams = list(self.families)
+        _need(len(fams) > 0 and all(f in FAMILIES for f in fams), "train.families",
+              f"must be a non-empty subset of {list(FAMILIES)}, got {fams}")
+        self.families = [f for f in FAMILIES if f in fams]
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        _need(self.objective in ("weight", "activation"), "train.objective",
+              f"unknown objective {self.objective!r}; weight|activation")
+        _need(self.objective == "weight" or bool(self.calib_text), "train.calib_text",
+              "the activation objective needs a calibration text file")
+        _need(self.device in DEVICES, "train.device", f"unknown device {self.device!r}")
+        _need(float(self.max_memory_gb) > 0, "train.max_memory_gb", "must be > 0")
+        _need(self.lr_codes is None or float(self.lr_codes) > 0, "train.lr_codes", "must be > 0")
+        _need(int(self.eval_chunk) >= 1, "train.eval_chunk", "must be >= 1")
+        _need(int(self.eval_every) >= 1, "train.eval_every", "must be >= 1")
+        _need(int(self.checkpoint_every) >= 1, "train.checkpoint_every", "must be >= 1")
+        _need(int(self.log_every) >= 1, "train.log_every", "must be >= 1")
+        _need(int(self.patience) >= 0, "train.patience", "must be >= 0")
+        _need(self.baseline_steps is None or int(self.baseline_steps) >= 1, "train.baseline_steps", "must be >= 1")
+
+
+@dataclass
+class CacheCfg:
+    enabled: bool = True
+    mode: str = "full"  # full | lru | none (enabled=false means none)
+    S_per_layer: int = 16
+    dtype: str = "auto"  # compute dtype of cached tilde_B: auto follows the model
+    warmup_tokens: int = 2048
+    compose_full: bool = False  # cache A_i @ tilde_B_i (p x d) instead of tilde_B_i
+
+    def __post_init__(self) -> None:
+        _need(self.mode in ("full", "lru", "none"), "cache.mode", f"unknown mode {self.mode!r}")
+        _need(int(self.S_per_layer) >= 1, "cache.S_per_layer", "must be >= 1")
+        _need(self.dtype in DTYPES, "cache.dtype", f"unknown dtype {self.dtype!r}")
+        _need(int(self.warmup_tokens) >= 0, "cache.warmup_tokens", "must be >= 0")
+        if not self.enabled:
+            self.mode = "none"
+
+
+@dataclass
+class ExportCfg:
+    format: str = "globe"  # globe | dense
+    dtype: str = "bf16"
+    save_mixed: bool = False  # store each expert's tilde_B_i (True) or bank + sparse codes (False)
+
+    def __post_init__(self) -> None:
+        _need(self.format in ("globe", "dense"), "export.format", f"unknown format {self.format!r}")
+        _need(self.dtype in ("fp32", "bf16", "fp16"), "export.dtype", f"unknown dtype {self.dtype!r}")
+
+
+@dataclass
+class WandbCfg:
+    enabled: bool = False
+    mode: str = "offline"
+    project: str = "globe"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _need(self.mode in ("online", "offline", "disabled"), "wandb.mode", f"unknown mode {self.mode!r}")
+
+
+@dataclass
+class EvalCfg:
+    text: str | None = None
+    dataset: str | None = None  # wikitext2
+    context: int = 256
+    stride: int | None = None  # None -> context
+    max_tokens: int | None = None
+    speed: bool = False
+    prefill_tokens: int = 512
+    decode_tokens: int = 64
+    hit_rate: bool = False
+    S_values: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 60])
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _need(int(self.context) >= 2, "eval.context", "must be >= 2")
+        _need(self.stride is None or int(self.stride) >= 1, "eval.stride", "must be >= 1")
+        _need(self.device in DEVICES, "eval.device", f"unknown device {self.device!r}")
+        _need(self.dtype in DTYPES, "eval.dtype", f"unknown dtype {self.dtype!r}")
+
+
+@dataclass
+class GlobeConfig:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    bank: BankCfg = field(default_factory=BankCfg)
+    sparsity: SparsityCfg = field(default_factory=SparsityCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    cache: CacheCfg = field(default_factory=CacheCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    wandb: WandbCfg = field(default_factory=WandbCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    output_dir: str | None = None
+    artifacts: str | None = None
+    output: str | None = None
+    prompt: str | None = None
+    max_new_tokens: int = 32
+    debug: bool = False
+
+    def check_shapes(self, p: int, d: int, n_experts: int) -> None:
+        """Reject values that cannot work for these expert shapes (before reading weights)."""
+        r = self.bank.rank(p)
+        if not self.bank.allow_r_above:
+            _need(r <= min(p, d), "bank.r", f"r={r} exceeds min(p, d)={min(p, d)} (set bank.allow_r_above=true)")
+        for f in self.train.families:
+            m = self.bank.m(f)
+            _need(self.sparsity.target_support <= m, "sparsity.target_support",
+                  f"target support {self.sparsity.target_support} exceeds m_{f}={m}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> GlobeConfig:
+        d = dict(d or {})
+        subs = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, val in d.items():
+            if key not in subs:
+                raise ValueError(f"{key}: unknown config key")
+            sub_cls = _SUB.get(key)
+            if sub_cls is not None:
+                kwargs[key] = _build(sub_cls, key, val or {})
+            else:
+                kwargs[key] = val
+        return cls(**kwargs)
+
+
+_SUB = {"model": ModelCfg, "bank": BankCfg, "sparsity": SparsityCfg, "train": TrainCfg,
+        "cache": CacheCfg, "export": ExportCfg, "wandb": WandbCfg, "eval": EvalCfg}
+
+
+def _build(sub_cls: type, prefix: str, val: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(sub_cls)}
+    for k in val:
+        if k not in names:
+            raise ValueError(f"{prefix}.{k}: unknown config key")
+    return sub_cls(**{k: (list(v) if isinstance(v, (list, tuple)) and k != "betas" else v)
+                      for k, v in val.items()})
