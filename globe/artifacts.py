@@ -131,6 +131,21 @@ class Artifacts:
 
     @classmethod
     def load(cls, art_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Artifacts:
+        """Load one fit directory, or merge several given as "DIR_UP,DIR_GATE" (one family each)."""
+        if isinstance(art_dir, str) and "," in art_dir:
+            parts = [cls.load(p.strip(), device) for p in art_dir.split(",") if p.strip()]
+            base = parts[0]
+            for other in parts[1:]:
+                same = (other.model_type, other.moe_layers, other.num_experts, other.hidden_size,
+                        other.expert_intermediate_size)
+                if same != (base.model_type, base.moe_layers, base.num_experts, base.hidden_size,
+                            base.expert_intermediate_size):
+                    raise GlobeError(f"artifacts {art_dir}: the directories were fitted on different models")
+                dup = set(base.families) & set(other.families)
+                if dup:
+                    raise GlobeError(f"artifacts {art_dir}: family {sorted(dup)[0]} appears twice")
+                base.families.update(other.families)
+            return base
         d = Path(art_dir)
         cfg_path, ten_path = d / CONFIG, d / TENSORS
         if not d.is_dir():

@@ -10,6 +10,8 @@ Corpus: the reStructuredText sources of the Python 3.11 documentation, as shippe
 out; the first ~150 kB of held-out text become `eval.txt`.
 
 Run:  python scripts/train_fixture.py --out globe/fixture/qwen2moe-tiny [--minutes 25]
+The step count is bounded by time; training.json records the exact command (fixed schedule length
+and step count) that reproduces the committed run with the same seed on CPU.
 Shapes: vocab 4096 (byte-level BPE), d=128, p=88, 16 routed experts x 4 MoE layers, top-4,
 shared expert 352, 4 heads, context 256. Weights saved in bf16 (about 8 MB).
 """
@@ -110,6 +112,9 @@ def main() -> None:
     ap.add_argument("--out", default="globe/fixture/qwen2moe-tiny")
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--max-steps", type=int, default=4000)
+    ap.add_argument("--schedule-steps", type=int, default=None,
+                    help="fix the cosine schedule length (else estimated from the time budget)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -129,8 +134,9 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     t0, step, deadline = time.time(), 0, time.time() + 60 * a.minutes
     # Cosine schedule over the step budget the time allows (estimated after 20 steps).
-    total = a.max_steps
-    while step < total and time.time() < deadline:
+    total = a.schedule_steps or a.max_steps
+    stop = min(total, a.stop_after or total)
+    while step < stop and time.time() < deadline:
         starts = torch.randint(0, ids.numel() - a.ctx - 1, (a.batch,))
         x = torch.stack([ids[s : s + a.ctx + 1] for s in starts.tolist()])
         warm = min(1.0, (step + 1) / 50)
@@ -144,9 +150,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step == 20:
+        if step == 20 and a.schedule_steps is None:
             per = (time.time() - t0) / 20
             total = min(a.max_steps, int(60 * a.minutes / per))
+            stop = min(total, a.stop_after or total)
             print(f"{per:.2f}s/step -> {total} steps", flush=True)
         if step % 50 == 0:
             print(f"step {step}/{total} loss {out.loss.item():.3f} lr {lr:.2e} "
@@ -168,6 +175,9 @@ def main() -> None:
     info = {
         "corpus": "Python 3.11 documentation sources (Debian python3.11-doc), PSF License",
         "train_tokens": ids.numel(), "eval_tokens": val.numel(), "steps": step,
+        "schedule_steps": total, "lr": a.lr,
+        "reproduce": f"python scripts/train_fixture.py --schedule-steps {total} --stop-after {step} "
+                     f"--minutes 1000 --batch {a.batch} --ctx {a.ctx} --lr {a.lr}",
         "batch": a.batch, "context": a.ctx, "seconds": round(time.time() - t0, 1), "seed": SEED,
         "eval_ppl_fp32": round(ppl_fp32, 4), "eval_ppl_bf16": round(ppl_bf16, 4),
         "unigram_ppl": round(unigram_ppl, 2), "torch": torch.__version__,

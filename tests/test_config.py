@@ -1,0 +1,53 @@
+"""Typed configs: defaults valid, bad values rejected with the key named, Hydra YAML == dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from globe.cli.main import compose, expand_sweep
+from globe.config import BankCfg, GlobeConfig, SparsityCfg, TrainCfg
+
+
+def test_defaults_valid_and_yaml_matches_dataclass_defaults():
+    conf = compose([])
+    ref = GlobeConfig()
+    for section in ("bank", "sparsity", "train", "cache", "export", "wandb", "eval"):
+        got, want = dataclasses.asdict(getattr(conf, section)), dataclasses.asdict(getattr(ref, section))
+        assert got == want, section
+    assert conf.model.path.endswith("qwen2moe-tiny")  # empty path -> bundled fixture
+
+
+@pytest.mark.parametrize("cls,kw,key", [
+    (BankCfg, {"m_up": 0}, "bank.m_up"), (BankCfg, {"r": 0}, "bank.r"),
+    (BankCfg, {"activation": "gelu"}, "bank.activation"),
+    (SparsityCfg, {"map": "topk"}, "sparsity.map"), (SparsityCfg, {"target_support": 0}, "sparsity.target_support"),
+    (TrainCfg, {"steps": 0}, "train.steps"), (TrainCfg, {"families": ["down"]}, "train.families"),
+    (TrainCfg, {"objective": "activation"}, "train.calib_text"),
+])
+def test_bad_values_name_the_key(cls, kw, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        cls(**kw)
+
+
+def test_shape_checks():
+    c = GlobeConfig(bank=BankCfg(r=200, m_up=4, m_gate=4), sparsity=SparsityCfg(target_support=2))
+    with pytest.raises(ValueError, match="bank.r"):
+        c.check_shapes(p=88, d=128, n_experts=64)
+    c = GlobeConfig(bank=BankCfg(m_up=4, m_gate=4), sparsity=SparsityCfg(target_support=6))
+    with pytest.raises(ValueError, match="sparsity.target_support"):
+        c.check_shapes(p=88, d=128, n_experts=64)
+    GlobeConfig(bank=BankCfg(m_up=8, m_gate=8), sparsity=SparsityCfg(target_support=6)).check_shapes(88, 128, 64)
+
+
+def test_families_normalised_and_roundtrip():
+    c = GlobeConfig.from_dict({"train": {"families": ["gate", "up"]}})
+    assert c.train.families == ["up", "gate"]
+    assert GlobeConfig.from_dict(c.to_dict()) == c
+
+
+def test_sweep_expansion():
+    runs = expand_sweep(["bank.m_up=16,32", "sparsity.target_support=8,12", "output_dir=x", "train.families=[up,gate]"])
+    assert len(runs) == 4 and ["bank.m_up=32", "sparsity.target_support=12", "output_dir=x",
+                               "train.families=[up,gate]"] in runs
