@@ -74,8 +74,11 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
 
 
 def real_dim_model(num_layers: int = 2, vocab_size: int = 1024, seed: int = 0,
-                   dtype: torch.dtype = torch.bfloat16, num_experts: int | None = None):
-    """Qwen2-MoE with Qwen1.5-MoE-A2.7B layer dimensions, a few layers, random weights."""
+                   dtype: torch.dtype = torch.bfloat16, num_experts: int | None = None, random: bool = True):
+    """Qwen2-MoE with Qwen1.5-MoE-A2.7B layer dimensions, a few layers, random weights.
+
+    random=False leaves the weights at zero (fast; for shape/count tests only).
+    """
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     kw = {**QWEN15_MOE_A27B, "num_hidden_layers": num_layers, "vocab_size": vocab_size,
@@ -90,7 +93,9 @@ def real_dim_model(num_layers: int = 2, vocab_size: int = 1024, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if not random:
+                p.zero_()
+            elif "norm" in name:
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()

@@ -132,3 +132,22 @@ def test_reference_config_is_qwen2_moe():
 def test_unknown_model_type_says_how_to_add():
     with pytest.raises(GlobeError, match="ArchSpec entry in globe/registry.py"):
         get_spec("my_new_moe")
+
+
+@pytest.mark.slow
+def test_inspect_real_dimension_model(tmp_path):
+    from globe.models import real_dim_model
+
+    model = real_dim_model(num_layers=1, vocab_size=256, random=False)
+    model.save_pretrained(tmp_path)
+    info = inspect(str(tmp_path))
+    ex = model.model.layers[0].mlp.experts
+    assert (info["num_experts"], info["expert_intermediate_size"], info["hidden_size"]) == (60, 1408, 2048)
+    assert info["shared_expert_intermediate_size"] == 5632 and info["top_k"] == 4
+    assert info["params"]["routed_up"] == ex.gate_up_proj.numel() // 2 == 60 * 1408 * 2048
+    assert info["params"]["routed_down"] == ex.down_proj.numel()
+    blk = model.model.layers[0].mlp
+    assert info["params"]["shared"] == sum(p.numel() for m in (blk.shared_expert, blk.shared_expert_gate)
+                                           for p in m.parameters())
+    assert info["params"]["total"] == sum(v.numel() for v in model.state_dict().values())
+    assert info["dtypes"] == {"BF16": info["params"]["total"]}
