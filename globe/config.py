@@ -42,7 +42,7 @@ class BankCfg:
     r_frac: float = 0.5
     allow_r_above: bool = False  # permit r > min(p, d)
     activation: str = "silu"  # phi applied after mixing
-    init: str = "svd"  # svd | random
+    init: str = "svd"  # svd (rotations of the common SVD row space + noise) | random | kmeans
     seed: int = 0
     gain0: float = 1.0  # initial gain g inside phi (atoms have unit RMS)
     mobe_m: int | None = None  # MoBE-style baseline: atoms per layer (None -> max(2, m // layers))
@@ -54,7 +54,7 @@ class BankCfg:
         _need(0 < float(self.r_frac) <= 4, "bank.r_frac", f"must be in (0, 4], got {self.r_frac}")
         _need(self.activation in ACTIVATIONS, "bank.activation",
               f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        _need(self.init in ("svd", "random"), "bank.init", f"unknown init {self.init!r}; svd|random")
+        _need(self.init in ("svd", "random", "kmeans"), "bank.init", f"unknown init {self.init!r}; svd|random|kmeans")
         _need(float(self.gain0) > 0, "bank.gain0", f"must be > 0, got {self.gain0}")
         _need(self.mobe_m is None or int(self.mobe_m) >= 1, "bank.mobe_m", f"must be >= 1, got {self.mobe_m}")
 
@@ -77,6 +77,8 @@ class SparsityCfg:
     l1: float = 0.0
     eps_prune: float = 1e-4  # codes below eps * max are zeroed at export
     T_auto: bool = True  # calibrate the initial T so the initial median support equals the target
+    support0: int | None = None  # support target at step 0 (None -> min(m, 3 * target_support))
+    anneal_frac: float = 0.5  # fraction of steps over which the support target decays to target_support
     z_max: float = 1.0  # cap on the per-expert std of the logits (they cannot outrun T); 0 = no cap
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class SparsityCfg:
         _need(float(self.eta) >= 0, "sparsity.eta", f"must be >= 0, got {self.eta}")
         _need(float(self.l1) >= 0, "sparsity.l1", f"must be >= 0, got {self.l1}")
         _need(0 <= float(self.eps_prune) < 1, "sparsity.eps_prune", f"must be in [0, 1), got {self.eps_prune}")
+        _need(self.support0 is None or int(self.support0) >= 1, "sparsity.support0", "must be >= 1")
+        _need(0 <= float(self.anneal_frac) <= 1, "sparsity.anneal_frac", f"must be in [0, 1], got {self.anneal_frac}")
         _need(float(self.z_max) >= 0, "sparsity.z_max", f"must be >= 0, got {self.z_max}")
 
 
@@ -117,6 +121,7 @@ class TrainCfg:
     log_every: int = 10
     max_memory_gb: float = 16.0  # experts kept in their stored dtype if fp32 would exceed this
     baselines: bool = True  # also fit per-expert SVD and MoBE-style bank at matched budget
+    lr_schedule: str = "cosine"  # constant | cosine (after the support anneal, down to 5% of lr)
     lr_codes: float | None = None  # Adam lr of the logits (None -> 5 * lr)
     eval_chunk: int = 32  # experts per chunk in full evaluations and A refits
     baseline_steps: int | None = None  # Adam steps of the MoBE-style baseline (None -> steps)
@@ -138,6 +143,8 @@ class TrainCfg:
               "the activation objective needs a calibration text file")
         _need(self.device in DEVICES, "train.device", f"unknown device {self.device!r}")
         _need(float(self.max_memory_gb) > 0, "train.max_memory_gb", "must be > 0")
+        _need(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
+              f"unknown schedule {self.lr_schedule!r}; constant|cosine")
         _need(self.lr_codes is None or float(self.lr_codes) > 0, "train.lr_codes", "must be > 0")
         _need(int(self.eval_chunk) >= 1, "train.eval_chunk", "must be >= 1")
         _need(int(self.eval_every) >= 1, "train.eval_every", "must be >= 1")
@@ -204,9 +211,11 @@ class EvalCfg:
     tasks: list[str] = field(default_factory=list)  # lm-eval task names
     device: str = "auto"
     dtype: str = "auto"
+    threads: int | None = None  # torch CPU threads during eval (None: leave as is); 1 steadies timings on busy CPUs
 
     def __post_init__(self) -> None:
         _need(int(self.context) >= 2, "eval.context", "must be >= 2")
+        _need(self.threads is None or int(self.threads) >= 1, "eval.threads", "must be >= 1")
         _need(self.stride is None or int(self.stride) >= 1, "eval.stride", "must be >= 1")
         _need(self.device in DEVICES, "eval.device", f"unknown device {self.device!r}")
         _need(self.dtype in DTYPES, "eval.dtype", f"unknown dtype {self.dtype!r}")

@@ -113,7 +113,7 @@ def cmd_fit(overrides: list[str], multirun: bool) -> int:
 
 def cmd_export(overrides: list[str]) -> int:
     conf = compose(overrides)
-    if not conf.artifacts and conf.export.format != "dense":
+    if not conf.artifacts:
         raise GlobeError("artifacts is required: globe export model.path=PATH artifacts=DIR output_dir=OUT")
     if not conf.output_dir:
         raise GlobeError("output_dir is required for export")

@@ -3,7 +3,8 @@
 Why not `safe_open`: it memory-maps the whole shard, so how much of a multi-GB shard counts as
 resident depends on the OS and the safetensors version. Reading each tensor's byte range into a
 fresh buffer keeps peak memory at about one tensor by construction, and reading one fused expert
-(a row range of (E, 2p, d)) never touches its neighbours. benchmarks/bench_reader.py measures both. The format is simple: 8-byte little-endian header length, JSON header
+(a row range of (E, 2p, d)) never touches its neighbours. benchmarks/bench_reader.py measures both.
+The format is simple: 8-byte little-endian header length, JSON header
 {name: {dtype, shape, data_offsets: [begin, end]}}, then the data block.
 """
 

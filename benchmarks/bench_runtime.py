@@ -1,0 +1,240 @@
+"""Runtime benchmark: GloBE experts (cache full | lru S=16 | none) vs transformers' own experts, same run.
+
+Why these numbers: decode at batch 1 reads each active expert's weights once per token, so it measures
+bytes per expert (GloBE: r*d + p*r per family instead of p*d); prefill at 512 tokens measures GEMM
+throughput; peak RSS measures what the runtime keeps resident. The LRU hit rate needs real routing,
+so the fixture model (16 experts) routes its eval text and each layer's LRU is replayed over that trace.
+
+Model: globe.models.real_dim_model (Qwen1.5-MoE-A2.7B layer sizes: d 2048, 60 experts of p 1408, shared
+5632, top-4), a few layers, random weights; random artifacts with r = p/2 (speed does not depend on the
+fit). Speed runs in one process, configurations interleaved over rounds (medians reported) because
+the CPU is shared; peak memory runs each configuration in a fresh subprocess (VmHWM after reset).
+
+    python benchmarks/bench_runtime.py [--layers 2 --dtype bf16 --rounds 3 --threads 1]
+writes benchmarks/results/runtime_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from globe import compat
+from globe.artifacts import atomic_write
+from globe.config import CacheCfg
+from globe.models import QWEN15_MOE_A27B, fixture_path, real_dim_model
+from globe.runtime import cache_stats, patch_model, reset_cache_stats, simulate_lru, unpatch_model
+from globe.runtime.testing import random_artifacts
+
+OUT = Path(__file__).parent / "results" / "runtime_cpu.json"
+VOCAB = 1024
+
+
+def configs(args) -> dict[str, CacheCfg | None]:
+    return {"baseline": None, "full": CacheCfg(mode="full"),
+            "lru16": CacheCfg(mode="lru", S_per_layer=16, warmup_tokens=args.warmup_tokens),
+            "none": CacheCfg(mode="none")}
+
+
+def build(args):
+    dtype = compat.DTYPES[args.dtype]
+    model = real_dim_model(num_layers=args.layers, vocab_size=VOCAB, dtype=dtype)
+    p = QWEN15_MOE_A27B["moe_intermediate_size"]
+    arts = random_artifacts(model, m=args.m, r=p // 2, support=args.support, seed=0)
+    return model, arts
+
+
+@torch.no_grad()
+def prefill_tok_s(model, n: int, seed: int) -> float:
+    ids = torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return n / (time.perf_counter() - t)
+
+
+@torch.no_grad()
+def decode_tok_s(model, n: int, seed: int, prompt: int = 32) -> float:
+    """Greedy decode with the KV cache, batch 1: n single-token steps after a `prompt`-token prefill."""
+    ids = torch.randint(3, VOCAB, (1, prompt), generator=torch.Generator().manual_seed(seed))
+    out = model(input_ids=ids, use_cache=True)
+    pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    reset_cache_stats(model)  # hit rates below count the decode steps only
+    t = time.perf_counter()
+    for _ in range(n):
+        out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
+        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return n / (time.perf_counter() - t)
+
+
+def speed(args) -> dict:
+    model, arts = build(args)
+    cfgs = configs(args)
+    res: dict[str, dict] = {c: {"decode_tok_s": [], "prefill_tok_s": []} for c in cfgs}
+    for rnd in range(args.rounds):
+        for name, cc in cfgs.items():
+            if cc is not None:
+                t = time.perf_counter()
+                patch_model(model, arts, cc, collect_stats=name == "lru16")
+                res[name].setdefault("patch_s", []).append(time.perf_counter() - t)
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=False)  # touch every code path once
+            res[name]["decode_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd))
+            if name == "lru16":
+                st = cache_stats(model)
+                res[name].setdefault("decode_hit_rate", []).append(st["hit_rate"])
+            res[name]["prefill_tok_s"].append(max(prefill_tok_s(model, args.prefill_tokens, seed=100 + rnd)
+                                                  for _ in range(args.prefill_repeats)))
+            if cc is not None:
+                unpatch_model(model)
+            print(f"round {rnd} {name}: decode {res[name]['decode_tok_s'][-1]:.2f} tok/s, "
+                  f"prefill {res[name]['prefill_tok_s'][-1]:.1f} tok/s", flush=True)
+    out = {}
+    for name, r in res.items():  # median over rounds; each round interleaves all configurations
+        out[name] = {k: statistics.median(v) for k, v in r.items() if v}
+        out[name]["runs"] = r
+    base = res["baseline"]
+    for name in cfgs:  # paired ratios: each against the baseline of the same round (load drifts between rounds)
+        if name != "baseline":
+            for k in ("decode", "prefill"):
+                per = [c / b for c, b in zip(res[name][f"{k}_tok_s"], base[f"{k}_tok_s"])]
+                out[name][f"{k}_ratio"] = statistics.median(per)
+                out[name][f"{k}_ratio_per_round"] = per
+    out["baseline"]["experts_implementation"] = model.config._experts_implementation
+    return out
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def mem_child(args) -> None:
+    """One configuration in a fresh process: build, patch (dropping the originals), then peak RSS of a run."""
+    model, arts = build(args)
+    cc = configs(args)[args.mem_child]
+    if cc is not None:
+        patch_model(model, arts, cc, keep_original=False)
+    del arts
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    params = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    cached = sum(v["bytes"] for v in cache_stats(model)["layers"].values()) if cc is not None else 0
+    if cc is not None:
+        from globe.runtime.patch import globe_layers
+
+        fams = next(iter(globe_layers(model).values())).families.values()
+        cached += sum(f.bank.numel() * f.bank.element_size() for f in fams if f.bank is not None)
+    rss_model = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    prefill_tok_s(model, args.prefill_tokens, seed=0)
+    decode_tok_s(model, 8, seed=0)
+    print(json.dumps({"rss_after_load": rss_model, "peak_rss": _status("VmHWM"),
+                      "weight_bytes": params + cached}))
+
+
+def memory(args) -> dict:
+    out = {}
+    for name in configs(args):
+        cmd = [sys.executable, __file__, "--mem-child", name, "--layers", str(args.layers), "--dtype", args.dtype,
+               "--m", str(args.m), "--support", str(args.support), "--threads", str(args.threads),
+               "--prefill-tokens", str(args.prefill_tokens), "--warmup-tokens", str(args.warmup_tokens)]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"memory {name}: {out[name]}", flush=True)
+    for name in out:
+        out[name]["peak_ratio"] = out[name]["peak_rss"] / out["baseline"]["peak_rss"]
+    return out
+
+
+@torch.no_grad()
+def hit_rates(args) -> dict:
+    """Per-layer LRU replay of the fixture's routing of its eval text, S in args.S."""
+    from transformers import AutoTokenizer
+
+    fx = fixture_path()
+    tok = AutoTokenizer.from_pretrained(str(fx))
+    model = compat.load_pretrained(fx, torch.float32)
+    ids = tok((fx / "eval.txt").read_text(), return_tensors="pt").input_ids[0][: args.hit_tokens]
+    with compat.record_routing(model) as trace:
+        for s in range(0, ids.numel(), args.hit_context):
+            model(input_ids=ids[s:s + args.hit_context].unsqueeze(0), use_cache=False)
+    E = compat.experts_info(compat.get_experts(model, compat.moe_layer_ids(model)[0])).num_experts
+    out = {"tokens": int(ids.numel()), "warmup_tokens": args.hit_warmup, "num_experts": E, "top_k": None,
+           "S": {}}
+    for S in args.S:
+        per_layer = {}
+        for L, chunks in trace.items():
+            seq = torch.cat(chunks).tolist()  # (T, k) in token order
+            out["top_k"] = len(seq[0])
+            per_layer[L] = simulate_lru(seq, S, warmup=args.hit_warmup)["hit_rate"]
+        out["S"][S] = {"mean": statistics.mean(per_layer.values()), "per_layer": per_layer,
+                       "trivial": S >= E}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=24)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--prefill-repeats", type=int, default=2, help="best of n per round (shared CPU)")
+    ap.add_argument("--warmup-tokens", type=int, default=512)
+    ap.add_argument("--m", type=int, default=16)
+    ap.add_argument("--support", type=int, default=4)
+    ap.add_argument("--S", type=int, nargs="+", default=[4, 8, 16, 32, 60])
+    ap.add_argument("--hit-tokens", type=int, default=8192)
+    ap.add_argument("--hit-context", type=int, default=256)
+    ap.add_argument("--hit-warmup", type=int, default=256)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "hit_rate"])
+    ap.add_argument("--mem-child", default=None)
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.mem_child:
+        mem_child(args)
+        return
+    t0 = time.time()
+    res: dict = {
+        "setup": {"model": "real_dim_model (Qwen1.5-MoE-A2.7B layer sizes, random weights)", "layers": args.layers,
+                  "dtype": args.dtype, "r": QWEN15_MOE_A27B["moe_intermediate_size"] // 2, "m": args.m,
+                  "support": args.support, "threads": args.threads, "decode_tokens": args.decode_tokens,
+                  "prefill_tokens": args.prefill_tokens, "prefill_repeats": args.prefill_repeats,
+                  "lru_warmup_tokens": args.warmup_tokens,
+                  "rounds": args.rounds, "device": "cpu", "cpu": platform.processor() or platform.machine(),
+                  "torch": torch.__version__, "transformers": __import__("transformers").__version__},
+    }
+    if "hit_rate" not in args.skip:
+        res["lru_hit_rate"] = hit_rates(args)
+        print("hit rates:", {S: round(v["mean"], 3) for S, v in res["lru_hit_rate"]["S"].items()}, flush=True)
+    if "speed" not in args.skip:
+        res["speed"] = speed(args)
+    if "memory" not in args.skip:
+        res["memory"] = memory(args)
+    res["wall_s"] = time.time() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda p: Path(p).write_text(json.dumps(res, indent=2) + "\n"))
+    print(f"wrote {args.out} in {res['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

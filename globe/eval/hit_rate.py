@@ -1,0 +1,98 @@
+"""LRU cache hit rate of composed experts versus cache size S, from real routing traces.
+
+Why simulate: the runtime's LRU mode keeps at most S composed tilde_B_i per MoE layer; a miss costs a
+compose (nnz(alpha) * r * d). The hit rate depends only on which experts the router picks, so we
+record the routing of the model on real text once and replay it through per-layer LRU caches of
+every S. Replay is token by token in text order (the decode access pattern); each token touches its
+top-k experts in router order.
+
+Shapes: trace[layer] is a (T, k) LongTensor of selected expert ids, T tokens in text order.
+Hit rate = hits / accesses over all MoE layers, after an optional warmup of W tokens that fill the
+caches but are not counted (the runtime warms its cache on calibration text the same way).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..errors import GlobeError
+from ..registry import get_spec, moe_layers
+
+
+def lru_replay(trace: Iterable[Sequence[int]], S: int, warmup: int = 0) -> tuple[int, int]:
+    """Replay per-token expert lists through one LRU cache of capacity S -> (hits, accesses).
+
+    The first `warmup` tokens update the cache but are not counted.
+    """
+    if int(S) < 1:
+        raise GlobeError(f"cache size S must be >= 1, got {S}")
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = acc = 0
+    for t, experts in enumerate(trace):
+        count = t >= warmup
+        for e in experts:
+            e = int(e)
+            if e in cache:
+                cache.move_to_end(e)
+                hits += count
+            else:
+                cache[e] = None
+                if len(cache) > S:
+                    cache.popitem(last=False)
+            acc += count
+    return hits, acc
+
+
+def hit_rate_curve(traces: dict[int, torch.Tensor], S_values: Sequence[int], warmup: int = 0) -> dict:
+    """Hit rate for each S, pooled over layers: {S: rate}, plus per-layer rates under 'per_layer'."""
+    if not traces:
+        raise GlobeError("no routing traces recorded (is this a MoE model?)")
+    out: dict = {"S": [int(s) for s in S_values], "hit_rate": [], "per_layer": {}}
+    for S in S_values:
+        h_all = a_all = 0
+        for layer, tr in traces.items():
+            h, a = lru_replay(tr.tolist(), int(S), warmup)
+            h_all, a_all = h_all + h, a_all + a
+            out["per_layer"].setdefault(str(layer), []).append(h / a if a else float("nan"))
+        out["hit_rate"].append(h_all / a_all if a_all else float("nan"))
+    return out
+
+
+def _experts_modules(model) -> dict[int, torch.nn.Module]:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    spec = get_spec(getattr(cfg, "model_type", None))
+    layers = model.model.layers
+    return {L: getattr(layers[L], spec.block).experts for L in moe_layers(spec, cfg.to_dict())}
+
+
+@torch.no_grad()
+def record_routing(model, ids: torch.Tensor, context: int = 512) -> dict[int, torch.Tensor]:
+    """Run ids (T,) through the model in consecutive windows; {layer: (T, k) expert ids}.
+
+    Hooks the experts module of each MoE layer (called as experts(hidden, top_k_index, top_k_weights)
+    in transformers 5); works on patched GloBE layers as long as they keep that call signature.
+    """
+    mods = _experts_modules(model)
+    rec: dict[int, list[torch.Tensor]] = {L: [] for L in mods}
+
+    def make(L: int):
+        def hook(_mod, args, kwargs):
+            idx = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+            if idx is None:
+                raise GlobeError(f"layer {L}: cannot read routing indices from the experts call")
+            rec[L].append(idx.detach().reshape(-1, idx.shape[-1]).cpu())
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(L), with_kwargs=True) for L, m in mods.items()]
+    device = next(model.parameters()).device
+    try:
+        ids = ids.reshape(-1)
+        for b in range(0, ids.numel(), int(context)):
+            model(input_ids=ids[b:b + int(context)].unsqueeze(0).to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return {L: torch.cat(v) if v else torch.empty(0, 0, dtype=torch.long) for L, v in rec.items()}

@@ -1,0 +1,115 @@
+"""Token-weighted sliding-window perplexity.
+
+Why this exact scheme: perplexity must be `exp(sum NLL / sum predicted tokens)` over the whole text,
+not a mean of per-window means. Every token except the first is predicted exactly once, so
+`tokens == len(ids) - 1`. The first window feeds `context` tokens and scores all of their next-token
+predictions; each later window feeds the `context` tokens just before its targets and scores only the
+next `stride` (stride <= context) not yet scored, so every later target sees at least
+`context - stride + 1` tokens of history (the HF perplexity guide's scheme, without its loss of each
+window's first token when stride == context).
+
+Shapes: ids (T,) LongTensor; a window feeds (1, <= context) ids and keeps only the logits of the
+scored positions (`logits_to_keep`), so memory is (1, n_scored, vocab) rather than (1, context, vocab).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import GlobeError
+
+
+def load_text(path: str | Path) -> str:
+    """Read a UTF-8 text file; missing, unreadable or empty -> GlobeError."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GlobeError(f"eval text file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GlobeError(f"cannot read eval text file {p}: {e}") from None
+    if not text.strip():
+        raise GlobeError(f"eval text file is empty: {p}")
+    return text
+
+
+def load_dataset_text(name: str, split: str = "test") -> str:
+    """WikiText-2 (raw) through `datasets`, joined with blank lines like the HF perplexity guide."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in ("wikitext2", "wikitext2raw", "wikitext"):
+        raise GlobeError(f"unknown eval.dataset {name!r}; supported: wikitext2 (or pass eval.text=FILE)")
+    try:
+        import datasets
+    except ImportError:
+        raise GlobeError("eval.dataset=wikitext2 needs the `datasets` package (pip install 'globe-moe[eval]'), "
+                         "or pass eval.text=FILE") from None
+    try:
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as e:  # offline, hub down, cache miss: one line for the user
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise GlobeError(f"cannot load WikiText-2 (offline?): {type(e).__name__}: {msg}; "
+                         "pass eval.text=FILE instead") from None
+    return "\n\n".join(ds["text"])
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Whole text -> (T,) ids (tokenizer defaults for special tokens), truncated to max_tokens."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    if max_tokens is not None:
+        ids = ids[: int(max_tokens)]
+    return ids
+
+
+def max_positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first) per window over n tokens: feed ids[begin:end-1], score targets ids[first:end]."""
+    out, first, end = [], 1, min(context + 1, n)
+    while first < n:
+        out.append((max(0, end - 1 - context), end, first))
+        first, end = end, min(end + stride, n)
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None,
+               device: torch.device | str | None = None) -> dict:
+    """Sliding-window perplexity of `ids` (T,) under `model`.
+
+    Returns {perplexity, nll_per_token, tokens, nll_sum, windows, context, stride}. `tokens` counts
+    predicted tokens (T - 1). context > the model's max_position_embeddings -> GlobeError.
+    """
+    context = int(context)
+    stride = context if stride is None else int(stride)
+    if context < 2:
+        raise GlobeError(f"eval.context must be >= 2, got {context}")
+    if not 1 <= stride <= context:
+        raise GlobeError(f"eval.stride must be in [1, context={context}], got {stride}")
+    limit = max_positions(model)
+    if limit is not None and context > limit:
+        raise GlobeError(f"eval.context={context} exceeds the model's max_position_embeddings={limit}")
+    ids = ids.reshape(-1).long()
+    if ids.numel() < 2:
+        raise GlobeError(f"eval text has {ids.numel()} token(s); need at least 2 to score")
+    if device is None:
+        device = next(model.parameters()).device
+    nll, count, spans = 0.0, 0, windows(ids.numel(), context, stride)
+    for begin, end, first in spans:
+        x = ids[begin:end - 1].unsqueeze(0).to(device)
+        n_scored = end - first
+        # logits at positions first-1 .. end-2 (the last n_scored fed) predict targets first .. end-1
+        logits = model(input_ids=x, use_cache=False, logits_to_keep=n_scored).logits[0]
+        target = ids[first:end].to(logits.device)
+        nll += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+        count += n_scored
+    mean = nll / count
+    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": count, "nll_sum": nll,
+            "windows": len(spans), "context": context, "stride": stride}

@@ -1,0 +1,163 @@
+"""`globe eval`: perplexity, speed, memory, cache hit rate and zero-shot of one model directory.
+
+Why one entry point: the CLI composes a GlobeConfig and calls `run_eval(cfg)`; the demo and the
+benchmarks call the same function, so every number in the docs comes from one code path.
+
+`cfg.model.path` may be an original HF checkpoint, a dense export (plain transformers directory) or a
+GloBE export (detected with `globe.runtime.export.is_globe_dir`, loaded with its `load_model`, which
+applies cfg.cache). The returned object always has the keys
+    perplexity, nll_per_token, tokens, prefill_tok_s, decode_tok_s, peak_mem_bytes, cache_hit_rate,
+    device, dtype
+(null where not asked) plus extras: model_path, model_kind, context, stride, windows, speed details,
+hit_rate_by_S, zero_shot, seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import atomic_write
+from ..config import GlobeConfig
+from ..errors import GlobeError
+from .device import dtype_name, resolve_device, resolve_dtype
+
+KEYS = ("perplexity", "nll_per_token", "tokens", "prefill_tok_s", "decode_tok_s", "peak_mem_bytes",
+        "cache_hit_rate", "device", "dtype")
+
+
+def _is_globe_dir(path: Path) -> bool:
+    try:
+        from ..runtime.export import is_globe_dir
+    except ImportError:
+        return False
+    return bool(is_globe_dir(str(path)))
+
+
+def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, collect_stats: bool = False):
+    """(model, tokenizer, kind) for cfg.model.path; kind is 'globe' or 'hf'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..io.checkpoint import resolve_path
+
+    path = resolve_path(cfg.model.path, cfg.model.revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise GlobeError(f"cannot load a tokenizer from {path}: {type(e).__name__}") from None
+    if _is_globe_dir(path):
+        from ..runtime.export import load_model
+
+        model = load_model(str(path), device=device, dtype=dtype, cache=cfg.cache, collect_stats=collect_stats)
+        kind = "globe"
+    else:
+        if not (path / "config.json").is_file():
+            raise GlobeError(f"no config.json in {path}: not a model directory")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise GlobeError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+        model, kind = model.to(device), "hf"
+    return model.eval(), tok, kind
+
+
+def _runtime_stats(model) -> dict[str, Any] | None:
+    """Counted hits/misses of the runtime's LRU caches (GloBE model loaded with collect_stats), else None."""
+    if getattr(model, "_globe", None) is None:
+        return None
+    from ..runtime.patch import cache_stats
+
+    st = cache_stats(model) or {}
+    if not st.get("hits") and not st.get("misses"):
+        return None
+    return {"hits": int(st["hits"]), "misses": int(st["misses"]), "hit_rate": st.get("hit_rate")}
+
+
+def _text(cfg: GlobeConfig) -> str | None:
+    from .perplexity import load_dataset_text, load_text
+
+    if cfg.eval.text:
+        return load_text(cfg.eval.text)
+    if cfg.eval.dataset:
+        return load_dataset_text(cfg.eval.dataset)
+    return None
+
+
+def run_eval(cfg: GlobeConfig) -> dict[str, Any]:
+    """Evaluate cfg.model.path as cfg.eval asks; return (and write to cfg.output, atomically) one dict."""
+    threads = torch.get_num_threads()
+    if cfg.eval.threads:
+        torch.set_num_threads(int(cfg.eval.threads))
+    try:
+        out = _run_eval(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
+    from .hit_rate import hit_rate_curve, record_routing
+    from .perplexity import max_positions, perplexity, tokenize
+    from .speed import RssSampler, measure_speed
+
+    ev = cfg.eval
+    if not (ev.text or ev.dataset or ev.speed or ev.hit_rate or ev.tasks):
+        raise GlobeError("nothing to evaluate: give eval.text=FILE, eval.dataset=wikitext2, eval.speed=true "
+                         "or eval.tasks=[...]")
+    if cfg.output and not Path(cfg.output).expanduser().parent.is_dir():
+        raise GlobeError(f"output directory does not exist: {Path(cfg.output).expanduser().parent}")
+    text = _text(cfg)  # bad text/dataset/tasks fail before the model loads
+    manager = None
+    if ev.tasks:
+        from .zeroshot import validate_tasks
+
+        manager = validate_tasks(ev.tasks)
+    if ev.hit_rate and text is None:
+        raise GlobeError("eval.hit_rate needs text to route: give eval.text=FILE or eval.dataset=wikitext2")
+    torch.manual_seed(0)
+    device = resolve_device(ev.device)
+    dtype = resolve_dtype(ev.dtype, device)
+    t0 = time.perf_counter()
+    model, tok, kind = load_for_eval(cfg, device, dtype, collect_stats=bool(ev.hit_rate))
+    out: dict[str, Any] = dict.fromkeys(KEYS)
+    out.update(device=device.type, dtype=dtype_name(dtype), model_path=str(cfg.model.path), model_kind=kind,
+               threads=torch.get_num_threads(), load_s=time.perf_counter() - t0)
+    ids = tokenize(tok, text, ev.max_tokens) if text is not None else None
+    if ids is not None:
+        if device.type == "cpu":
+            with RssSampler() as rss:
+                ppl = perplexity(model, ids, ev.context, ev.stride, device)
+            out["peak_mem_bytes"], out["peak_mem_kind"] = int(rss.peak), "cpu_peak_rss"
+        else:
+            ppl = perplexity(model, ids, ev.context, ev.stride, device)
+        out.update({k: ppl[k] for k in ("perplexity", "nll_per_token", "tokens", "context", "stride", "windows")})
+    if ev.speed:
+        n_pre, limit = int(ev.prefill_tokens), max_positions(model)
+        if limit is not None and n_pre + int(ev.decode_tokens) > limit:  # fit the model's window, say so
+            n_pre = limit - int(ev.decode_tokens)
+            out["prefill_tokens_clamped_from"] = int(ev.prefill_tokens)
+        sp = measure_speed(model, n_pre, ev.decode_tokens)
+        out.update({k: v for k, v in sp.items() if k != "device"})
+    if ev.hit_rate:
+        S_values = sorted({*map(int, ev.S_values), int(cfg.cache.S_per_layer)})
+        curve = hit_rate_curve(record_routing(model, ids, ev.context), S_values, warmup=0)
+        out["hit_rate_by_S"] = dict(zip(map(str, curve["S"]), curve["hit_rate"]))
+        out["hit_rate_per_layer"] = curve["per_layer"]
+        out["cache_hit_rate"] = out["hit_rate_by_S"][str(int(cfg.cache.S_per_layer))]
+        out["cache_hit_rate_kind"] = f"simulated_lru_S{int(cfg.cache.S_per_layer)}"
+    measured = _runtime_stats(model)
+    if measured is not None:
+        out["runtime_cache_stats"] = measured  # the real caches, over every forward of this eval
+    if ev.tasks:
+        from .zeroshot import zero_shot
+
+        out["zero_shot"] = zero_shot(model, tok, ev.tasks, manager=manager)
+    out["seconds"] = time.perf_counter() - t0
+    if cfg.output:
+        dest = Path(cfg.output).expanduser()
+        atomic_write(dest, lambda p: Path(p).write_text(json.dumps(out, indent=2) + "\n"))
+    return out

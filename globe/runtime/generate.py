@@ -1,0 +1,42 @@
+"""Greedy generation for a quick look at a model: original, dense export or GloBE export.
+
+Why: `globe generate model.path=OUT prompt="..."` is the smoke test a user runs after export.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GlobeConfig
+from ..errors import GlobeError
+from ..io.checkpoint import resolve_path
+from .export import load_model
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def generate(cfg: GlobeConfig) -> str:
+    """Greedy-decode cfg.max_new_tokens tokens after cfg.prompt; returns prompt + continuation as text."""
+    if not cfg.prompt:
+        raise GlobeError("prompt: give the text to continue (prompt=\"...\")")
+    if int(cfg.max_new_tokens) < 1:
+        raise GlobeError(f"max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
+    path = resolve_path(cfg.model.path, cfg.model.revision)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise GlobeError(f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
+    device = resolve_device(cfg.eval.device)
+    dtype = None if cfg.eval.dtype == "auto" else cfg.eval.dtype
+    model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
+    enc = tok(cfg.prompt, return_tensors="pt").to(device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(**enc, max_new_tokens=int(cfg.max_new_tokens), do_sample=False, pad_token_id=pad)
+    return tok.decode(out[0], skip_special_tokens=True)

@@ -1,0 +1,184 @@
+"""Swap the routed experts of every MoE layer for GloBEExperts, in place, and back.
+
+Why in place: the router, shared expert, attention and KV cache of the transformers model keep
+working unchanged; only `layers[L].<block>.experts` changes. The model's device and dtype are kept
+(compute dtype = cache.dtype, 'auto' follows the model). `unpatch_model` puts the original modules
+back (the very same objects, so outputs are bit-identical); with keep_original=False it rebuilds plain
+modules from the reconstructed weights instead.
+
+State lives on the model as `model._globe` (a dict): originals, shared FamilyRuntime objects, cache cfg.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import compat
+from ..artifacts import Artifacts
+from ..config import CacheCfg
+from ..errors import GlobeError
+from .cache import FamilyRuntime
+from .experts import FAMILY_ORDER, GloBEExperts
+
+
+@dataclass
+class LayerParts:
+    """Tensors of one layer's GloBEExperts: fitted A (E, p, r), dense (E, p, d), Down (E, d, p)."""
+
+    down: nn.Parameter
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    mixed: dict[str, torch.Tensor] = field(default_factory=dict)  # stored tilde_B (E, r, d), optional
+
+
+def check_artifacts(model: nn.Module, arts: Artifacts) -> None:
+    """One-line GlobeError when the artifacts were not fitted on this model's architecture and shapes."""
+    mt = getattr(compat.text_config(model.config), "model_type", None)
+    if arts.model_type != mt:
+        raise GlobeError(f"artifacts are for model_type {arts.model_type!r}, the model is {mt!r}")
+    layers = compat.moe_layer_ids(model)
+    if list(arts.moe_layers) != layers:
+        raise GlobeError(f"artifacts cover MoE layers {list(arts.moe_layers)} ({len(arts.moe_layers)}), "
+                         f"the model has {layers} ({len(layers)})")
+    info = compat.experts_info(compat.get_experts(model, layers[0]))
+    if arts.num_experts != info.num_experts:
+        raise GlobeError(f"artifacts have {arts.num_experts} experts per layer, the model has {info.num_experts}")
+    if (arts.expert_intermediate_size, arts.hidden_size) != (info.p, info.d):
+        raise GlobeError(f"artifact expert shape (p={arts.expert_intermediate_size}, d={arts.hidden_size}) does "
+                         f"not match the model's (p={info.p}, d={info.d})")
+    bad = [f for f in arts.families if f not in FAMILY_ORDER]
+    if bad:
+        raise GlobeError(f"artifacts contain unknown family {bad[0]!r} (expected gate and/or up)")
+    arts.validate()
+
+
+def compute_dtype(cache: CacheCfg, model_dtype: torch.dtype) -> torch.dtype:
+    return compat.to_dtype(cache.dtype, model_dtype)  # type: ignore[return-value]
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "_globe", None) is not None
+
+
+def globe_layers(model: nn.Module) -> dict[int, GloBEExperts]:
+    out = {}
+    for L in compat.moe_layer_ids(model):
+        mod = compat.get_experts(model, L)
+        if isinstance(mod, GloBEExperts):
+            out[L] = mod
+    return out
+
+
+def install(model: nn.Module, parts: dict[int, LayerParts], families: dict[str, FamilyRuntime],
+            cache: CacheCfg, collect_stats: bool = False, keep_original: bool = True,
+            warmup_ids: torch.Tensor | None = None) -> nn.Module:
+    """Build one GloBEExperts per MoE layer from `parts` and swap it in (shared families, one cache each)."""
+    layers = compat.moe_layer_ids(model)
+    originals: dict[int, nn.Module] = {}
+    E = None
+    for li, L in enumerate(layers):
+        orig = compat.get_experts(model, L)
+        info = compat.experts_info(orig)
+        E = info.num_experts
+        cd = compute_dtype(cache, parts[L].down.dtype)
+        new = GloBEExperts(info, parts[L].down, parts[L].A, parts[L].dense, families, li * E, cd,
+                           mode=cache.mode, capacity=int(cache.S_per_layer), compose_full=cache.compose_full,
+                           collect_stats=collect_stats, mixed=parts[L].mixed or None, layer=L)
+        compat.set_experts(model, L, new)
+        if keep_original:
+            originals[L] = orig
+    if cache.mode == "full" and all(m.cache.table is not None for m in globe_layers(model).values()):
+        for fam in families.values():
+            fam.release_bank()  # every block is precomposed: the bank is no longer read
+    model._globe = {"originals": originals if keep_original else None, "families": families,
+                    "cache": cache, "collect_stats": collect_stats}
+    if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
+        warmup(model, warmup_ids, int(cache.warmup_tokens))
+    return model
+
+
+def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cache: CacheCfg | None = None,
+                collect_stats: bool = False, *, keep_original: bool = True,
+                warmup_ids: torch.Tensor | None = None) -> nn.Module:
+    """Swap the experts of every MoE layer for GloBEExperts built from `artifacts`, in place.
+
+    cache: CacheCfg (mode full | lru | none, S_per_layer, dtype, warmup_tokens, compose_full); default full.
+    collect_stats: count cache hits/misses (see `cache_stats`). keep_original: keep the replaced modules
+    so `unpatch_model` restores them exactly (costs their memory). warmup_ids: (B, T) token ids for the
+    LRU calibration pass (default: cache.warmup_tokens pseudo-random tokens, seed 0).
+    Returns the same model object.
+    """
+    if is_patched(model):
+        raise GlobeError("model is already patched with GloBE experts; call unpatch_model first")
+    arts = artifacts if isinstance(artifacts, Artifacts) else Artifacts.load(artifacts)
+    cache = cache or CacheCfg()
+    check_artifacts(model, arts)
+    layers = compat.moe_layer_ids(model)
+    info = compat.experts_info(compat.get_experts(model, layers[0]))
+    cd, dev = compute_dtype(cache, info.dtype), info.device
+    families = {f: FamilyRuntime.from_artifact(f, fa, cd, dev) for f, fa in arts.families.items()}
+    parts: dict[int, LayerParts] = {}
+    for L in layers:
+        orig = compat.get_experts(model, L)
+        sl = arts.layer_slice(L)
+        A = {f: fa.A[sl].detach().to(device=dev, dtype=cd) for f, fa in arts.families.items()}
+        gu = orig.gate_up_proj.detach()
+        p = info.p
+        dense = {f: gu[:, i * p:(i + 1) * p].clone() for i, f in enumerate(FAMILY_ORDER) if f not in A}
+        parts[L] = LayerParts(down=orig.down_proj, A=A, dense=dense)
+    return install(model, parts, families, cache, collect_stats, keep_original, warmup_ids)
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Restore plain experts modules: the originals if kept, else dense ones rebuilt from W_hat."""
+    state = getattr(model, "_globe", None)
+    if state is None:
+        raise GlobeError("model is not patched with GloBE experts")
+    originals = state["originals"]
+    for L, mod in globe_layers(model).items():
+        compat.set_experts(model, L, originals[L] if originals is not None else mod.to_dense())
+    model._globe = None
+    return model
+
+
+def to_dense_model(model: nn.Module) -> nn.Module:
+    """Replace every GloBEExperts by a plain experts module holding the reconstructed weights, in place."""
+    for L, mod in globe_layers(model).items():
+        compat.set_experts(model, L, mod.to_dense())
+    model._globe = None
+    return model
+
+
+@torch.no_grad()
+def warmup(model: nn.Module, ids: torch.Tensor | None = None, tokens: int = 2048, chunk: int = 512) -> None:
+    """Calibration pass filling the LRU caches; stats are reset afterwards."""
+    if ids is None:
+        vocab = int(compat.text_config(model.config).vocab_size)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (1, tokens), generator=g)
+    ids = ids.reshape(-1)[:tokens].to(compat.model_device(model))
+    for s in range(0, ids.numel(), chunk):
+        model(input_ids=ids[s:s + chunk].unsqueeze(0), use_cache=False)
+    reset_cache_stats(model)
+
+
+def cache_stats(model: nn.Module) -> dict[str, Any]:
+    """{'layers': {L: {hits, misses, cached}}, 'hits', 'misses', 'hit_rate'} (counts need collect_stats)."""
+    out: dict[str, Any] = {"layers": {}}
+    hits = misses = 0
+    for L, mod in globe_layers(model).items():
+        st = mod.cache.stats or {"hits": 0, "misses": 0}
+        out["layers"][L] = {**st, "cached": len(mod.cache.keys()), "bytes": mod.cache.nbytes()}
+        hits, misses = hits + st["hits"], misses + st["misses"]
+    out.update(hits=hits, misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None)
+    return out
+
+
+def reset_cache_stats(model: nn.Module) -> None:
+    for mod in globe_layers(model).values():
+        mod.cache.reset_stats()

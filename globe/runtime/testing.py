@@ -1,0 +1,61 @@
+"""Random GloBE artifacts matching a model, for tests and speed benchmarks (no fit needed).
+
+Why: runtime correctness (parity, caching, export) and speed do not depend on how well the bank fits,
+so artifacts with the right shapes and realistic sparsity are enough. W_hat's RMS is set to the
+model's expert-weight RMS so activations stay in a sane range, also in bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import compat
+from ..artifacts import Artifacts, FamilyArtifact
+
+
+def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"), m: int = 8, r: int | None = None,
+                     support: int = 3, seed: int = 0, activation: str = "silu", gain: float = 0.8,
+                     col_scale: bool = False) -> Artifacts:
+    """Artifacts for every MoE layer of `model`: bank (m, r, d), codes with `support` nonzeros per
+    expert (positive, summing to 1), A (N, p, r) scaled so W_hat matches the experts' RMS. r defaults to p/2."""
+    g = torch.Generator().manual_seed(seed)
+    layers = compat.moe_layer_ids(model)
+    first = compat.get_experts(model, layers[0])
+    info = compat.experts_info(first)
+    E, p, d = info.num_experts, info.p, info.d
+    r = r or max(1, p // 2)
+    N = len(layers) * E
+    w_rms = float(first.gate_up_proj.detach().float().pow(2).mean().sqrt()) if not first.gate_up_proj.is_meta else 0.02
+    fams = {}
+    for f in families:
+        bank = torch.randn(m, r, d, generator=g)
+        codes = torch.zeros(N, m)
+        k = min(support, m)
+        for i in range(N):
+            idx = torch.randperm(m, generator=g)[:k]
+            v = torch.rand(k, generator=g) + 0.1
+            codes[i, idx] = v / v.sum()
+        fa = FamilyArtifact(bank=bank, codes=codes, A=torch.zeros(N, p, r), gain=gain, activation=activation,
+                            col_scale=(torch.rand(d, generator=g) + 0.5) if col_scale else None,
+                            meta={"map": "random", "seed": seed})
+        mixed_rms = float(fa.mixed(torch.arange(min(N, 8))).pow(2).mean().sqrt())
+        fa.A = torch.randn(N, p, r, generator=g) * (w_rms / (mixed_rms * r**0.5))
+        fams[f] = fa
+    return Artifacts(families=fams, model_type=compat.text_config(model.config).model_type, moe_layers=layers,
+                     num_experts=E, hidden_size=d, expert_intermediate_size=p, source="random")
+
+
+@torch.no_grad()
+def dense_reference(model: nn.Module, arts: Artifacts) -> nn.Module:
+    """Write W_hat = arts.reconstruct() into the model's gate_up_proj (in place; use a copy)."""
+    for L in arts.moe_layers:
+        mod = compat.get_experts(model, L)
+        p, sl = compat.experts_info(mod).p, arts.layer_slice(L)
+        idx = torch.arange(sl.start, sl.stop)
+        for i, f in enumerate(("gate", "up")):
+            if f in arts.families:
+                mod.gate_up_proj[:, i * p:(i + 1) * p] = arts.families[f].reconstruct(idx).to(mod.gate_up_proj)
+    return model
