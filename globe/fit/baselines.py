@@ -1,0 +1,66 @@
+"""Baselines at a matched stored-parameter budget, same data, same code base.
+
+- Per-expert truncated SVD of rank k: the error follows from each expert's spectrum, which the
+  warm start already computed (sv (N, min(p, d)) of the RMS-normalised experts, scales (N,)).
+- MoBE-style bank (Chen et al. 2025, "Mixture of Basis Experts"), written from the paper's
+  description: one bank per MoE layer and family, W_i ~ A_i phi(sum_j alpha_ij B_j) with DENSE
+  softmax mixtures alpha_i = softmax(z_i), every parameter (A, B, z) trained jointly by Adam on the
+  reconstruction MSE of scale-normalised experts. As a courtesy the final A is refitted in closed
+  form (it can only lower the baseline's error). Shapes per layer: B (m_l, r, d), z (E, m_l), A (E, p, r).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .budget import mobe_params
+from .init import expert_scales
+from .model import act
+from .solve import ridge_A
+
+
+def svd_error(sv: torch.Tensor, scales: torch.Tensor, k: int) -> float:
+    """sqrt(sum_i ||W_i - SVD_k(W_i)||^2 / sum_i ||W_i||^2) from normalised spectra."""
+    s2 = scales.double().pow(2)
+    tail = sv[:, k:].double().pow(2).sum(1)
+    return math.sqrt(float((tail * s2).sum() / (sv.double().pow(2).sum(1) * s2).sum()))
+
+
+def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str = "silu", steps: int = 300,
+             lr: float = 1e-2, seed: int = 0, lam: float = 1e-4, dev: str = "cpu", chunk: int = 32) -> dict:
+    """Fit one MoBE-style bank per layer to W (N, p, d) (layer-major, N = layers * E)."""
+    N, p, d = W.shape
+    E = N // layers
+    s = expert_scales(W)
+    phi = act(activation)
+    gen = torch.Generator().manual_seed(int(seed))
+    res = torch.empty(N, dtype=torch.float64)
+    for li in range(layers):
+        sl = slice(li * E, (li + 1) * E)
+        Wl = (W[sl].float() / s[sl, None, None]).to(dev)
+        B = torch.randn(m_l, r, d, generator=gen).to(dev).requires_grad_()
+        z = torch.zeros(E, m_l, device=dev, requires_grad=True)
+        with torch.no_grad():
+            M0 = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
+            A = ridge_A(Wl, M0, lam).requires_grad_()
+        opt = torch.optim.Adam([B, z, A], lr=lr)
+        for _ in range(steps):
+            M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
+            loss = (Wl - A @ M).pow(2).mean()
+            if not torch.isfinite(loss):
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
+            for a in range(0, E, chunk):
+                Af = ridge_A(Wl[a:a + chunk], M[a:a + chunk], lam)
+                res[li * E + a: li * E + a + Af.shape[0]] = (Wl[a:a + chunk] - Af @ M[a:a + chunk]).pow(2).sum(
+                    dim=(1, 2)).double().cpu()
+    s2 = s.double().pow(2)
+    rel = math.sqrt(float((res * s2).sum() / (s2 * p * d).sum()))
+    return {"rel_fro_error": rel, "stored_params": mobe_params(N, layers, p, d, m_l, r), "original_params": N * p * d,
+            "m_per_layer": m_l, "r": r, "steps": steps}

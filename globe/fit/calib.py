@@ -1,0 +1,105 @@
+"""Activation-aware objective: whitening from a calibration pass over a text.
+
+The objective ||(W_i - W_hat_i) L||^2 with L L^T = C, the (regularised) covariance of the inputs
+that reach expert i: either its MoE layer's input (default) or only the tokens the router sends to
+that expert (`train.calib_per_expert`; shrunk toward the layer's covariance with a prior weight
+of d tokens). C is regularised, C + delta * (tr C / d) I, then scaled to
+unit mean diagonal, so the Cholesky factor always exists. Experts that receive no calibration token
+fall back to L = I (the weight-only objective), never NaN. Shapes: covariance (d, d) per layer or
+per expert; `whitener(...)` returns a function idx (n,) -> L (n, d, d).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import GlobeError
+from ..io.checkpoint import Checkpoint
+
+
+def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
+    """Lower Cholesky factor of C + delta * mean(diag C) I, normalised to unit mean diagonal."""
+    d = C.shape[-1]
+    C = C.double()
+    tr = C.diagonal().mean()
+    if not torch.isfinite(tr) or float(tr) <= 0:
+        return torch.eye(d)
+    C = (C + delta * tr * torch.eye(d, dtype=C.dtype)) / ((1 + delta) * tr)
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:
+        return torch.eye(d)
+    return L.float()
+
+
+def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
+                      context: int = 256) -> tuple[dict, dict]:
+    """Run the model over the text; return {layer: C (d, d)} and {(layer, e): (C, n_tokens)} if per_expert."""
+    text = Path(text)
+    if not text.is_file():
+        raise GlobeError(f"calibration text not found: {text}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ck.dir)
+    except Exception as e:  # missing tokenizer files
+        raise GlobeError(f"cannot load a tokenizer from {ck.dir} for calibration: {type(e).__name__}") from None
+    ids = tok(text.read_text(), return_tensors="pt")["input_ids"][0][:n_tokens]
+    if ids.numel() < 2:
+        raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
+    model = AutoModelForCausalLM.from_pretrained(ck.dir, dtype=torch.float32).eval()
+    d, E, k = ck.hidden_size, ck.num_experts, max(1, ck.top_k)
+    cov = {L: torch.zeros(d, d, dtype=torch.float64) for L in ck.moe_layers}
+    cnt = {L: 0 for L in ck.moe_layers}
+    pe: dict[tuple[int, int], list] = {}
+    hooks = []
+
+    def make(L, block):
+        router = getattr(block, ck.spec.router)
+        rw = router.weight if hasattr(router, "weight") else None
+
+        def hook(_mod, args, kwargs=None):
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(-1, d).double()
+            cov[L] += x.T @ x
+            cnt[L] += x.shape[0]
+            if per_expert and rw is not None:
+                top = torch.topk(x.float() @ rw.float().T, k, dim=-1).indices  # (t, k)
+                for e in range(E):
+                    sel = (top == e).any(-1)
+                    if sel.any():
+                        xs = x[sel]
+                        c, n = pe.get((L, e), (torch.zeros(d, d, dtype=torch.float64), 0))
+                        pe[(L, e)] = (c + xs.T @ xs, n + xs.shape[0])
+        return hook
+
+    for L in ck.moe_layers:
+        block = getattr(model.model.layers[L], ck.spec.block)
+        hooks.append(block.register_forward_pre_hook(make(L, block), with_kwargs=True))
+    with torch.no_grad():
+        for a in range(0, ids.numel(), context):
+            model(ids[a:a + context][None])
+    for h in hooks:
+        h.remove()
+    covs = {L: cov[L] / max(cnt[L], 1) for L in cov}
+    per = {key: (c / max(n, 1), n) for key, (c, n) in pe.items()}
+    return covs, per
+
+
+def whitener(ck: Checkpoint, covs: dict[int, torch.Tensor], per: dict | None = None, per_expert: bool = False,
+             min_tokens: int = 1):
+    """idx (n,) -> L (n, d, d) in the artifact's layer-major expert order."""
+    E, d = ck.num_experts, ck.hidden_size
+    Ls = torch.stack([regularised_factor(covs[L]) for L in ck.moe_layers])  # (layers, d, d)
+    if per_expert:
+        eye, per = torch.eye(d), per or {}
+
+        def one(L, e):  # shrink a few-token covariance toward its layer's (prior weight: d tokens)
+            if (L, e) not in per or per[(L, e)][1] < min_tokens:
+                return eye  # no token: weight-only objective
+            c, n = per[(L, e)]
+            return regularised_factor((n * c + d * covs[L]) / (n + d))
+        Le = torch.stack([one(L, e) for L in ck.moe_layers for e in range(E)])  # (N, d, d)
+        return lambda idx: Le[idx.cpu()]
+    return lambda idx: Ls[(idx.cpu() // E)]

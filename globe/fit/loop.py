@@ -1,0 +1,282 @@
+"""Optimisation of one family: Adam on bank, logits and gain; A in closed form (variable projection).
+
+Per step: a minibatch of experts drawn across all layers (a fixed permutation per epoch, derived
+from the seed and the epoch, so a resumed run draws the same batches); A refitted by ridge LS for
+the batch every `refit_every` steps (else the stored A); loss = mean relative residual
+||(W_i/s_i - A_i M_i) L_i||^2 / ||W_i/s_i L_i||^2 (L = whitening or identity) with A detached
+(exact gradient of the projected objective when A is at its optimum); the temperature controller
+drives the median support of all experts to the target. Every `eval_every` steps the full error is
+computed with freshly refitted A (never a stale one) and the best snapshot is kept; patience gives
+early stop. At the end: best snapshot restored, codes eps-pruned, A refitted, error cost reported.
+Shapes: W (N, p, d) stored dtype, bank (m, r, d), logits (N, m), A (N, p, r).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..artifacts import FamilyArtifact
+from ..config import GlobeConfig
+from ..errors import GlobeError
+from .init import expert_scales, warm_start
+from .model import GlobeParams, support
+from .solve import ridge_A
+from .temperature import TempController, support_schedule
+
+Whiten = Callable[[torch.Tensor], torch.Tensor] | None  # expert idx (n,) -> L (n, d, d)
+
+
+@dataclass
+class FamilyFit:
+    artifact: FamilyArtifact
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_indices(step: int, N: int, bs: int, seed: int) -> torch.Tensor:
+    """Experts of minibatch `step`: slice of a per-epoch permutation fixed by (seed, epoch)."""
+    bs = min(bs, N)
+    per = N // bs
+    epoch, pos = divmod(step, per)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    return torch.randperm(N, generator=g)[pos * bs:(pos + 1) * bs]
+
+
+def lr_factor(step: int, steps: int, anneal_frac: float, kind: str) -> float:
+    """lr multiplier: constant, or constant while the support anneals then cosine down to 0.05."""
+    if kind == "constant":
+        return 1.0
+    t0 = int(anneal_frac * steps)
+    if step < t0 or steps <= t0:
+        return 1.0
+    x = (step - t0) / max(1, steps - t0)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * x))
+
+
+def _load(W, s, idx, whiten: Whiten, dev) -> tuple[torch.Tensor, torch.Tensor | None]:
+    Wb = (W[idx].to(dev).float() / s[idx].to(dev)[:, None, None])
+    L = whiten(idx).to(dev) if whiten is not None else None
+    return Wb, L
+
+
+def _residual(Wb, A, M, L, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted residual^2, weighted norm^2) per expert."""
+    if autocast and Wb.is_cuda:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            R = Wb - (A @ M).float()
+    else:
+        R = Wb - A @ M
+    if L is not None:
+        R, Wn = R @ L, Wb @ L
+    else:
+        Wn = Wb
+    return R.pow(2).sum(dim=(1, 2)), Wn.pow(2).sum(dim=(1, 2))
+
+
+def _refit(Wb, M, L, lam):
+    if L is None:
+        return ridge_A(Wb, M, lam)
+    return ridge_A(Wb @ L, M @ L, lam)
+
+
+@torch.no_grad()
+def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, lam: float = 1e-4, chunk: int = 32,
+             dev="cpu", codes: torch.Tensor | None = None, keep_A: bool = False) -> dict[str, Any]:
+    """Full pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r)."""
+    N = W.shape[0]
+    obj = torch.empty(N, dtype=torch.float64)
+    res_plain = torch.empty(N, dtype=torch.float64)
+    A_all = None
+    for a in range(0, N, chunk):
+        idx = torch.arange(a, min(N, a + chunk))
+        Wb, L = _load(W, s, idx, whiten, dev)
+        alpha = prm.codes(idx.to(dev), T) if codes is None else codes[idx].to(dev)
+        M = prm.mix(alpha)
+        A = _refit(Wb, M, L, lam)
+        r2, n2 = _residual(Wb, A, M, L, False)
+        obj[idx] = (r2 / n2).double().cpu()
+        res_plain[idx] = (Wb - A @ M).pow(2).sum(dim=(1, 2)).double().cpu()
+        if keep_A:
+            if A_all is None:
+                A_all = torch.empty(N, *A.shape[1:])
+            A_all[idx] = A.cpu()
+    p, d = W.shape[1:]
+    s2 = s.double().pow(2)
+    rel = math.sqrt(float((res_plain * s2).sum() / (s2 * p * d).sum()))
+    return {"objective": float(obj.mean()), "rel_fro_error": rel, "A": A_all}
+
+
+def _support0(cfg: GlobeConfig, fam: str) -> int:
+    sp, m = cfg.sparsity, cfg.bank.m(fam)
+    s0 = sp.support0 if sp.support0 is not None else 3 * sp.target_support
+    return int(min(m, max(s0, sp.target_support)))
+
+
+def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten) -> dict[str, Any]:
+    N, p, d = W.shape
+    ws = warm_start(W, s, cfg.bank.m(fam), cfg.bank.rank(p), _support0(cfg, fam),
+                    kind=cfg.sparsity.map, alpha=cfg.sparsity.alpha, gain=cfg.bank.gain0,
+                    method=cfg.bank.init, seed=cfg.bank.seed, T_min=cfg.sparsity.T_min,
+                    T_max=cfg.sparsity.T_max, whiten=whiten)
+    T = ws.T if cfg.sparsity.T_auto and cfg.sparsity.map != "softmax" else cfg.sparsity.T0
+    return {"step": 0, "bank": ws.bank, "logits": ws.logits, "gain": ws.gain, "T": T, "sv": ws.sv,
+            "opt": None, "best": None, "bad_evals": 0, "A_all": None, "init_T": T}
+
+
+def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, dev: str = "cpu",
+               ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
+               progress: bool = False, interrupt_at: int | None = None) -> FamilyFit:
+    """Fit one family's GloBE model to experts W (N, p, d); resumable from `ckpt_path`."""
+    t0 = time.time()
+    tr, sp = cfg.train, cfg.sparsity
+    N, p, d = W.shape
+    s = expert_scales(W)
+    state = torch.load(ckpt_path, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
+    resumed = state is not None
+    if state is None:
+        state = _new_state(W, s, cfg, fam, whiten)
+    prm = GlobeParams(state["bank"], state["logits"], state["gain"], cfg.bank.activation, sp.map, sp.alpha).to(dev)
+    lr_codes = tr.lr_codes if tr.lr_codes is not None else 5 * tr.lr
+    opt = torch.optim.Adam([{"params": [prm.bank_raw], "lr": tr.lr}, {"params": [prm.logits], "lr": lr_codes},
+                            {"params": [prm.gain], "lr": tr.lr}], betas=tuple(tr.betas), eps=tr.eps,
+                           weight_decay=tr.weight_decay)
+    if state["opt"] is not None:
+        opt.load_state_dict(state["opt"])
+    ctrl = TempController(state["T"], sp.target_support, sp.eta, sp.T_min, sp.T_max)
+    K, lam, chunk = tr.refit_every, tr.ridge, tr.eval_chunk
+    A_all = state["A_all"]
+    if K > 1 and A_all is None:
+        A_all = evaluate(W, s, prm, ctrl.T, whiten=whiten, lam=lam, chunk=chunk, dev=dev, keep_A=True)["A"]
+    best, bad = state["best"], state["bad_evals"]
+    if best is None:
+        ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, lam=lam, chunk=chunk, dev=dev)
+        best = {"obj": math.inf, "err": math.inf, "step": -1, "T": ctrl.T, "params": None}
+        state["init_err"] = ev["rel_fro_error"]
+    init_err = state.get("init_err", float("nan"))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=tr.steps, initial=state["step"], desc=f"fit {fam}", unit="step", dynamic_ncols=True)
+    step, last = state["step"], None
+    stopped_early = False
+    while step < tr.steps:
+        if interrupt_at is not None and step == interrupt_at:
+            raise KeyboardInterrupt(f"interrupted at step {step}")
+        ts = time.time()
+        f = lr_factor(step, tr.steps, sp.anneal_frac, tr.lr_schedule)
+        for grp, base in zip(opt.param_groups, (tr.lr, lr_codes, tr.lr)):
+            grp["lr"] = base * f
+        idx = batch_indices(step, N, tr.batch_size, tr.seed)
+        Wb, L = _load(W, s, idx, whiten, dev)
+        didx = idx.to(dev)
+        alpha = prm.codes(didx, ctrl.T)
+        M = prm.mix(alpha, tr.autocast_bf16)
+        with torch.no_grad():
+            if K == 1 or step % K == 0:
+                A = _refit(Wb, M.detach(), L, lam)
+                if A_all is not None:
+                    A_all[idx] = A.cpu()
+            else:
+                A = A_all[idx].to(dev)
+        r2, n2 = _residual(Wb, A, M, L, tr.autocast_bf16)
+        obj = (r2 / n2).mean()
+        loss = obj + (sp.l1 * prm.logits[didx].abs().mean() if sp.l1 > 0 else 0.0)
+        if not torch.isfinite(loss):
+            where = f"; last good checkpoint (step {state['step']}) kept in {ckpt_path}" if ckpt_path else ""
+            raise GlobeError(f"fit of family {fam}: loss became NaN/inf at step {step}; stopped{where}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prm.constrain_logits(sp.z_max)
+        with torch.no_grad():
+            sup = support(prm.codes(None, ctrl.T)).float()
+            med, p95 = float(sup.median()), float(torch.quantile(sup, 0.95))
+        T_used = ctrl.T
+        tgt = support_schedule(step + 1, tr.steps, sp.target_support, _support0(cfg, fam), sp.anneal_frac)
+        if sp.map != "softmax":  # softmax is dense at any T: nothing to control
+            ctrl.update(med, tgt)
+        step += 1
+        batch_err = math.sqrt(float(r2.detach().sum() / n2.sum()))
+        last = {"step": step, "family": fam, "loss": float(loss.detach()), "rel_error": batch_err,
+                "support_median": med, "support_p95": p95, "temperature": T_used,
+                "gain": float(prm.gain.detach()), "step_time": time.time() - ts}
+        if step % tr.eval_every == 0 or step == tr.steps:
+            ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, lam=lam, chunk=chunk, dev=dev)
+            last.update(eval_objective=ev["objective"], eval_rel_fro_error=ev["rel_fro_error"])
+            on_target = sp.map == "softmax" or (abs(med - sp.target_support) <= 1 and tgt == sp.target_support)
+            if on_target and (ev["objective"] < best["obj"] * (1 - 1e-4)):
+                best = {"obj": ev["objective"], "err": ev["rel_fro_error"], "step": step, "T": ctrl.T,
+                        "params": copy.deepcopy(prm.state_dict())}
+                bad = 0
+            elif on_target:
+                bad += 1
+            if tr.patience and bad >= tr.patience:
+                stopped_early = True
+        if log and (step % tr.log_every == 0 or "eval_objective" in last or step == tr.steps):
+            log(last)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(err=f"{batch_err:.4f}", sup=f"{med:.0f}", T=f"{T_used:.3g}")
+        if ckpt_path and (step % tr.checkpoint_every == 0 or step == tr.steps or stopped_early):
+            state.update(step=step, bank=prm.bank_raw.detach().cpu(), logits=prm.logits.detach().cpu(),
+                         gain=float(prm.gain), T=ctrl.T, opt=opt.state_dict(), best=best, bad_evals=bad,
+                         A_all=A_all, done=False)
+            _save(state, ckpt_path)
+        if stopped_early:
+            break
+    if bar is not None:
+        bar.close()
+    if best["params"] is None:  # never on target at an evaluation: keep the final state
+        best = {"step": step, "T": ctrl.T, "params": copy.deepcopy(prm.state_dict())}
+    return _finish(W, s, prm, best, cfg, fam, whiten, dev, state, init_err, step, stopped_early, resumed, t0)
+
+
+def _finish(W, s, prm, best, cfg, fam, whiten, dev, state, init_err, step, early, resumed, t0) -> FamilyFit:
+    tr, sp = cfg.train, cfg.sparsity
+    N, p, d = W.shape
+    prm.load_state_dict(best["params"])
+    T = best["T"]
+    with torch.no_grad():
+        alpha = prm.codes(None, T)
+        pre = evaluate(W, s, prm, T, whiten=whiten, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev)
+        mx = alpha.max(-1, keepdim=True).values
+        pruned = torch.where(alpha >= sp.eps_prune * mx, alpha, torch.zeros_like(alpha))
+        post = evaluate(W, s, prm, T, whiten=whiten, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev, codes=pruned,
+                        keep_A=True)
+        A = post["A"].mul_(s[:, None, None])  # fold the per-expert scale in place (no second (N, p, r) copy)
+    sup = support(pruned).float()
+    sv = state["sv"]
+    r = prm.bank_raw.shape[1]
+    floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))
+    art = FamilyArtifact(bank=_unit(prm.bank_raw.detach().cpu()), codes=pruned.cpu(), A=A, gain=float(prm.gain),
+                         activation=cfg.bank.activation,
+                         meta={"map": sp.map, "alpha": sp.alpha, "temperature": T, "eps_prune": sp.eps_prune,
+                               "target_support": sp.target_support})
+    metrics = {
+        "rel_fro_error": post["rel_fro_error"], "rel_fro_error_before_prune": pre["rel_fro_error"],
+        "prune_error_cost": post["rel_fro_error"] - pre["rel_fro_error"], "objective": post["objective"],
+        "init_rel_fro_error": init_err, "svd_floor_rank_r": floor, "median_support": float(sup.median()),
+        "p95_support": float(torch.quantile(sup, 0.95)), "min_support": int(sup.min()),
+        "max_support": int(sup.max()), "temperature": T, "gain": float(prm.gain), "best_step": best["step"],
+        "steps_run": step, "stopped_early": early, "resumed": resumed, "m": prm.bank_raw.shape[0], "r": r,
+        "stored_params": art.stored_params(), "original_params": N * p * d, "fit_time_s": time.time() - t0,
+        "atom_popularity": (pruned > 0).sum(0).tolist(), "support_hist": torch.bincount(sup.long()).tolist(),
+    }
+    return FamilyFit(artifact=art, metrics=metrics)
+
+
+def _unit(raw: torch.Tensor) -> torch.Tensor:
+    from .model import unit_atoms
+    return unit_atoms(raw)
+
+
+def _save(state: dict, path) -> None:
+    from ..artifacts import atomic_write
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
