@@ -99,9 +99,9 @@ class SparsityCfg:
 
 @dataclass
 class TrainCfg:
-    steps: int = 300
+    steps: int = 2000
     batch_size: int = 64  # experts per minibatch, drawn across all MoE layers
-    lr: float = 1e-2
+    lr: float = 3e-2
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -116,8 +116,8 @@ class TrainCfg:
     autocast_bf16: bool = False  # bf16 autocast of the large products on GPU (fp32 masters)
     seed: int = 0
     patience: int = 0  # early stop after this many evals without improvement (0 = off)
-    eval_every: int = 25
-    checkpoint_every: int = 50
+    eval_every: int = 50
+    checkpoint_every: int = 100
     log_every: int = 10
     max_memory_gb: float = 16.0  # experts kept in their stored dtype if fp32 would exceed this
     baselines: bool = True  # also fit per-expert SVD and MoBE-style bank at matched budget
