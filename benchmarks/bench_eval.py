@@ -1,19 +1,19 @@
 """Perplexity of the fixture after compression: original vs GloBE (weight-only and activation-aware)
 vs per-expert SVD vs a MoBE-style bank, at matched stored budgets (~50% and ~30% of routed up+gate).
 
-    python benchmarks/bench_eval.py [--steps 1500] [--budgets 0.5 0.3] [--m 16] [--support 8]
+    python benchmarks/bench_eval.py [--steps 3000] [--budgets 0.5 0.3] [--m 16] [--support 8]
                                     [--max-tokens N] [--model DIR] [--out benchmarks/results/eval_fixture.json]
 
 Every method is scored the same way: its reconstructed Up/Gate weights are written into one fp32
 copy of the fixture (down, router, shared experts, attention untouched) and the sliding-window
 perplexity of the fixture's eval.txt is computed with globe.eval.perplexity. GloBE is fitted by
 `globe.fit.run.run_fit` at the rank `rank_for_budget` gives for the budget; SVD uses the rank the fit
-summary reports for the matched budget; the MoBE-style bank is refitted here with the same recipe and
-seed as globe/fit/baselines.py:mobe_fit (which returns only figures), and its error is checked
-against the summary's. The activation-aware fit calibrates on the first half of eval.txt unless the
+summary reports for the matched budget; the MoBE-style bank is refitted with
+globe/fit/baselines.py:mobe_fit (same call and seed as the fit, return_weights=True), and its error
+is checked against the summary's. The activation-aware fit calibrates on the first half of eval.txt unless the
 fixture ships a separate calibration text, in which case all of eval.txt is scored;
 with the split, every method is scored on the second half only.
-Settings (m=16, target support 8, 1500 steps, batch 16) follow benchmarks/bench_fit.py's headline.
+Settings (m=16, target support 8, 3000 steps, batch 64, lr 0.03) follow benchmarks/bench_fit.py's headline.
 Target: GloBE's perplexity increase <= half of the SVD baseline's at the same budget.
 Writes the JSON and renders `globe report` of the 50% weight-only fit into <out stem>_report/.
 """
@@ -37,10 +37,8 @@ from globe.artifacts import Artifacts, atomic_write  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
 from globe.eval.perplexity import perplexity, tokenize  # noqa: E402
 from globe.eval.report import render_report  # noqa: E402
+from globe.fit.baselines import mobe_fit  # noqa: E402
 from globe.fit.budget import mobe_rank, rank_for_budget  # noqa: E402
-from globe.fit.init import expert_scales  # noqa: E402
-from globe.fit.model import act  # noqa: E402
-from globe.fit.solve import ridge_A  # noqa: E402
 from globe.io.checkpoint import Checkpoint  # noqa: E402
 from globe.models import fixture_path  # noqa: E402
 
@@ -54,40 +52,6 @@ def rel_err(W: torch.Tensor, Wh: torch.Tensor) -> float:
 def svd_reconstruct(W: torch.Tensor, k: int) -> torch.Tensor:
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     return ((U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]).float()
-
-
-def mobe_reconstruct(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str, steps: int, lr: float,
-                     seed: int, lam: float, chunk: int = 32) -> torch.Tensor:
-    """globe/fit/baselines.py:mobe_fit, same recipe and seed, returning W_hat (N, p, d) instead of figures."""
-    N, p, d = W.shape
-    E = N // layers
-    s = expert_scales(W)
-    phi = act(activation)
-    gen = torch.Generator().manual_seed(int(seed))
-    out = torch.empty_like(W, dtype=torch.float32)
-    for li in range(layers):
-        sl = slice(li * E, (li + 1) * E)
-        Wl = W[sl].float() / s[sl, None, None]
-        B = torch.randn(m_l, r, d, generator=gen).requires_grad_()
-        z = torch.zeros(E, m_l, requires_grad=True)
-        with torch.no_grad():
-            M0 = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
-            A = ridge_A(Wl, M0, lam).requires_grad_()
-        opt = torch.optim.Adam([B, z, A], lr=lr)
-        for _ in range(steps):
-            M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
-            loss = (Wl - A @ M).pow(2).mean()
-            if not torch.isfinite(loss):
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
-            for a in range(0, E, chunk):
-                Af = ridge_A(Wl[a:a + chunk], M[a:a + chunk], lam)
-                out[li * E + a: li * E + a + Af.shape[0]] = (Af @ M[a:a + chunk]) * s[sl][a:a + chunk, None, None]
-    return out
 
 
 class Scorer:
@@ -126,7 +90,8 @@ def fit(fixture: Path, out: Path, r: int, args, objective: str, calib: Path | No
         "model": {"path": str(fixture)},
         "bank": {"m_up": args.m, "m_gate": args.m, "r": r, "seed": 0},
         "sparsity": {"target_support": args.support},
-        "train": {"steps": args.steps, "batch_size": 16, "eval_every": 100, "log_every": 50, "device": "cpu",
+        "train": {"steps": args.steps, "batch_size": 64, "lr": 0.03, "eval_every": 100, "log_every": 50,
+                  "device": "cpu",
                   "objective": objective, "baselines": baselines, "calib_text": str(calib) if calib else None,
                   "checkpoint_every": 10**6, "seed": 0},
         "output_dir": str(out),
@@ -137,7 +102,7 @@ def fit(fixture: Path, out: Path, r: int, args, objective: str, calib: Path | No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--m", type=int, default=16, help="atoms per family bank (< experts per family)")
     ap.add_argument("--support", type=int, default=8)
@@ -204,8 +169,8 @@ def main() -> None:
             m_l = bl["mobe"][f]["m_per_layer"]
             r_m = bl["mobe"][f]["r"]
             assert r_m == min(mobe_rank(wsum["families"][f]["stored_params"], N, len(ck.moe_layers), p, d, m_l), p)
-            Wmobe[f] = mobe_reconstruct(W[f], len(ck.moe_layers), m_l, r_m, activation="silu",
-                                        steps=bl["mobe"][f]["steps"], lr=tr.lr, seed=0, lam=tr.ridge)
+            Wmobe[f] = mobe_fit(W[f], len(ck.moe_layers), m_l, r_m, activation="silu", steps=bl["mobe"][f]["steps"],
+                                lr=tr.lr, seed=0, lam=tr.ridge, return_weights=True)["W_hat"]
         for meth, Wb in (("svd", Wsvd), ("mobe", Wmobe)):
             sc = scorer.score(Wb)
             errs = {f"err_{f}": rel_err(W[f], Wb[f]) for f in FAMS}

@@ -137,3 +137,14 @@ def test_budget_helpers():
     assert globe_params(N, p, d, m, r, N * s) <= 0.5 * N * p * d < globe_params(N, p, d, m, r + 1, N * s)
     k = svd_rank(globe_params(N, p, d, m, r, N * s), N, p, d)
     assert abs(N * k * (p + d) - globe_params(N, p, d, m, r, N * s)) <= N * (p + d) / 2 + 1
+
+
+def test_mobe_weights_match_reported_error():
+    from globe.fit.baselines import mobe_fit
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 6, 10, generator=g)
+    out = mobe_fit(W, layers=3, m_l=2, r=3, steps=20, lr=1e-2, seed=0, return_weights=True)
+    rel = ((W - out["W_hat"]).pow(2).sum() / W.pow(2).sum()).sqrt().item()
+    assert abs(rel - out["rel_fro_error"]) < 1e-5
+    assert "W_hat" not in mobe_fit(W, layers=3, m_l=2, r=3, steps=20, lr=1e-2, seed=0)

@@ -29,14 +29,19 @@ def svd_error(sv: torch.Tensor, scales: torch.Tensor, k: int) -> float:
 
 
 def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str = "silu", steps: int = 300,
-             lr: float = 1e-2, seed: int = 0, lam: float = 1e-4, dev: str = "cpu", chunk: int = 32) -> dict:
-    """Fit one MoBE-style bank per layer to W (N, p, d) (layer-major, N = layers * E)."""
+             lr: float = 1e-2, seed: int = 0, lam: float = 1e-4, dev: str = "cpu", chunk: int = 32,
+             return_weights: bool = False) -> dict:
+    """Fit one MoBE-style bank per layer to W (N, p, d) (layer-major, N = layers * E).
+
+    return_weights=True adds "W_hat" (N, p, d) fp32 in the original scale (for perplexity checks).
+    """
     N, p, d = W.shape
     E = N // layers
     s = expert_scales(W)
     phi = act(activation)
     gen = torch.Generator().manual_seed(int(seed))
     res = torch.empty(N, dtype=torch.float64)
+    W_hat = torch.empty(N, p, d, dtype=torch.float32) if return_weights else None
     for li in range(layers):
         sl = slice(li * E, (li + 1) * E)
         Wl = (W[sl].float() / s[sl, None, None]).to(dev)
@@ -58,9 +63,15 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
             M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
             for a in range(0, E, chunk):
                 Af = ridge_A(Wl[a:a + chunk], M[a:a + chunk], lam)
-                res[li * E + a: li * E + a + Af.shape[0]] = (Wl[a:a + chunk] - Af @ M[a:a + chunk]).pow(2).sum(
-                    dim=(1, 2)).double().cpu()
+                rec = Af @ M[a:a + chunk]
+                lo, hi = li * E + a, li * E + a + Af.shape[0]
+                res[lo:hi] = (Wl[a:a + chunk] - rec).pow(2).sum(dim=(1, 2)).double().cpu()
+                if W_hat is not None:
+                    W_hat[lo:hi] = (rec * s[lo:hi, None, None].to(rec)).cpu()
     s2 = s.double().pow(2)
     rel = math.sqrt(float((res * s2).sum() / (s2 * p * d).sum()))
-    return {"rel_fro_error": rel, "stored_params": mobe_params(N, layers, p, d, m_l, r), "original_params": N * p * d,
-            "m_per_layer": m_l, "r": r, "steps": steps}
+    out = {"rel_fro_error": rel, "stored_params": mobe_params(N, layers, p, d, m_l, r), "original_params": N * p * d,
+           "m_per_layer": m_l, "r": r, "steps": steps}
+    if W_hat is not None:
+        out["W_hat"] = W_hat
+    return out

@@ -132,8 +132,12 @@ def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten) -> dict[str, An
 
 def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, dev: str = "cpu",
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
-               progress: bool = False, interrupt_at: int | None = None) -> FamilyFit:
-    """Fit one family's GloBE model to experts W (N, p, d); resumable from `ckpt_path`."""
+               progress: bool = False, interrupt_at: int | None = None,
+               on_codes: Callable[[int, torch.Tensor], None] | None = None) -> FamilyFit:
+    """Fit one family's GloBE model to experts W (N, p, d); resumable from `ckpt_path`.
+
+    log(record) gets each metrics record; on_codes(step, codes (N, m) cpu) the codes at each evaluation.
+    """
     t0 = time.time()
     tr, sp = cfg.train, cfg.sparsity
     N, p, d = W.shape
@@ -196,7 +200,8 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         opt.step()
         prm.constrain_logits(sp.z_max)
         with torch.no_grad():
-            sup = support(prm.codes(None, ctrl.T)).float()
+            codes_now = prm.codes(None, ctrl.T)  # (N, m) at the T this step used
+            sup = support(codes_now).float()
             med, p95 = float(sup.median()), float(torch.quantile(sup, 0.95))
         T_used = ctrl.T
         tgt = support_schedule(step + 1, tr.steps, sp.target_support, _support0(cfg, fam), sp.anneal_frac)
@@ -221,12 +226,14 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
                 stopped_early = True
         if log and (step % tr.log_every == 0 or "eval_objective" in last or step == tr.steps):
             log(last)
+        if on_codes is not None and "eval_objective" in last:
+            on_codes(step, codes_now.detach().cpu())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(err=f"{batch_err:.4f}", sup=f"{med:.0f}", T=f"{T_used:.3g}")
         if ckpt_path and (step % tr.checkpoint_every == 0 or step == tr.steps or stopped_early):
             state.update(step=step, bank=prm.bank_raw.detach().cpu(), logits=prm.logits.detach().cpu(),
-                         gain=float(prm.gain), T=ctrl.T, opt=opt.state_dict(), best=best, bad_evals=bad,
+                         gain=float(prm.gain.detach()), T=ctrl.T, opt=opt.state_dict(), best=best, bad_evals=bad,
                          A_all=A_all, done=False)
             _save(state, ckpt_path)
         if stopped_early:
@@ -255,7 +262,8 @@ def _finish(W, s, prm, best, cfg, fam, whiten, dev, state, init_err, step, early
     sv = state["sv"]
     r = prm.bank_raw.shape[1]
     floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))
-    art = FamilyArtifact(bank=_unit(prm.bank_raw.detach().cpu()), codes=pruned.cpu(), A=A, gain=float(prm.gain),
+    art = FamilyArtifact(bank=_unit(prm.bank_raw.detach().cpu()), codes=pruned.cpu(), A=A,
+                         gain=float(prm.gain.detach()),
                          activation=cfg.bank.activation,
                          meta={"map": sp.map, "alpha": sp.alpha, "temperature": T, "eps_prune": sp.eps_prune,
                                "target_support": sp.target_support})
@@ -264,7 +272,7 @@ def _finish(W, s, prm, best, cfg, fam, whiten, dev, state, init_err, step, early
         "prune_error_cost": post["rel_fro_error"] - pre["rel_fro_error"], "objective": post["objective"],
         "init_rel_fro_error": init_err, "svd_floor_rank_r": floor, "median_support": float(sup.median()),
         "p95_support": float(torch.quantile(sup, 0.95)), "min_support": int(sup.min()),
-        "max_support": int(sup.max()), "temperature": T, "gain": float(prm.gain), "best_step": best["step"],
+        "max_support": int(sup.max()), "temperature": T, "gain": float(prm.gain.detach()), "best_step": best["step"],
         "steps_run": step, "stopped_early": early, "resumed": resumed, "m": prm.bank_raw.shape[0], "r": r,
         "stored_params": art.stored_params(), "original_params": N * p * d, "fit_time_s": time.time() - t0,
         "atom_popularity": (pruned > 0).sum(0).tolist(), "support_hist": torch.bincount(sup.long()).tolist(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from entmax import entmax15, entmax_bisect, sparsemax
 
+from ..artifacts import activation_fn
 from ..errors import GlobeError
 
 
@@ -29,14 +30,8 @@ def sparse_map(z: torch.Tensor, T: float, kind: str = "entmax", alpha: float = 1
 
 
 def act(name: str):
-    """phi by name (silu | tanh | identity)."""
-    if name == "silu":
-        return torch.nn.functional.silu
-    if name == "tanh":
-        return torch.tanh
-    if name == "identity":
-        return lambda x: x
-    raise GlobeError(f"unknown activation {name!r}")
+    """phi by name (silu | tanh | identity); the same function the runtime composes with."""
+    return activation_fn(name)
 
 
 def unit_atoms(raw: torch.Tensor) -> torch.Tensor:
