@@ -209,6 +209,9 @@ class EvalCfg:
     hit_rate: bool = False
     S_values: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 60])
     tasks: list[str] = field(default_factory=list)  # lm-eval task names
+    task_paths: list[str] = field(default_factory=list)  # extra dirs of lm-eval task YAMLs (local tasks)
+    task_limit: int | None = None  # lm-eval: at most this many examples per task (None: all)
+    task_batch_size: int = 1  # lm-eval HFLM batch size
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None  # torch CPU threads during eval (None: leave as is); 1 steadies timings on busy CPUs
@@ -219,6 +222,11 @@ class EvalCfg:
         _need(self.stride is None or int(self.stride) >= 1, "eval.stride", "must be >= 1")
         _need(self.device in DEVICES, "eval.device", f"unknown device {self.device!r}")
         _need(self.dtype in DTYPES, "eval.dtype", f"unknown dtype {self.dtype!r}")
+        _need(all(isinstance(t, str) and t for t in self.tasks), "eval.tasks", "must be a list of task names")
+        _need(all(isinstance(t, str) and t for t in self.task_paths), "eval.task_paths",
+              "must be a list of directories")
+        _need(self.task_limit is None or int(self.task_limit) >= 1, "eval.task_limit", "must be >= 1")
+        _need(int(self.task_batch_size) >= 1, "eval.task_batch_size", "must be >= 1")
 
 
 @dataclass

@@ -115,7 +115,7 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     if ev.tasks:
         from .zeroshot import validate_tasks
 
-        manager = validate_tasks(ev.tasks)
+        manager = validate_tasks(ev.tasks, ev.task_paths)
     if ev.hit_rate and text is None:
         raise GlobeError("eval.hit_rate needs text to route: give eval.text=FILE or eval.dataset=wikitext2")
     torch.manual_seed(0)
@@ -155,7 +155,8 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     if ev.tasks:
         from .zeroshot import zero_shot
 
-        out["zero_shot"] = zero_shot(model, tok, ev.tasks, manager=manager)
+        out["zero_shot"] = zero_shot(model, tok, ev.tasks, batch_size=ev.task_batch_size, limit=ev.task_limit,
+                                     manager=manager)
     out["seconds"] = time.perf_counter() - t0
     if cfg.output:
         dest = Path(cfg.output).expanduser()

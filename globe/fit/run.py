@@ -26,6 +26,7 @@ from ..io.checkpoint import Checkpoint
 from .baselines import mobe_fit, svd_error
 from .budget import mobe_rank, svd_rank
 from .loop import FamilyFit, fit_family
+from .tracking import WandbRun, require_wandb, wandb_on
 
 STATE = ".globe_fit"
 OUTPUTS = ("globe.safetensors", "globe_config.json", "metrics.jsonl", "summary.json")
@@ -54,11 +55,8 @@ def _validate(cfg: GlobeConfig) -> None:
         raise GlobeError("output_dir: required for fit")
     if cfg.train.objective == "activation" and not Path(str(cfg.train.calib_text)).is_file():
         raise GlobeError(f"train.calib_text: file not found: {cfg.train.calib_text}")
-    if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise GlobeError("wandb.enabled=true but the wandb package is not installed") from None
+    if wandb_on(cfg):
+        require_wandb(cfg)  # fail before any work: package missing, online without credentials
 
 
 def fingerprint(cfg: GlobeConfig, ck: Checkpoint) -> dict[str, Any]:
@@ -91,15 +89,11 @@ def _claim(out: Path, fp: dict) -> None:
 
 
 class _Log:
-    """metrics.jsonl (+ wandb): on resume, lines of a family past its checkpoint step are dropped."""
+    """metrics.jsonl (+ optional wandb run): on resume, lines of a family past its checkpoint step are dropped."""
 
     def __init__(self, out: Path, cfg: GlobeConfig):
         self.path = out / "metrics.jsonl"
-        self.wb = None
-        if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-            import wandb
-            self.wb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.run_name,
-                                 tags=cfg.wandb.tags, mode=cfg.wandb.mode, config=cfg.to_dict(), dir=str(out / STATE))
+        self.wb = WandbRun(cfg, out) if wandb_on(cfg) else None
 
     def rewind(self, fam: str, step: int) -> None:
         if not self.path.exists():
@@ -112,21 +106,23 @@ class _Log:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.wb is not None:
-            self.wb.log({f"{rec['family']}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))},
-                        step=None)
+            self.wb.log(rec)
+
+    def codes_hook(self, fam: str):
+        """Per-evaluation code histograms for wandb, or None when wandb is off."""
+        return None if self.wb is None else (lambda step, codes: self.wb.codes(fam, step, codes))
 
     def family_done(self, fam: str, fit: FamilyFit) -> None:
         if self.wb is not None:
-            import wandb
-            mt = fit.metrics
-            self.wb.log({f"{fam}/support_hist": wandb.Histogram(
-                np_histogram=(mt["support_hist"], list(range(len(mt["support_hist"]) + 1)))),
-                f"{fam}/atom_popularity": wandb.Histogram(
-                    np_histogram=(mt["atom_popularity"], list(range(len(mt["atom_popularity"]) + 1))))})
+            self.wb.family_done(fam, fit.artifact.codes, fit.metrics, fit.metrics["steps_run"])
 
-    def close(self) -> None:
+    def summary(self, summ: dict) -> None:
         if self.wb is not None:
-            self.wb.finish()
+            self.wb.summary(summ)
+
+    def close(self, ok: bool) -> None:
+        if self.wb is not None:
+            self.wb.close(ok)
 
 
 def _experts(ck: Checkpoint, fam: str, max_gb: float) -> torch.Tensor:
@@ -169,12 +165,13 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
     fp = fingerprint(cfg, ck)
     _claim(out, fp)
     torch.manual_seed(cfg.train.seed)
-    log = _Log(out, cfg)
+    log = _Log(out, cfg)  # opens the wandb run, if any: closed in the finally below, also on error
     progress = sys.stderr.isatty() if progress is None else progress
-    whiten_for = _whitening(cfg, ck)
     fams: dict[str, Any] = {}
     results: dict[str, dict] = {}
+    ok = False
     try:
+        whiten_for = _whitening(cfg, ck)
         for fam in cfg.train.families:
             done = out / STATE / f"{fam}.done.pt"
             if done.is_file():
@@ -184,7 +181,7 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
             log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if ckpt.is_file() else 0)
             W = _experts(ck, fam, cfg.train.max_memory_gb)
             fit = fit_family(W, cfg, fam, whiten=whiten_for, dev=dev, ckpt_path=ckpt, log=log, progress=progress,
-                             interrupt_at=(interrupt_at or {}).get(fam))
+                             interrupt_at=(interrupt_at or {}).get(fam), on_codes=log.codes_hook(fam))
             state = torch.load(ckpt, weights_only=False)
             from .init import expert_scales
             sc = expert_scales(W)
@@ -208,8 +205,10 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
         if not (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").touch()
+        log.summary(summary)
+        ok = True
     finally:
-        log.close()
+        log.close(ok)
     return summary
 
 
