@@ -30,8 +30,8 @@ def _fit_cfg(fixture: Path, out: Path, fast: bool) -> GlobeConfig:
         "model": {"path": str(fixture)},
         "bank": {"m_up": 16, "m_gate": 16, "r_frac": 0.5},
         "sparsity": {"target_support": 8},
-        "train": {"steps": 60 if fast else 600, "batch_size": 16, "eval_every": 20 if fast else 50,
-                  "checkpoint_every": 1000, "log_every": 10, "device": "cpu"},
+        "train": {"steps": 60 if fast else 1500, "batch_size": 16 if fast else 64, "lr": 0.03,
+                  "eval_every": 20 if fast else 100, "checkpoint_every": 10_000, "log_every": 10, "device": "cpu"},
         "output_dir": str(out / "fit"),
     })
 
