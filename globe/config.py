@@ -113,7 +113,7 @@ class TrainCfg:
     calib_tokens: int = 4096
     calib_per_expert: bool = False  # covariance of tokens routed to each expert (else per layer)
     device: str = "auto"
-    autocast_bf16: bool = False  # bf16 autocast of the large products on GPU (fp32 masters)
+    autocast_bf16: bool = False  # bf16 autocast of the large products (CUDA or CPU; fp32 masters)
     seed: int = 0
     patience: int = 0  # early stop after this many evals without improvement (0 = off)
     eval_every: int = 50

@@ -68,8 +68,8 @@ def _load(W, s, idx, whiten: Whiten, dev) -> tuple[torch.Tensor, torch.Tensor | 
 
 def _residual(Wb, A, M, L, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted residual^2, weighted norm^2) per expert."""
-    if autocast and Wb.is_cuda:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    if autocast and Wb.device.type in ("cuda", "cpu"):
+        with torch.autocast(Wb.device.type, dtype=torch.bfloat16):
             R = Wb - (A @ M).float()
     else:
         R = Wb - A @ M

@@ -64,8 +64,8 @@ class GlobeParams(torch.nn.Module):
         """tilde_B = phi(g * alpha @ B): (n, m) -> (n, r, d), fp32 result."""
         B = unit_atoms(self.bank_raw)
         m, r, d = B.shape
-        if autocast and alpha.is_cuda:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if autocast and alpha.device.type in ("cuda", "cpu"):
+            with torch.autocast(alpha.device.type, dtype=torch.bfloat16):
                 pre = (alpha @ B.reshape(m, r * d)).float()
         else:
             pre = alpha.float() @ B.reshape(m, r * d)
