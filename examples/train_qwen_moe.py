@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from globe import GlobeConfig, fit
+from globe import GlobeConfig, compress
 from globe.config import BankCfg, ModelCfg, SparsityCfg, TrainCfg
 from globe.models import FIXTURE_DIR
 
@@ -33,7 +33,7 @@ def main() -> None:
         train=TrainCfg(steps=a.steps),
         output_dir=a.out,
     )
-    summary = fit(cfg)
+    summary = compress(cfg)
     print(json.dumps(summary["families"], indent=2))
 
 

@@ -5,7 +5,7 @@ basis bank per family shared by all MoE layers, sparse entmax codes alpha_i, a s
 
 Public API (lazy imports keep `import globe` light):
     GlobeConfig, GlobeError, Checkpoint, inspect
-    fit(cfg)                       -> summary dict (writes artifacts to cfg.output_dir)
+    compress(cfg)                  -> summary dict (fits the banks; writes artifacts to cfg.output_dir)
     patch_model(model, artifacts, cache=CacheCfg()) / unpatch_model(model)
     export(cfg) / load_model(path)
 """
@@ -19,7 +19,7 @@ _LAZY = {
     "Checkpoint": ("globe.io.checkpoint", "Checkpoint"),
     "inspect": ("globe.io.inspect", "inspect"),
     "Artifacts": ("globe.artifacts", "Artifacts"),
-    "fit": ("globe.fit.run", "run_fit"),
+    "compress": ("globe.fit.run", "run_fit"),
     "patch_model": ("globe.runtime.patch", "patch_model"),
     "unpatch_model": ("globe.runtime.patch", "unpatch_model"),
     "export": ("globe.runtime.export", "export"),

@@ -53,3 +53,11 @@ def test_sweep_expansion():
     runs = expand_sweep(["bank.m_up=16,32", "sparsity.target_support=8,12", "output_dir=x", "train.families=[up,gate]"])
     assert len(runs) == 4 and ["bank.m_up=32", "sparsity.target_support=12", "output_dir=x",
                                "train.families=[up,gate]"] in runs
+
+
+def test_public_api_names_resolve():
+    import globe
+    import globe.fit  # noqa: F401  (the subpackage must not shadow a public function)
+
+    assert callable(globe.compress) and callable(globe.patch_model) and callable(globe.load_model)
+    assert callable(globe.export) and callable(globe.inspect) and callable(globe.unpatch_model)
