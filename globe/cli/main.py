@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -101,7 +102,7 @@ def cmd_fit(overrides: list[str], multirun: bool) -> int:
         if not conf.output_dir:
             raise GlobeError("output_dir is required: globe fit model.path=PATH output_dir=DIR")
         if multirun:
-            tag = "_".join(o.replace("/", "-") for o in ov if o not in overrides)
+            tag = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(o for o in ov if o not in overrides))
             conf.output_dir = str(Path(conf.output_dir) / f"{i:03d}_{tag}")
         confs.append(conf)
     from ..fit.run import run_fit
