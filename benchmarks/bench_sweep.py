@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,10 +47,7 @@ def main() -> None:
             if cli(["eval", f"model.path={exp}", f"eval.text={fx / 'eval.txt'}", f"eval.max_tokens={a.max_tokens}",
                     "eval.threads=1", f"output={run / 'eval_globe.json'}"]) != 0:
                 raise SystemExit(f"eval failed for {run.name}")
-        report = render_report(sweep)
-        if OUT.exists():
-            shutil.rmtree(OUT)
-        shutil.copytree(report, OUT)
+        render_report(sweep, out_dir=OUT)  # report.md + Pareto plot, written atomically
         rows = []
         for run in runs:
             s = json.loads((run / "summary.json").read_text())
