@@ -60,6 +60,8 @@ class RssSampler:
 
 
 def _step(model, ids: torch.Tensor, past):
+    # transformers 5.23 warns that `past_key_values` is deprecated in favour of `cache`, but silently
+    # ignores `cache=` (logits then differ from a full forward): keep the argument that works.
     out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
 
