@@ -1,8 +1,10 @@
 """Why does the activation-aware objective not lower perplexity on the fixture?
 
-Fits the fixture's Up family three ways at the 50% budget of bench_fit.py (m=16, r=46, support 8,
-3000 steps, batch 64): weight-only, activation-aware with the layer's input covariance, and with
-each expert's routed-token covariance (calibration: first half of eval.txt). On the held-out second
+Fits the fixture's Up family four ways at the 50% budget of bench_fit.py (m=16, r=46, support 8,
+3000 steps, batch 64): weight-only, activation-aware with the layer's input covariance, with each
+expert's routed-token covariance, and with the layer covariance plus row weights
+(`train.calib_row_weights`: each hidden unit weighted by how much its error reaches the expert's
+output). Calibration: first half of eval.txt. On the held-out second
 half it reports (a) the relative output error of the Up projection itself,
 sqrt(sum_i E_{x routed to i} ||(W_i - W_hat_i) x||^2 / sum_i E ||W_i x||^2), and (b) the perplexity of
 the fixture with only Up replaced.
@@ -29,12 +31,12 @@ from globe.models import fixture_path
 OUT = Path(__file__).parent / "results" / "activation_diag.json"
 
 
-def fit(out: Path, calib: Path | None, per_expert: bool) -> Artifacts:
+def fit(out: Path, calib: Path | None, per_expert: bool, rows: bool = False) -> Artifacts:
     train = {"steps": 3000, "batch_size": 64, "lr": 0.03, "families": ["up"], "baselines": False,
              "eval_every": 100, "checkpoint_every": 10**6, "device": "cpu"}
     if calib is not None:
         train.update(objective="activation", calib_text=str(calib), calib_tokens=100_000,
-                     calib_per_expert=per_expert)
+                     calib_per_expert=per_expert, calib_row_weights=rows)
     cfg = GlobeConfig.from_dict({"model": {"path": str(fixture_path())}, "output_dir": str(out),
                                  "bank": {"m_up": 16, "m_gate": 16, "r": 46}, "sparsity": {"target_support": 8},
                                  "train": train})
@@ -53,7 +55,8 @@ def main() -> None:
         calib.write_text(text[: len(text) // 2])
         held.write_text(text[len(text) // 2 :])
         arts = {"weight": fit(tmp / "w", None, False), "activation_layer": fit(tmp / "a", calib, False),
-                "activation_per_expert": fit(tmp / "e", calib, True)}
+                "activation_per_expert": fit(tmp / "e", calib, True),
+                "activation_layer_row_weights": fit(tmp / "r", calib, False, rows=True)}
         _, per = input_covariances(ck, held, n_tokens=100_000, per_expert=True)
         W = ck.load_family("up", torch.float32)
         E, p = ck.num_experts, ck.p

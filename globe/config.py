@@ -112,6 +112,7 @@ class TrainCfg:
     calib_text: str | None = None  # text file for the activation-aware objective
     calib_tokens: int = 4096
     calib_per_expert: bool = False  # covariance of tokens routed to each expert (else per layer)
+    calib_row_weights: bool = False  # also weigh hidden units by how much their error reaches the output
     device: str = "auto"
     autocast_bf16: bool = False  # bf16 autocast of the large products (CUDA or CPU; fp32 masters)
     seed: int = 0

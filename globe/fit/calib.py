@@ -33,9 +33,8 @@ def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
     return L.float()
 
 
-def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
-                      context: int = 256) -> tuple[dict, dict]:
-    """Run the model over the text; return {layer: C (d, d)} and {(layer, e): (C, n_tokens)} if per_expert."""
+def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, make_hook) -> None:
+    """Run the model over the first n_tokens of `text` with make_hook(layer, block) as MoE-block pre-hooks."""
     text = Path(text)
     if not text.is_file():
         raise GlobeError(f"calibration text not found: {text}")
@@ -49,23 +48,40 @@ def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, pe
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
     model = AutoModelForCausalLM.from_pretrained(ck.dir, dtype=torch.float32).eval()
+    hooks = []
+    for L in ck.moe_layers:
+        block = getattr(model.model.layers[L], ck.spec.block)
+        hooks.append(block.register_forward_pre_hook(make_hook(L, block), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for a in range(0, ids.numel(), context):
+                model(ids[a:a + context][None])
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _routed(x: torch.Tensor, block, spec, k: int) -> torch.Tensor:
+    """Top-k expert ids (t, k) the block's router picks for x (t, d)."""
+    rw = getattr(block, spec.router).weight
+    return torch.topk(x.float() @ rw.float().T, k, dim=-1).indices
+
+
+def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
+                      context: int = 256) -> tuple[dict, dict]:
+    """Run the model over the text; return {layer: C (d, d)} and {(layer, e): (C, n_tokens)} if per_expert."""
     d, E, k = ck.hidden_size, ck.num_experts, max(1, ck.top_k)
     cov = {L: torch.zeros(d, d, dtype=torch.float64) for L in ck.moe_layers}
     cnt = {L: 0 for L in ck.moe_layers}
-    pe: dict[tuple[int, int], list] = {}
-    hooks = []
+    pe: dict[tuple[int, int], tuple] = {}
 
     def make(L, block):
-        router = getattr(block, ck.spec.router)
-        rw = router.weight if hasattr(router, "weight") else None
-
         def hook(_mod, args, kwargs=None):
-            x = args[0] if args else kwargs["hidden_states"]
-            x = x.reshape(-1, d).double()
+            x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, d).double()
             cov[L] += x.T @ x
             cnt[L] += x.shape[0]
-            if per_expert and rw is not None:
-                top = torch.topk(x.float() @ rw.float().T, k, dim=-1).indices  # (t, k)
+            if per_expert:
+                top = _routed(x, block, ck.spec, k)
                 for e in range(E):
                     sel = (top == e).any(-1)
                     if sel.any():
@@ -74,17 +90,55 @@ def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, pe
                         pe[(L, e)] = (c + xs.T @ xs, n + xs.shape[0])
         return hook
 
-    for L in ck.moe_layers:
-        block = getattr(model.model.layers[L], ck.spec.block)
-        hooks.append(block.register_forward_pre_hook(make(L, block), with_kwargs=True))
-    with torch.no_grad():
-        for a in range(0, ids.numel(), context):
-            model(ids[a:a + context][None])
-    for h in hooks:
-        h.remove()
+    _calib_pass(ck, text, n_tokens, context, make)
     covs = {L: cov[L] / max(cnt[L], 1) for L in cov}
     per = {key: (c / max(n, 1), n) for key, (c, n) in pe.items()}
     return covs, per
+
+
+def row_weights(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, context: int = 256) -> dict[str, torch.Tensor]:
+    """How much each hidden unit's error reaches the expert's output: {'up': (N, p), 'gate': (N, p)}.
+
+    Expert output = Down (silu(g) * u) with g = Gate x, u = Up x. An error e_j in row j of Up moves the
+    output by Down[:, j] silu(g_j) e_j x, so row j of Up weighs E[silu(g_j)^2] ||Down[:, j]||^2; a Gate row
+    weighs E[(u_j silu'(g_j))^2] ||Down[:, j]||^2 (expectations over the tokens routed to the expert).
+    Each expert's weights are scaled to mean 1; experts without tokens get all ones.
+    """
+    d, E, k, p = ck.hidden_size, ck.num_experts, max(1, ck.top_k), ck.p
+    acc = {f: torch.zeros(len(ck.moe_layers) * E, p, dtype=torch.float64) for f in ("up", "gate")}
+    cnt = torch.zeros(len(ck.moe_layers) * E)
+
+    def make(L, block):
+        li = ck.moe_layers.index(L)
+        ex = block.experts
+
+        def hook(_mod, args, kwargs=None):
+            x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, d).float()
+            top = _routed(x, block, ck.spec, k)
+            for e in range(E):
+                sel = (top == e).any(-1)
+                if not sel.any():
+                    continue
+                gu = x[sel] @ ex.gate_up_proj[e].float().T  # (t, 2p), gate rows first
+                g, u = gu[:, :p], gu[:, p:]
+                sg = torch.sigmoid(g)
+                dsilu = sg * (1 + g * (1 - sg))
+                i = li * E + e
+                acc["up"][i] += (torch.nn.functional.silu(g) ** 2).sum(0).double()
+                acc["gate"][i] += ((u * dsilu) ** 2).sum(0).double()
+                cnt[i] += int(sel.sum())
+        return hook
+
+    _calib_pass(ck, text, n_tokens, context, make)
+    down = torch.stack([ck.expert(L, e, "down").float() for L in ck.moe_layers for e in range(E)])  # (N, d, p)
+    dn = down.pow(2).sum(1).double()  # (N, p)
+    out = {}
+    for f, a in acc.items():
+        w = a / cnt.clamp_min(1)[:, None] * dn
+        w = w / w.mean(1, keepdim=True).clamp_min(1e-30)
+        w[cnt == 0] = 1.0
+        out[f] = w.float()
+    return out
 
 
 def whitener(ck: Checkpoint, covs: dict[int, torch.Tensor], per: dict | None = None, per_expert: bool = False,

@@ -32,6 +32,7 @@ from .solve import ridge_A
 from .temperature import TempController, support_schedule
 
 Whiten = Callable[[torch.Tensor], torch.Tensor] | None  # expert idx (n,) -> L (n, d, d)
+Rows = Callable[[torch.Tensor], torch.Tensor] | None  # expert idx (n,) -> row weights (n, p)
 
 
 @dataclass
@@ -60,14 +61,15 @@ def lr_factor(step: int, steps: int, anneal_frac: float, kind: str) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * x))
 
 
-def _load(W, s, idx, whiten: Whiten, dev) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _load(W, s, idx, whiten: Whiten, dev, rows: Rows = None):
     Wb = (W[idx].to(dev).float() / s[idx].to(dev)[:, None, None])
     L = whiten(idx).to(dev) if whiten is not None else None
-    return Wb, L
+    R = rows(idx).to(dev).sqrt()[:, :, None] if rows is not None else None  # (n, p, 1)
+    return Wb, L, R
 
 
-def _residual(Wb, A, M, L, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted residual^2, weighted norm^2) per expert."""
+def _residual(Wb, A, M, L, autocast: bool, Rw=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted residual^2, weighted norm^2) per expert; R (n, p, 1) weighs rows (hidden units)."""
     if autocast and Wb.device.type in ("cuda", "cpu"):
         with torch.autocast(Wb.device.type, dtype=torch.bfloat16):
             R = Wb - (A @ M).float()
@@ -77,6 +79,8 @@ def _residual(Wb, A, M, L, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
         R, Wn = R @ L, Wb @ L
     else:
         Wn = Wb
+    if Rw is not None:  # rows solve independently, so the closed-form A is unchanged by row weights
+        R, Wn = R * Rw, Wn * Rw
     return R.pow(2).sum(dim=(1, 2)), Wn.pow(2).sum(dim=(1, 2))
 
 
@@ -87,7 +91,8 @@ def _refit(Wb, M, L, lam):
 
 
 @torch.no_grad()
-def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, lam: float = 1e-4, chunk: int = 32,
+def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: Rows = None, lam: float = 1e-4,
+             chunk: int = 32,
              dev="cpu", codes: torch.Tensor | None = None, keep_A: bool = False) -> dict[str, Any]:
     """Full pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r)."""
     N = W.shape[0]
@@ -96,11 +101,11 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, lam: fl
     A_all = None
     for a in range(0, N, chunk):
         idx = torch.arange(a, min(N, a + chunk))
-        Wb, L = _load(W, s, idx, whiten, dev)
+        Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         alpha = prm.codes(idx.to(dev), T) if codes is None else codes[idx].to(dev)
         M = prm.mix(alpha)
         A = _refit(Wb, M, L, lam)
-        r2, n2 = _residual(Wb, A, M, L, False)
+        r2, n2 = _residual(Wb, A, M, L, False, Rw)
         obj[idx] = (r2 / n2).double().cpu()
         res_plain[idx] = (Wb - A @ M).pow(2).sum(dim=(1, 2)).double().cpu()
         if keep_A:
@@ -130,7 +135,8 @@ def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten) -> dict[str, An
             "opt": None, "best": None, "bad_evals": 0, "A_all": None, "init_T": T}
 
 
-def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, dev: str = "cpu",
+def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, rows: Rows = None,
+               dev: str = "cpu",
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
                progress: bool = False, interrupt_at: int | None = None,
                on_codes: Callable[[int, torch.Tensor], None] | None = None) -> FamilyFit:
@@ -157,10 +163,10 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     K, lam, chunk = tr.refit_every, tr.ridge, tr.eval_chunk
     A_all = state["A_all"]
     if K > 1 and A_all is None:
-        A_all = evaluate(W, s, prm, ctrl.T, whiten=whiten, lam=lam, chunk=chunk, dev=dev, keep_A=True)["A"]
+        A_all = evaluate(W, s, prm, ctrl.T, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev, keep_A=True)["A"]
     best, bad = state["best"], state["bad_evals"]
     if best is None:
-        ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, lam=lam, chunk=chunk, dev=dev)
+        ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev)
         best = {"obj": math.inf, "err": math.inf, "step": -1, "T": ctrl.T, "params": None}
         state["init_err"] = ev["rel_fro_error"]
     init_err = state.get("init_err", float("nan"))
@@ -178,7 +184,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         for grp, base in zip(opt.param_groups, (tr.lr, lr_codes, tr.lr)):
             grp["lr"] = base * f
         idx = batch_indices(step, N, tr.batch_size, tr.seed)
-        Wb, L = _load(W, s, idx, whiten, dev)
+        Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         didx = idx.to(dev)
         alpha = prm.codes(didx, ctrl.T)
         M = prm.mix(alpha, tr.autocast_bf16)
@@ -189,7 +195,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
                     A_all[idx] = A.cpu()
             else:
                 A = A_all[idx].to(dev)
-        r2, n2 = _residual(Wb, A, M, L, tr.autocast_bf16)
+        r2, n2 = _residual(Wb, A, M, L, tr.autocast_bf16, Rw)
         obj = (r2 / n2).mean()
         loss = obj + (sp.l1 * prm.logits[didx].abs().mean() if sp.l1 > 0 else 0.0)
         if not torch.isfinite(loss):
@@ -213,7 +219,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
                 "support_median": med, "support_p95": p95, "temperature": T_used,
                 "gain": float(prm.gain.detach()), "step_time": time.time() - ts}
         if step % tr.eval_every == 0 or step == tr.steps:
-            ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, lam=lam, chunk=chunk, dev=dev)
+            ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev)
             last.update(eval_objective=ev["objective"], eval_rel_fro_error=ev["rel_fro_error"])
             on_target = sp.map == "softmax" or (abs(med - sp.target_support) <= 1 and tgt == sp.target_support)
             if on_target and (ev["objective"] < best["obj"] * (1 - 1e-4)):
@@ -242,21 +248,21 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         bar.close()
     if best["params"] is None:  # never on target at an evaluation: keep the final state
         best = {"step": step, "T": ctrl.T, "params": copy.deepcopy(prm.state_dict())}
-    return _finish(W, s, prm, best, cfg, fam, whiten, dev, state, init_err, step, stopped_early, resumed, t0)
+    return _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, stopped_early, resumed, t0)
 
 
-def _finish(W, s, prm, best, cfg, fam, whiten, dev, state, init_err, step, early, resumed, t0) -> FamilyFit:
+def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, early, resumed, t0) -> FamilyFit:
     tr, sp = cfg.train, cfg.sparsity
     N, p, d = W.shape
     prm.load_state_dict(best["params"])
     T = best["T"]
     with torch.no_grad():
         alpha = prm.codes(None, T)
-        pre = evaluate(W, s, prm, T, whiten=whiten, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev)
+        pre = evaluate(W, s, prm, T, whiten=whiten, rows=rows, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev)
         mx = alpha.max(-1, keepdim=True).values
         pruned = torch.where(alpha >= sp.eps_prune * mx, alpha, torch.zeros_like(alpha))
-        post = evaluate(W, s, prm, T, whiten=whiten, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev, codes=pruned,
-                        keep_A=True)
+        post = evaluate(W, s, prm, T, whiten=whiten, rows=rows, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev,
+                        codes=pruned, keep_A=True)
         A = post["A"].mul_(s[:, None, None])  # fold the per-expert scale in place (no second (N, p, r) copy)
     sup = support(pruned).float()
     sv = state["sv"]

@@ -171,7 +171,7 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
     results: dict[str, dict] = {}
     ok = False
     try:
-        whiten_for = _whitening(cfg, ck)
+        whiten_for, rows_for = _whitening(cfg, ck)
         for fam in cfg.train.families:
             done = out / STATE / f"{fam}.done.pt"
             if done.is_file():
@@ -180,7 +180,9 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
             ckpt = out / STATE / f"{fam}.ckpt.pt"
             log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if ckpt.is_file() else 0)
             W = _experts(ck, fam, cfg.train.max_memory_gb)
-            fit = fit_family(W, cfg, fam, whiten=whiten_for, dev=dev, ckpt_path=ckpt, log=log, progress=progress,
+            rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
+            fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt, log=log,
+                             progress=progress,
                              interrupt_at=(interrupt_at or {}).get(fam), on_codes=log.codes_hook(fam))
             state = torch.load(ckpt, weights_only=False)
             from .init import expert_scales
@@ -218,11 +220,13 @@ def _svdvals(W: torch.Tensor, sc: torch.Tensor, chunk: int = 32) -> torch.Tensor
 
 
 def _whitening(cfg: GlobeConfig, ck: Checkpoint):
+    """(whiten callable | None, {family: row weights (N, p)} | None) for the activation objective."""
     if cfg.train.objective != "activation":
-        return None
-    from .calib import input_covariances, whitener
+        return None, None
+    from .calib import input_covariances, row_weights, whitener
     covs, per = input_covariances(ck, cfg.train.calib_text, cfg.train.calib_tokens, cfg.train.calib_per_expert)
-    return whitener(ck, covs, per, cfg.train.calib_per_expert)
+    rows = row_weights(ck, cfg.train.calib_text, cfg.train.calib_tokens) if cfg.train.calib_row_weights else None
+    return whitener(ck, covs, per, cfg.train.calib_per_expert), rows
 
 
 def _summary(results: dict, cfg: GlobeConfig, ck: Checkpoint, dev: str, secs: float) -> dict:
