@@ -3,9 +3,8 @@
 Headline: stored budgets ~50% and ~30% of the routed up+gate parameters, full `run_fit` driver
 (GloBE + both baselines in the same run), rel Frobenius error per family, fit time, peak RSS.
 Ablation (GloBE vs SVD at each config's own budget): m small/medium/large relative to N=64,
-r in {p, p/2} where the budget allows, target support in {8, 12, 16}. Activation-aware vs
-weight-only: perplexity of the reconstructed fixture (W_hat copied into the dense model) on the
-second half of eval.txt, calibration on the first half.
+r in {p, p/2} where the budget allows, target support in {8, 12, 16}. Perplexities of the
+reconstructions (all methods, both budgets, activation-aware included) come from bench_eval.py.
 
     python benchmarks/bench_fit.py [--steps 1500] [--quick]
 Writes benchmarks/results/fit_fixture.json.
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from globe.artifacts import Artifacts
 from globe.config import GlobeConfig
 from globe.fit.baselines import svd_error
 from globe.fit.budget import rank_for_budget, svd_rank
@@ -100,67 +98,6 @@ def ablation(ck, W, steps, grid) -> list[dict]:
     return rows
 
 
-def ppl(model, ids, ctx=256) -> float:
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for a in range(0, ids.numel() - 1, ctx):
-            x = ids[a:a + ctx + 1]
-            if x.numel() < 2:
-                break
-            out = model(x[None, :-1], labels=x[None, :-1])
-            logits = out.logits[0].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum"))
-            n += x.numel() - 1
-    return math.exp(nll / n)
-
-
-def substitute(model, ck, recon: dict) -> None:
-    """Copy W_hat (N, p, d) per family into mlp.experts.gate_up_proj (E, 2p, d), gate rows first."""
-    E, p = ck.num_experts, ck.p
-    with torch.no_grad():
-        for li, L in enumerate(ck.moe_layers):
-            gu = getattr(model.model.layers[L], ck.spec.block).experts.gate_up_proj
-            for fam, lo in (("gate", 0), ("up", p)):
-                if fam in recon:
-                    gu[:, lo:lo + p] = recon[fam][li * E:(li + 1) * E].to(gu.dtype)
-
-
-def perplexities(path, ck, steps, m, support, frac, tmp) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    text = (Path(path) / "eval.txt").read_text()
-    half = len(text) // 2
-    calib = Path(tmp) / "calib.txt"
-    calib.write_text(text[:half])
-    ids = tok(text[half:], return_tensors="pt")["input_ids"][0]
-    load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
-    out = {"eval_tokens": int(ids.numel()), "calib": "first half of eval.txt; ppl on the second half",
-           "original": ppl(load(), ids)}
-    N, p, d = len(ck.moe_layers) * ck.num_experts, ck.p, ck.hidden_size
-    r = rank_for_budget(frac, N, p, d, m, support, r_max=min(p, d))
-    for obj in ("weight", "activation"):
-        o = Path(tmp) / f"ppl_{obj}"
-        extra = {"train": {"objective": obj, "calib_text": str(calib), "baselines": False}}
-        s = run_fit(base_cfg(path, o, m, r, support, steps, **extra), progress=False)
-        arts = Artifacts.load(o)
-        model = load()
-        substitute(model, ck, {f: arts.families[f].reconstruct() for f in arts.families})
-        out[f"globe_{obj}"] = {"ppl": ppl(model, ids),
-                               "rel_fro_error": {f: s["families"][f]["rel_fro_error"] for f in s["families"]}}
-    # SVD at the weight-only GloBE budget
-    k = svd_rank(s["families"]["up"]["stored_params"], N, p, d)
-    recon = {}
-    for fam in ("up", "gate"):
-        Wf = ck.load_family(fam, torch.float32)
-        U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
-        recon[fam] = U[:, :, :k] @ torch.diag_embed(S[:, :k]) @ Vh[:, :k]
-    model = load()
-    substitute(model, ck, recon)
-    out["svd_same_budget"] = {"rank": k, "ppl": ppl(model, ids)}
-    out["budget_target"], out["m"], out["r"], out["target_support"] = frac, m, r, support
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3000)
@@ -174,6 +111,7 @@ def main() -> None:
     path = fixture_path()
     ck = Checkpoint(path)
     res = json.loads(RES.read_text()) if RES.exists() else {}
+    res.pop("perplexity", None)  # measured by bench_eval.py (eval_fixture.json)
     res.update({"model": str(path), "N": len(ck.moe_layers) * ck.num_experts, "p": ck.p, "d": ck.hidden_size,
                 "steps": a.steps, "threads": a.threads})
     tmp = tempfile.mkdtemp(prefix="globe_bench_")
@@ -190,9 +128,6 @@ def main() -> None:
             res["ablation"] = {"steps": a.ablation_steps, "families": list(FAMS_ABL),
                                "rows": ablation(ck, W, a.ablation_steps, grid)}
             RES.write_text(json.dumps(res, indent=2) + "\n")
-        if "ppl" not in a.skip:
-            res["perplexity"] = perplexities(path, ck, a.steps, a.m, a.support, 0.5, tmp)
-            print(json.dumps(res["perplexity"], indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

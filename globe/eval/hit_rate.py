@@ -13,13 +13,11 @@ caches but are not counted (the runtime warms its cache on calibration text the 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from ..errors import GlobeError
-from ..registry import get_spec, moe_layers
 
 
 def lru_replay(trace: Iterable[Sequence[int]], S: int, warmup: int = 0) -> tuple[int, int]:
@@ -29,21 +27,10 @@ def lru_replay(trace: Iterable[Sequence[int]], S: int, warmup: int = 0) -> tuple
     """
     if int(S) < 1:
         raise GlobeError(f"cache size S must be >= 1, got {S}")
-    cache: OrderedDict[int, None] = OrderedDict()
-    hits = acc = 0
-    for t, experts in enumerate(trace):
-        count = t >= warmup
-        for e in experts:
-            e = int(e)
-            if e in cache:
-                cache.move_to_end(e)
-                hits += count
-            else:
-                cache[e] = None
-                if len(cache) > S:
-                    cache.popitem(last=False)
-            acc += count
-    return hits, acc
+    from ..runtime.cache import simulate_lru  # the runtime's own LRU, so the figure is what it would do
+
+    r = simulate_lru(trace if isinstance(trace, list) else list(trace), int(S), warmup)
+    return int(r["hits"]), int(r["hits"] + r["misses"])
 
 
 def hit_rate_curve(traces: dict[int, torch.Tensor], S_values: Sequence[int], warmup: int = 0) -> dict:
@@ -61,38 +48,19 @@ def hit_rate_curve(traces: dict[int, torch.Tensor], S_values: Sequence[int], war
     return out
 
 
-def _experts_modules(model) -> dict[int, torch.nn.Module]:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    spec = get_spec(getattr(cfg, "model_type", None))
-    layers = model.model.layers
-    return {L: getattr(layers[L], spec.block).experts for L in moe_layers(spec, cfg.to_dict())}
-
-
 @torch.no_grad()
 def record_routing(model, ids: torch.Tensor, context: int = 512) -> dict[int, torch.Tensor]:
     """Run ids (T,) through the model in consecutive windows; {layer: (T, k) expert ids}.
 
-    Hooks the experts module of each MoE layer (called as experts(hidden, top_k_index, top_k_weights)
-    in transformers 5); works on patched GloBE layers as long as they keep that call signature.
+    Uses compat.record_routing (hooks on each MoE layer's experts call), so patched GloBE layers,
+    which keep that call signature, are traced the same way.
     """
-    mods = _experts_modules(model)
-    rec: dict[int, list[torch.Tensor]] = {L: [] for L in mods}
+    from .. import compat
 
-    def make(L: int):
-        def hook(_mod, args, kwargs):
-            idx = args[1] if len(args) > 1 else kwargs.get("top_k_index")
-            if idx is None:
-                raise GlobeError(f"layer {L}: cannot read routing indices from the experts call")
-            rec[L].append(idx.detach().reshape(-1, idx.shape[-1]).cpu())
-        return hook
-
-    handles = [m.register_forward_pre_hook(make(L), with_kwargs=True) for L, m in mods.items()]
-    device = next(model.parameters()).device
-    try:
-        ids = ids.reshape(-1)
+    device = compat.model_device(model)
+    ids = ids.reshape(-1)
+    with compat.record_routing(model) as trace:
         for b in range(0, ids.numel(), int(context)):
             model(input_ids=ids[b:b + int(context)].unsqueeze(0).to(device), use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    return {L: torch.cat(v) if v else torch.empty(0, 0, dtype=torch.long) for L, v in rec.items()}
+    return {L: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) if v else torch.empty(0, 0, dtype=torch.long)
+            for L, v in trace.items()}

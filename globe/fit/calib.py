@@ -34,11 +34,15 @@ def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
 
 
 def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, make_hook) -> None:
-    """Run the model over the first n_tokens of `text` with make_hook(layer, block) as MoE-block pre-hooks."""
+    """Run the model over the first n_tokens of `text`; make_hook(layer, experts) returns a function
+    (x (t, d), top_k_index (t, k)) called with what the router hands each MoE layer's experts module,
+    so routing is the model's own (score-correction biases, group limits) and never recomputed."""
     text = Path(text)
     if not text.is_file():
         raise GlobeError(f"calibration text not found: {text}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import compat
 
     try:
         tok = AutoTokenizer.from_pretrained(ck.dir)
@@ -48,10 +52,19 @@ def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, m
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
     model = AutoModelForCausalLM.from_pretrained(ck.dir, dtype=torch.float32).eval()
+
+    def wrap(fn):
+        def pre(_mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            top = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            x = x.reshape(-1, x.shape[-1])
+            fn(x, top.reshape(x.shape[0], -1))
+        return pre
+
     hooks = []
     for L in ck.moe_layers:
-        block = getattr(model.model.layers[L], ck.spec.block)
-        hooks.append(block.register_forward_pre_hook(make_hook(L, block), with_kwargs=True))
+        ex = compat.get_experts(model, L)
+        hooks.append(ex.register_forward_pre_hook(wrap(make_hook(L, ex)), with_kwargs=True))
     try:
         with torch.no_grad():
             for a in range(0, ids.numel(), context):
@@ -61,27 +74,20 @@ def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, m
             h.remove()
 
 
-def _routed(x: torch.Tensor, block, spec, k: int) -> torch.Tensor:
-    """Top-k expert ids (t, k) the block's router picks for x (t, d)."""
-    rw = getattr(block, spec.router).weight
-    return torch.topk(x.float() @ rw.float().T, k, dim=-1).indices
-
-
 def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
                       context: int = 256) -> tuple[dict, dict]:
     """Run the model over the text; return {layer: C (d, d)} and {(layer, e): (C, n_tokens)} if per_expert."""
-    d, E, k = ck.hidden_size, ck.num_experts, max(1, ck.top_k)
+    d, E = ck.hidden_size, ck.num_experts
     cov = {L: torch.zeros(d, d, dtype=torch.float64) for L in ck.moe_layers}
     cnt = {L: 0 for L in ck.moe_layers}
     pe: dict[tuple[int, int], tuple] = {}
 
-    def make(L, block):
-        def hook(_mod, args, kwargs=None):
-            x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, d).double()
+    def make(L, _experts):
+        def hook(x, top):
+            x = x.double()
             cov[L] += x.T @ x
             cnt[L] += x.shape[0]
             if per_expert:
-                top = _routed(x, block, ck.spec, k)
                 for e in range(E):
                     sel = (top == e).any(-1)
                     if sel.any():
@@ -104,17 +110,15 @@ def row_weights(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, context:
     weighs E[(u_j silu'(g_j))^2] ||Down[:, j]||^2 (expectations over the tokens routed to the expert).
     Each expert's weights are scaled to mean 1; experts without tokens get all ones.
     """
-    d, E, k, p = ck.hidden_size, ck.num_experts, max(1, ck.top_k), ck.p
+    E, p = ck.num_experts, ck.p
     acc = {f: torch.zeros(len(ck.moe_layers) * E, p, dtype=torch.float64) for f in ("up", "gate")}
     cnt = torch.zeros(len(ck.moe_layers) * E)
 
-    def make(L, block):
+    def make(L, ex):
         li = ck.moe_layers.index(L)
-        ex = block.experts
 
-        def hook(_mod, args, kwargs=None):
-            x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, d).float()
-            top = _routed(x, block, ck.spec, k)
+        def hook(x, top):
+            x = x.float()
             for e in range(E):
                 sel = (top == e).any(-1)
                 if not sel.any():
