@@ -16,6 +16,7 @@ It also builds models without materialising their weights (`empty_model`) and re
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,6 +126,55 @@ def plain_experts(info: ExpertsInfo, gate_up: torch.Tensor, down: torch.Tensor |
     mod.down_proj = down if isinstance(down, nn.Parameter) else nn.Parameter(down, requires_grad=False)
     mod.act_fn = info.act_fn
     return mod.eval()
+
+
+# ---- names on disk vs in memory -------------------------------------------------------------------
+def memory_name(spec: ArchSpec, name: str) -> str:
+    """In-memory (transformers) name of a non-expert tensor stored on disk as `name`.
+
+    transformers renames a few blocks on load (Mixtral's `block_sparse_moe` -> `mlp`); the registry's
+    disk_block/block pair records it. Routed experts are fused on load instead: see `layer_state`.
+    """
+    if spec.disk_block != spec.block:
+        pre = re.escape(spec.layers_prefix)
+        name = re.sub(rf"^({pre}\.\d+)\.{re.escape(spec.disk_block)}\.", rf"\1.{spec.block}.", name)
+    return name
+
+
+def experts_prefix(spec: ArchSpec, layer: int) -> str:
+    """In-memory prefix of a layer's fused experts module, e.g. 'model.layers.3.mlp.experts'."""
+    return f"{spec.layers_prefix}.{layer}.{spec.block}.experts"
+
+
+def layer_state(ck: Any, layer: int, dtype: torch.dtype | None = None,
+                experts: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of decoder layer `layer` from a `globe.io.checkpoint.Checkpoint`, in-memory names.
+
+    Routed experts of an MoE layer come fused as transformers 5 holds them: `...experts.gate_up_proj`
+    (E, 2p, d), gate rows first, and `...experts.down_proj` (E, d, p) (skipped with experts=False).
+    dtype: cast floating tensors (None keeps the stored dtype). Peak memory: one layer.
+    """
+    spec = ck.spec
+    pre = f"{spec.layers_prefix}.{layer}."
+    skip = ck.expert_tensor_names() if layer in ck.moe_layers else set()
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    out = {memory_name(spec, k): cast(ck.tensor(k)) for k in ck.keys() if k.startswith(pre) and k not in skip}
+    if experts and layer in ck.moe_layers:
+        E = ck.num_experts
+        first = ck.expert(layer, 0, "up")
+        dt = dtype or first.dtype
+        gu = torch.empty((E, 2 * ck.p, ck.hidden_size), dtype=dt)
+        dn = torch.empty((E, ck.hidden_size, ck.p), dtype=dt)
+        for e in range(E):
+            gu[e, :ck.p] = ck.expert(layer, e, "gate")
+            gu[e, ck.p:] = ck.expert(layer, e, "up")
+            dn[e] = ck.expert(layer, e, "down")
+        fp = experts_prefix(spec, layer)
+        out[f"{fp}.gate_up_proj"], out[f"{fp}.down_proj"] = gu, dn
+    return out
 
 
 # ---- building and loading models -------------------------------------------------------------------
