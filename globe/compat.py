@@ -266,3 +266,107 @@ def record_routing(model: nn.Module) -> Iterator[dict[int, list[torch.Tensor]]]:
     finally:
         for h in hooks:
             h.remove()
+
+
+# ---- one decoder layer at a time (layer-wise calibration) ------------------------------------------
+# Sequential onloading, as llm-compressor's sequential pipeline does: the model skeleton lives on the
+# meta device; the model's OWN forward computes what every decoder layer receives (attention masks per
+# layer type, rotary position embeddings, position ids) while each layer's forward is replaced by a
+# recorder, so nothing here re-implements masks or rotary embeddings for any architecture. Then each
+# layer is built from the checkpoint, run on the recorded inputs and freed. Facts relied on: decoder
+# layers are called in order as `layer(hidden_states, *args, **kwargs)` and return the hidden states
+# (a tensor or a tuple whose first item is); the base model accepts `inputs_embeds`.
+class _StopForward(Exception):
+    """Raised by the last recorder: the rest of the model (final norm, lm_head) is never run."""
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers (e.g. model.model for `model.layers`)."""
+    obj: Any = model
+    for part in model_spec(model).layers_prefix.split(".")[:-1]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def embed_inputs(model: nn.Module, ck: Any, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Input embeddings (1, t, d) of token ids (t,), read from checkpoint `ck` (the table is freed after)."""
+    emb = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    disk = {memory_name(ck.spec, k): k for k in ck.keys()}
+    key = disk.get(f"{name}.weight")
+    if key is None:
+        raise GlobeError(f"{ck.dir}: input embedding {name}.weight not found in the checkpoint")
+    table = ck.tensor(key)
+    return torch.nn.functional.embedding(ids.long(), table)[None].to(dtype)
+
+
+def layer_inputs(model: nn.Module, inputs_embeds: torch.Tensor, upto: int) -> tuple[torch.Tensor, list]:
+    """What the model's forward hands decoder layers 0..upto for one sequence, without running any layer.
+
+    inputs_embeds (1, t, d). Returns (hidden states entering layer 0 (1, t, d), [(args, kwargs) per
+    layer]) where args/kwargs are the call's arguments after the hidden states. Every decoder layer of
+    `model` may sit on the meta device; only buffers (rotary inv_freq) must be real.
+    """
+    layers = decoder_layers(model)
+    rec: list = []
+    first: list[torch.Tensor] = []
+
+    def recorder(i: int):
+        def fwd(hidden_states, *args, **kwargs):
+            if i == 0:
+                first.append(hidden_states)
+            rec.append((args, kwargs))
+            if i == upto:
+                raise _StopForward
+            return hidden_states
+        return fwd
+
+    for i in range(upto + 1):
+        layers[i].forward = recorder(i)
+    try:
+        with torch.no_grad():
+            base_model(model)(inputs_embeds=inputs_embeds, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for i in range(upto + 1):
+            layers[i].__dict__.pop("forward", None)
+    if len(rec) != upto + 1:
+        raise GlobeError(f"{type(model).__name__}: the forward called {len(rec)} decoder layers, expected {upto + 1}")
+    return first[0], rec
+
+
+def load_layer(model: nn.Module, ck: Any, layer: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Decoder layer `layer` of a meta skeleton, filled from checkpoint `ck` (experts fused); returns it.
+
+    Raises GlobeError naming the tensor (and expert) when a weight holds NaN/inf or a tensor is missing.
+    """
+    mod = decoder_layers(model)[layer]
+    pre = f"{model_spec(model).layers_prefix}.{layer}."
+    sd = {k[len(pre):]: v for k, v in layer_state(ck, layer, dtype).items()}
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            where = ""
+            if v.ndim == 3 and k.endswith(("gate_up_proj", "down_proj")):
+                bad = (~torch.isfinite(v)).flatten(1).any(1).nonzero().flatten()
+                where = f", expert {int(bad[0])}"
+            raise GlobeError(f"tensor {pre}{k} (layer {layer}{where}) holds non-finite values (NaN/inf)")
+    own = set(mod.state_dict())
+    missing = sorted(own - set(sd))
+    if missing:
+        raise GlobeError(f"{ck.dir}: layer {layer} lacks tensor {pre}{missing[0]} ({len(missing)} missing)")
+    mod.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True, assign=True)
+    return mod.eval()
+
+
+def unload_layer(model: nn.Module, layer: int) -> None:
+    """Send decoder layer `layer` back to the meta device (frees its weights)."""
+    decoder_layers(model)[layer].to("meta")
+
+
+def run_layer(mod: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
+    """One decoder layer on hidden (1, t, d) with the recorded (args, kwargs) of `layer_inputs`."""
+    args, kwargs = call
+    with torch.no_grad():
+        out = mod(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

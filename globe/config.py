@@ -121,7 +121,8 @@ class TrainCfg:
     checkpoint_every: int = 100
     log_every: int = 10
     max_memory_gb: float = 16.0  # experts kept in their stored dtype if fp32 would exceed this
-    baselines: bool = True  # also fit per-expert SVD and MoBE-style bank at matched budget
+    baselines: bool = True  # per-expert SVD baseline at matched budget (free: from the warm start's spectra)
+    baseline_mobe: bool = False  # also fit the MoBE-style bank baseline (costly: ~L*E/batch x the fit's steps)
     lr_schedule: str = "cosine"  # constant | cosine (after the support anneal, down to 5% of lr)
     lr_codes: float | None = None  # Adam lr of the logits (None -> 5 * lr)
     eval_chunk: int = 32  # experts per chunk in full evaluations and A refits

@@ -34,7 +34,7 @@ def tensors(out):
 
 def test_outputs_and_contract(model_dir, tmp_path):
     out = tmp_path / "o"
-    s = run(make_cfg(model_dir, out))
+    s = run(make_cfg(model_dir, out, train__baseline_mobe=True))
     for f in ("globe.safetensors", "globe_config.json", "metrics.jsonl", "summary.json"):
         assert (out / f).is_file()
     summ = json.loads((out / "summary.json").read_text())
@@ -47,6 +47,8 @@ def test_outputs_and_contract(model_dir, tmp_path):
             assert k in f
         for b in ("svd", "mobe"):
             assert "rel_fro_error" in summ["baselines"][b][fam]
+            assert summ["baselines"][b][fam]["time_s"] >= 0
+        assert f["baselines_time_s"] == pytest.approx(sum(summ["baselines"][b][fam]["time_s"] for b in ("svd", "mobe")))
         # rel_fro_error recomputed from the saved artifact and the checkpoint
         W = ck.load_family(fam, torch.float32)
         What = arts.families[fam].reconstruct()
@@ -71,7 +73,7 @@ def test_determinism_same_seed_identical_artifacts(model_dir, tmp_path):
     t1, t2 = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert t1.keys() == t2.keys()
     assert all(torch.equal(t1[k], t2[k]) for k in t1)
-    strip = lambda s: {f: {k: v for k, v in d.items() if k != "fit_time_s"} for f, d in s["families"].items()}  # noqa
+    strip = lambda s: {f: {k: v for k, v in d.items() if not k.endswith("time_s")} for f, d in s["families"].items()}  # noqa
     assert strip(s1) == strip(s2)
     s3 = run(make_cfg(model_dir, tmp_path / "c", train__seed=1, bank__seed=1, train__families=["up"]))
     assert not torch.equal(tensors(tmp_path / "c")["up.bank"], t1["up.bank"])

@@ -7,6 +7,10 @@
   softmax mixtures alpha_i = softmax(z_i), every parameter (A, B, z) trained jointly by Adam on the
   reconstruction MSE of scale-normalised experts. As a courtesy the final A is refitted in closed
   form (it can only lower the baseline's error). Shapes per layer: B (m_l, r, d), z (E, m_l), A (E, p, r).
+  Cost: every Adam step touches all E experts of a layer, so `steps` steps over L layers cost about
+  L * E / batch_size times as many expert-updates as the GloBE fit's own steps; that is why
+  `globe fit` runs it only with `train.baseline_mobe=true` (the SVD baseline is always free).
+Dead experts (init.live_experts) are reconstructed as zero by both baselines, as by GloBE.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import math
 
 import torch
 
+from ..progress import Progress
 from .budget import mobe_params
-from .init import expert_scales
+from .init import expert_scales, inv_scales, quiet
 from .model import act
 from .solve import ridge_A
 
@@ -30,21 +35,26 @@ def svd_error(sv: torch.Tensor, scales: torch.Tensor, k: int) -> float:
 
 def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str = "silu", steps: int = 300,
              lr: float = 1e-2, seed: int = 0, lam: float = 1e-4, dev: str = "cpu", chunk: int = 32,
-             return_weights: bool = False) -> dict:
+             return_weights: bool = False, scales: torch.Tensor | None = None, progress: bool | None = None,
+             desc: str = "MoBE-style baseline") -> dict:
     """Fit one MoBE-style bank per layer to W (N, p, d) (layer-major, N = layers * E).
 
     return_weights=True adds "W_hat" (N, p, d) fp32 in the original scale (for perplexity checks).
+    scales (N,): the experts' RMS if known. progress: tqdm (True), log lines (False) or auto (None).
     """
     N, p, d = W.shape
     E = N // layers
-    s = expert_scales(W)
+    s = expert_scales(W) if scales is None else scales.float()
+    inv = inv_scales(s)
+    dead = inv == 0
     phi = act(activation)
     gen = torch.Generator().manual_seed(int(seed))
     res = torch.empty(N, dtype=torch.float64)
     W_hat = torch.empty(N, p, d, dtype=torch.float32) if return_weights else None
+    pg = Progress(layers * steps, desc, "steps", bar=progress, quiet=quiet(W.numel()))
     for li in range(layers):
         sl = slice(li * E, (li + 1) * E)
-        Wl = (W[sl].float() / s[sl, None, None]).to(dev)
+        Wl = (W[sl].float() * inv[sl, None, None]).to(dev)
         B = torch.randn(m_l, r, d, generator=gen).to(dev).requires_grad_()
         z = torch.zeros(E, m_l, device=dev, requires_grad=True)
         with torch.no_grad():
@@ -59,6 +69,7 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            pg.update(1)
         with torch.no_grad():
             M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
             for a in range(0, E, chunk):
@@ -68,6 +79,8 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
                 res[lo:hi] = (Wl[a:a + chunk] - rec).pow(2).sum(dim=(1, 2)).double().cpu()
                 if W_hat is not None:
                     W_hat[lo:hi] = (rec * s[lo:hi, None, None].to(rec)).cpu()
+    pg.close()
+    res[dead] = float(p * d)  # reconstructed as zero (A = 0): residual = the whole normalised expert
     s2 = s.double().pow(2)
     rel = math.sqrt(float((res * s2).sum() / (s2 * p * d).sum()))
     out = {"rel_fro_error": rel, "stored_params": mobe_params(N, layers, p, d, m_l, r), "original_params": N * p * d,

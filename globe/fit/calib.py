@@ -17,6 +17,8 @@ import torch
 
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
+from ..progress import Progress
+from .init import quiet
 
 
 def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
@@ -33,16 +35,12 @@ def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
     return L.float()
 
 
-def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, make_hook) -> None:
-    """Run the model over the first n_tokens of `text`; make_hook(layer, experts) returns a function
-    (x (t, d), top_k_index (t, k)) called with what the router hands each MoE layer's experts module,
-    so routing is the model's own (score-correction biases, group limits) and never recomputed."""
+def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int) -> torch.Tensor:
+    """Token ids (t,) of the first n_tokens of `text`, with the checkpoint's own tokenizer."""
     text = Path(text)
     if not text.is_file():
         raise GlobeError(f"calibration text not found: {text}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .. import compat
+    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(ck.dir)
@@ -51,7 +49,35 @@ def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, m
     ids = tok(text.read_text(), return_tensors="pt")["input_ids"][0][:n_tokens]
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
-    model = AutoModelForCausalLM.from_pretrained(ck.dir, dtype=torch.float32).eval()
+    return ids
+
+
+def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, make_hook,
+                progress: bool | None = None) -> None:
+    """Run the model over the first n_tokens of `text` (sequences of `context` tokens), ONE DECODER LAYER
+    AT A TIME; make_hook(layer, experts) returns a function (x (t, d), top_k_index (t, k)) called with
+    what the router hands each MoE layer's experts module, so routing is the model's own (score-correction
+    biases, group limits) and never recomputed.
+
+    Sequential onloading (as llm-compressor's sequential pipeline): the model skeleton sits on the meta
+    device; the token embeddings are looked up, the model's own forward records what each decoder layer
+    receives (masks, rotary embeddings; `compat.layer_inputs`), then each layer up to the last MoE layer
+    is built from the checkpoint in fp32, run on every calibration sequence and freed. The final norm and
+    lm_head are never needed. Peak memory: one decoder layer in fp32 (2.3 GB for Qwen1.5-MoE-A2.7B), the
+    embedding table while the ids are embedded (once), and the hidden states (n_tokens x d fp32). The
+    result equals running the whole model (tests/test_fit_calib.py checks it against from_pretrained).
+    """
+    from .. import compat
+
+    ids = calib_ids(ck, text, n_tokens)
+    model = compat.empty_model(compat.load_config(ck.dir), torch.float32)
+    seqs = [ids[a:a + context] for a in range(0, ids.numel(), context)]
+    last = max(ck.moe_layers)
+    hidden, calls = [], []
+    for sq in seqs:
+        h0, rec = compat.layer_inputs(model, compat.embed_inputs(model, ck, sq), last)
+        hidden.append(h0)
+        calls.append(rec)
 
     def wrap(fn):
         def pre(_mod, args, kwargs):
@@ -61,61 +87,67 @@ def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, m
             fn(x, top.reshape(x.shape[0], -1))
         return pre
 
-    hooks = []
-    for L in ck.moe_layers:
-        ex = compat.get_experts(model, L)
-        hooks.append(ex.register_forward_pre_hook(wrap(make_hook(L, ex)), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for a in range(0, ids.numel(), context):
-                model(ids[a:a + context][None])
-    finally:
-        for h in hooks:
-            h.remove()
+    moe = set(ck.moe_layers)
+    n_w = len(ck.moe_layers) * ck.num_experts * 3 * ck.p * ck.hidden_size  # routed weights to read and run
+    with Progress(last + 1, "calibration", "layers", bar=progress, quiet=quiet(n_w)) as pg:
+        for L in range(last + 1):
+            layer = compat.load_layer(model, ck, L, torch.float32)
+            hook = None
+            if L in moe:
+                ex = compat.get_experts(model, L)
+                hook = ex.register_forward_pre_hook(wrap(make_hook(L, ex)), with_kwargs=True)
+            try:
+                for j in range(len(seqs)):
+                    hidden[j] = compat.run_layer(layer, hidden[j], calls[j][L])
+                    pg.update(1 / len(seqs))
+            finally:
+                if hook is not None:
+                    hook.remove()
+                compat.unload_layer(model, L)
 
 
-def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
-                      context: int = 256) -> tuple[dict, dict]:
-    """Run the model over the text; return {layer: C (d, d)} and {(layer, e): (C, n_tokens)} if per_expert."""
-    d, E = ck.hidden_size, ck.num_experts
-    cov = {L: torch.zeros(d, d, dtype=torch.float64) for L in ck.moe_layers}
-    cnt = {L: 0 for L in ck.moe_layers}
-    pe: dict[tuple[int, int], tuple] = {}
+class _Covariances:
+    """Collects {layer: sum x x^T, count} and, per expert, the same over the tokens routed to it."""
 
-    def make(L, _experts):
+    def __init__(self, ck: Checkpoint, per_expert: bool):
+        self.d, self.E, self.per_expert = ck.hidden_size, ck.num_experts, per_expert
+        self.cov = {L: torch.zeros(self.d, self.d, dtype=torch.float64) for L in ck.moe_layers}
+        self.cnt = {L: 0 for L in ck.moe_layers}
+        self.pe: dict[tuple[int, int], tuple] = {}
+
+    def make(self, L, _experts):
         def hook(x, top):
             x = x.double()
-            cov[L] += x.T @ x
-            cnt[L] += x.shape[0]
-            if per_expert:
-                for e in range(E):
+            self.cov[L] += x.T @ x
+            self.cnt[L] += x.shape[0]
+            if self.per_expert:
+                for e in range(self.E):
                     sel = (top == e).any(-1)
                     if sel.any():
                         xs = x[sel]
-                        c, n = pe.get((L, e), (torch.zeros(d, d, dtype=torch.float64), 0))
-                        pe[(L, e)] = (c + xs.T @ xs, n + xs.shape[0])
+                        c, n = self.pe.get((L, e), (torch.zeros(self.d, self.d, dtype=torch.float64), 0))
+                        self.pe[(L, e)] = (c + xs.T @ xs, n + xs.shape[0])
         return hook
 
-    _calib_pass(ck, text, n_tokens, context, make)
-    covs = {L: cov[L] / max(cnt[L], 1) for L in cov}
-    per = {key: (c / max(n, 1), n) for key, (c, n) in pe.items()}
-    return covs, per
+    def result(self) -> tuple[dict, dict]:
+        covs = {L: self.cov[L] / max(self.cnt[L], 1) for L in self.cov}
+        per = {key: (c / max(n, 1), n) for key, (c, n) in self.pe.items()}
+        return covs, per
 
 
-def row_weights(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, context: int = 256) -> dict[str, torch.Tensor]:
-    """How much each hidden unit's error reaches the expert's output: {'up': (N, p), 'gate': (N, p)}.
+class _RowWeights:
+    """Collects E[silu(g)^2], E[(u silu'(g))^2] per hidden unit of each expert and ||Down[:, j]||^2."""
 
-    Expert output = Down (silu(g) * u) with g = Gate x, u = Up x. An error e_j in row j of Up moves the
-    output by Down[:, j] silu(g_j) e_j x, so row j of Up weighs E[silu(g_j)^2] ||Down[:, j]||^2; a Gate row
-    weighs E[(u_j silu'(g_j))^2] ||Down[:, j]||^2 (expectations over the tokens routed to the expert).
-    Each expert's weights are scaled to mean 1; experts without tokens get all ones.
-    """
-    E, p = ck.num_experts, ck.p
-    acc = {f: torch.zeros(len(ck.moe_layers) * E, p, dtype=torch.float64) for f in ("up", "gate")}
-    cnt = torch.zeros(len(ck.moe_layers) * E)
+    def __init__(self, ck: Checkpoint):
+        self.ck, self.E, self.p = ck, ck.num_experts, ck.p
+        N = len(ck.moe_layers) * self.E
+        self.acc = {f: torch.zeros(N, self.p, dtype=torch.float64) for f in ("up", "gate")}
+        self.cnt = torch.zeros(N)
+        self.dn = torch.zeros(N, self.p, dtype=torch.float64)
 
-    def make(L, ex):
-        li = ck.moe_layers.index(L)
+    def make(self, L, ex):
+        li, E, p = self.ck.moe_layers.index(L), self.E, self.p
+        self.dn[li * E:(li + 1) * E] = ex.down_proj.double().pow(2).sum(1)  # (E, p): from the loaded layer
 
         def hook(x, top):
             x = x.float()
@@ -128,21 +160,63 @@ def row_weights(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, context:
                 sg = torch.sigmoid(g)
                 dsilu = sg * (1 + g * (1 - sg))
                 i = li * E + e
-                acc["up"][i] += (torch.nn.functional.silu(g) ** 2).sum(0).double()
-                acc["gate"][i] += ((u * dsilu) ** 2).sum(0).double()
-                cnt[i] += int(sel.sum())
+                self.acc["up"][i] += (torch.nn.functional.silu(g) ** 2).sum(0).double()
+                self.acc["gate"][i] += ((u * dsilu) ** 2).sum(0).double()
+                self.cnt[i] += int(sel.sum())
         return hook
 
-    _calib_pass(ck, text, n_tokens, context, make)
-    down = torch.stack([ck.expert(L, e, "down").float() for L in ck.moe_layers for e in range(E)])  # (N, d, p)
-    dn = down.pow(2).sum(1).double()  # (N, p)
-    out = {}
-    for f, a in acc.items():
-        w = a / cnt.clamp_min(1)[:, None] * dn
-        w = w / w.mean(1, keepdim=True).clamp_min(1e-30)
-        w[cnt == 0] = 1.0
-        out[f] = w.float()
-    return out
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for f, a in self.acc.items():
+            w = a / self.cnt.clamp_min(1)[:, None] * self.dn
+            w = w / w.mean(1, keepdim=True).clamp_min(1e-30)
+            w[self.cnt == 0] = 1.0
+            out[f] = w.float()
+        return out
+
+
+def _both(*collectors):
+    def make(L, ex):
+        hooks = [c.make(L, ex) for c in collectors]
+
+        def hook(x, top):
+            for h in hooks:
+                h(x, top)
+        return hook
+    return make
+
+
+def input_covariances(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
+                      context: int = 256, progress: bool | None = None) -> tuple[dict, dict]:
+    """Run the model over the text; return {layer: C (d, d)} and {(layer, e): (C, n_tokens)} if per_expert."""
+    c = _Covariances(ck, per_expert)
+    _calib_pass(ck, text, n_tokens, context, c.make, progress)
+    return c.result()
+
+
+def row_weights(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, context: int = 256,
+                progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """How much each hidden unit's error reaches the expert's output: {'up': (N, p), 'gate': (N, p)}.
+
+    Expert output = Down (silu(g) * u) with g = Gate x, u = Up x. An error e_j in row j of Up moves the
+    output by Down[:, j] silu(g_j) e_j x, so row j of Up weighs E[silu(g_j)^2] ||Down[:, j]||^2; a Gate row
+    weighs E[(u_j silu'(g_j))^2] ||Down[:, j]||^2 (expectations over the tokens routed to the expert).
+    Each expert's weights are scaled to mean 1; experts without tokens get all ones.
+    """
+    rw = _RowWeights(ck)
+    _calib_pass(ck, text, n_tokens, context, rw.make, progress)
+    return rw.result()
+
+
+def calibration_stats(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
+                      rows: bool = False, context: int = 256, progress: bool | None = None
+                      ) -> tuple[dict, dict, dict[str, torch.Tensor] | None]:
+    """`input_covariances` and (if rows) `row_weights` from ONE layer-wise pass: (covs, per, rows | None)."""
+    c = _Covariances(ck, per_expert)
+    rw = _RowWeights(ck) if rows else None
+    _calib_pass(ck, text, n_tokens, context, _both(c, rw) if rw is not None else c.make, progress)
+    covs, per = c.result()
+    return covs, per, (rw.result() if rw is not None else None)
 
 
 def whitener(ck: Checkpoint, covs: dict[int, torch.Tensor], per: dict | None = None, per_expert: bool = False,

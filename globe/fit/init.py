@@ -1,15 +1,26 @@
-"""Warm start of one family: scales, truncated SVD, bank seeding, initial codes.
+"""Warm start of one family: scales, exact spectra from Gram matrices, bank seeding, initial codes.
 
 1. Per-expert scalar normalisation s_i = RMS(W_i); the fit sees W_i / s_i, s_i folds into A_i.
-2. One pass of truncated SVDs (chunked) gives every expert's spectrum (the rank-r floor and the SVD
-   baseline for free) and its proxy row space V_i (r, d).
+   Dead experts (all zero, or RMS below DEAD_REL x the family's median RMS: pruned or never trained)
+   are fitted as exactly zero (A_i = 0): they are left out of the objective, the bank seeding, the
+   temperature control and the support statistics, so they never disturb the live experts.
+2. One chunked pass of `spectra` gives every expert's singular values (the rank-r floor and the
+   SVD baseline for free) and its proxy row space V_i (r, d). `spectra` is exact but avoids the full
+   SVD: it eigendecomposes the smaller-side Gram matrix K_i = W_i W_i^T (p x p when p <= d),
+   accumulated and decomposed in fp64, so sigma_j = sqrt(lambda_j(K_i)) and V_i = diag(1/sigma)
+   U_r^T W_i. At the Qwen1.5-MoE-A2.7B shape (1408 x 2048, r = 704) that is several times cheaper
+   than `torch.linalg.svd` (benchmarks/bench_warm_start.py); fp64 keeps the tail of the spectrum
+   accurate to about sqrt(p * eps64) * sigma_1 (a full fp32 SVD: about eps32 * sigma_1).
 3. Rotation ambiguity: V_i is only defined up to an r x r rotation (A absorbs it), so raw proxies
    are not comparable. Each V_i is aligned by orthogonal Procrustes to a common reference G (top-r
-   right singular vectors of all experts stacked), Q_i = argmin ||Q V_i - G||; aligned proxies
-   Q_i V_i are then clustered (k-means, m clusters) into atoms.
+   right singular vectors of all experts stacked), Q_i = argmin ||Q V_i - G|| (one r x r SVD per
+   expert); the aligned proxy Q_i V_i = (G P_i G^T)^(-1/2) G P_i depends only on the projector
+   P_i = V_i^T V_i, so any orthonormal basis of the same subspace gives the same result.
+   `kmeans` clusters aligned proxies into atoms; `svd` seeds atoms as random rotations of G.
 4. Initial codes: NNLS of each aligned proxy on the atoms (batched projected gradient), turned
    into logits by standardising (never log(alpha)); the temperature is then calibrated so the
-   median support equals the target.
+   median support (of the live experts) equals the target.
+Shapes: W (N, p, d) any float dtype; bank (m, r, d); logits (N, m); sv (N, min(p, d)).
 """
 
 from __future__ import annotations
@@ -18,9 +29,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import GlobeError
+from ..progress import Progress
 from .temperature import calibrate
 
 KM_ITERS = 25
+DEAD_REL = 1e-4  # RMS below this fraction of the family's median RMS: a dead expert (energy < 1e-8 of a peer)
+NULL_REL = 1e-6  # singular values below this fraction of sigma_1 are not resolved by the fp64 Gram (~4e-7)
+QUIET_NUMEL = 2e7  # phases over fewer weight elements than this take a few seconds at most: no progress lines
+
+
+def quiet(numel: float) -> bool:
+    """True when a pass over `numel` weight elements is too short to need progress lines."""
+    return float(numel) < QUIET_NUMEL
 
 
 @dataclass
@@ -33,11 +54,83 @@ class WarmStart:
     scales: torch.Tensor  # (N,)
 
 
-def expert_scales(W: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """RMS of each expert in fp32: (N,)."""
+def expert_scales(W: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """RMS of each expert: (N,) fp32; exactly 0 for an all-zero expert, NaN/inf if it holds NaN/inf.
+
+    Computed as max|W| * RMS(W / max|W|), so tiny (subnormal) and huge entries neither underflow nor
+    overflow when squared.
+    """
     out = torch.empty(W.shape[0])
     for a in range(0, W.shape[0], chunk):
-        out[a:a + chunk] = W[a:a + chunk].float().pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12)
+        x = W[a:a + chunk].float()
+        amax = x.abs().amax(dim=(1, 2))
+        ok = (amax > 0) & torch.isfinite(amax)
+        div = torch.where(ok, amax, torch.ones_like(amax))
+        out[a:a + chunk] = torch.where(amax == 0, amax, amax * (x / div[:, None, None]).pow(2).mean(dim=(1, 2)).sqrt())
+    return out
+
+
+def check_finite(s: torch.Tensor, what: str = "expert") -> None:
+    """GlobeError naming the first expert whose scale (RMS) is NaN/inf, i.e. that holds NaN/inf weights."""
+    bad = (~torch.isfinite(s)).nonzero().flatten()
+    if len(bad):
+        raise GlobeError(f"{what} {int(bad[0])} holds non-finite weights (NaN/inf)"
+                         + (f" ({len(bad)} experts affected)" if len(bad) > 1 else ""))
+
+
+def live_experts(s: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: experts with RMS > 0 and above DEAD_REL x the median RMS (the others are fitted as zero)."""
+    med = s.median() if s.numel() else s.new_zeros(())
+    return (s > 0) & (s > DEAD_REL * med)
+
+
+def inv_scales(s: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """1 / s_i for live experts, 0 for dead ones (their normalised weights become exactly zero)."""
+    live = live_experts(s) if live is None else live
+    return torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
+
+
+def spectra(X: torch.Tensor, r: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Singular values and top-r right singular subspace of each matrix, exactly, without a full SVD.
+
+    X (n, p, d) float. Returns sv (n, k) fp32 in descending order, k = min(p, d), and, if r is given,
+    V (n, min(r, k), d) fp32 whose orthonormal rows span each matrix's top-r right singular subspace
+    (a rotation of the SVD's Vh[:, :r] when sigma_r > sigma_{r+1}). Method: the Gram matrix of the
+    smaller side, K = X X^T (p <= d) or X^T X, formed and eigendecomposed in fp64 (products of fp32
+    numbers are exact in fp64); sigma = sqrt(lambda(K)); for p <= d the rows are V = diag(1/sigma)
+    U_r^T X. Rows whose sigma is below NULL_REL x sigma_1 (rank-deficient or zero matrices) are
+    completed with an orthonormal basis of the rest of R^d, as an SVD would complete them.
+    """
+    n, p, d = X.shape
+    k = min(p, d)
+    Xd = X.double()
+    K = Xd @ Xd.transpose(1, 2) if p <= d else Xd.transpose(1, 2) @ Xd  # (n, k, k)
+    if r is None:
+        ev = torch.linalg.eigvalsh(K).flip(-1)
+        return ev.clamp_min(0).sqrt().float(), None
+    ev, U = torch.linalg.eigh(K)
+    del K
+    s = ev.flip(-1).clamp_min(0).sqrt()  # (n, k) fp64, descending
+    rr = min(r, k)
+    top = U[..., -rr:].flip(-1).transpose(1, 2)  # (n, rr, k) leading eigenvectors as rows
+    if p > d:
+        return s.float(), top.float().contiguous()
+    st = s[:, :rr]
+    ok = st > NULL_REL * s[:, :1]
+    V = (top @ Xd) / torch.where(ok, st, torch.ones_like(st))[..., None]  # (n, rr, d)
+    for i in (~ok).any(1).nonzero().flatten().tolist():  # rare: rank below r
+        V[i] = _complete(V[i], ok[i])
+    return s.float(), V.float()
+
+
+def _complete(V: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Replace rows ~ok of V (rr, d) by an orthonormal basis orthogonal to the rows ok (deterministic)."""
+    good = V[ok]
+    Z = torch.randn(int((~ok).sum()), V.shape[1], generator=torch.Generator().manual_seed(0), dtype=V.dtype)
+    for _ in range(2):  # project out the good rows twice (re-orthogonalisation)
+        Z = Z - (Z @ good.T) @ good
+    out = V.clone()
+    out[~ok] = torch.linalg.qr(Z.T).Q.T
     return out
 
 
@@ -78,27 +171,38 @@ def nnls(K: torch.Tensor, b: torch.Tensor, iters: int = 300) -> torch.Tensor:
 
 
 def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: int, *, kind: str = "entmax",
-               alpha: float = 1.5, gain: float = 1.0, method: str = "svd", seed: int = 0, chunk: int = 32,
+               alpha: float = 1.5, gain: float = 1.0, method: str = "svd", seed: int = 0, chunk: int = 8,
                max_cluster: int = 512, mix_w: float = 0.5, T_min: float = 1e-3, T_max: float = 1e3,
-               whiten=None) -> WarmStart:
-    """Bank (m, r, d), logits (N, m) and T for experts W (N, p, d) (any dtype)."""
+               whiten=None, progress: bool | None = None, name: str = "") -> WarmStart:
+    """Bank (m, r, d), logits (N, m) and T for experts W (N, p, d) (any dtype).
+
+    progress: tqdm bar (True), log lines with rate and ETA (False) or auto (None); `name` labels them.
+    Cost per expert: one d x d Gram update, one fp64 eigendecomposition of the smaller-side Gram
+    matrix, one r x r SVD (Procrustes). Peak extra memory: a few chunks of (chunk, p, d) in fp64.
+    """
     N, p, d = W.shape
     gen = torch.Generator().manual_seed(int(seed))
     k = min(p, d)
     sv = torch.empty(N, k)
-    # Common reference: top-r right singular vectors of all experts stacked (eig of sum W^T W).
+    live = live_experts(scales)
+    inv = inv_scales(scales, scales > 0)  # near-zero dead experts keep their own spectrum (exact SVD baseline)
+    q = quiet(N * p * d)
+    tag = f"warm start {name}".rstrip()
+    # Common reference: top-r right singular vectors of all live experts stacked (eig of sum W^T W).
     gram = torch.zeros(d, d, dtype=torch.float64)
-    for a in range(0, N, chunk):
-        Wb = _prep(W, scales, a, chunk, whiten)
-        gram += torch.einsum("npd,npe->de", Wb, Wb).double()
+    with Progress(N, f"{tag}: common row space", "experts", bar=progress, quiet=q) as pg:
+        for a in range(0, N, chunk):
+            Wb = _prep(W, inv, torch.arange(a, min(N, a + chunk)), whiten) * live[a:a + chunk, None, None]
+            gram += torch.einsum("npd,npe->de", Wb, Wb).double()
+            pg.update(Wb.shape[0])
     evals, evecs = torch.linalg.eigh(gram)
     G = evecs[:, -r:].flip(1).T.float() if r <= d else None  # (r, d)
     if method == "random":
         bank = torch.randn(m, r, d, generator=gen)
-    elif method == "kmeans":  # cluster Procrustes-aligned proxies of a subset of experts
-        sel = torch.randperm(N, generator=gen)[:max_cluster].sort().values
-        P = torch.cat([_align(torch.linalg.svd(_prep_idx(W, scales, sel[a:a + chunk], whiten),
-                                               full_matrices=False)[2][:, :r], G, r, d, gen)
+    elif method == "kmeans":  # cluster Procrustes-aligned proxies of a subset of live experts
+        pool = live.nonzero().flatten()
+        sel = pool[torch.randperm(len(pool), generator=gen)[:max_cluster]].sort().values
+        P = torch.cat([_align(spectra(_prep(W, inv, sel[a:a + chunk], whiten), r)[1], G, r, d, gen)
                        for a in range(0, len(sel), chunk)])
         C = _kmeans(P.reshape(len(sel), -1), m, gen)
         del P
@@ -108,35 +212,31 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
         bank = C.reshape(m, r, d)
     else:  # svd: random rotations of the common row space G plus random diversity
         Gs = G if G is not None else torch.randn(r, d, generator=gen)
-        Gs = Gs / Gs.pow(2).mean().sqrt()
+        Gs = Gs / Gs.pow(2).mean().sqrt().clamp_min(1e-30)
         Q = torch.linalg.qr(torch.randn(m, r, r, generator=gen)).Q  # (m, r, r) random rotations
         bank = mix_w * (Q @ Gs) + (1 - mix_w) * torch.randn(m, r, d, generator=gen)
     bank = bank / bank.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-30)
     Bf = bank.reshape(m, -1)
-    b = torch.empty(N, m)
-    for a in range(0, N, chunk):  # spectra of every expert + projections of its aligned proxy on the atoms
-        Wb = _prep(W, scales, a, chunk, whiten)
-        _, S, Vh = torch.linalg.svd(Wb, full_matrices=False)
-        sv[a:a + Wb.shape[0]] = S
-        b[a:a + Wb.shape[0]] = _align(Vh[:, :r], G, r, d, gen).reshape(Wb.shape[0], -1) @ Bf.T
-    codes = nnls(Bf @ Bf.T, b)  # (N, m)
+    b = torch.zeros(N, m)
+    with Progress(N, f"{tag}: spectra and proxies", "experts", bar=progress, quiet=q) as pg:
+        for a in range(0, N, chunk):  # spectra of every expert + projections of its aligned proxy on the atoms
+            idx = torch.arange(a, min(N, a + chunk))
+            S, V = spectra(_prep(W, inv, idx, whiten), r)
+            sv[idx] = S
+            b[idx] = _align(V, G, r, d, gen).reshape(len(idx), -1) @ Bf.T * live[idx, None]
+            pg.update(len(idx))
+    codes = nnls(Bf @ Bf.T, b)  # (N, m); dead experts: b = 0 -> codes 0 -> uniform logits
     z = codes - codes.mean(-1, keepdim=True)
     z = z / z.std(-1, keepdim=True, unbiased=False).clamp_min(1e-12)
     z = z + 1e-3 * torch.randn(z.shape, generator=gen)  # break exact ties
     z = z - z.mean(-1, keepdim=True)
-    T = calibrate(z, target, kind, alpha, T_min, T_max)
+    T = calibrate(z[live] if live.any() else z, target, kind, alpha, T_min, T_max)
     return WarmStart(bank=bank, logits=z, T=T, gain=float(gain), sv=sv, scales=scales)
 
 
-def _prep(W, scales, a, chunk, whiten):
-    Wb = W[a:a + chunk].float() / scales[a:a + chunk, None, None]
-    if whiten is not None:
-        Wb = Wb @ whiten(torch.arange(a, a + Wb.shape[0]))
-    return Wb
-
-
-def _prep_idx(W, scales, idx, whiten):
-    Wb = W[idx].float() / scales[idx, None, None]
+def _prep(W, inv, idx, whiten):
+    """Normalised (and whitened) experts idx: (n, p, d) fp32; only exact zeros for s_i = 0."""
+    Wb = W[idx].float() * inv[idx, None, None]
     return Wb @ whiten(idx) if whiten is not None else Wb
 
 

@@ -8,6 +8,10 @@ the batch every `refit_every` steps (else the stored A); loss = mean relative re
 drives the median support of all experts to the target. Every `eval_every` steps the full error is
 computed with freshly refitted A (never a stale one) and the best snapshot is kept; patience gives
 early stop. At the end: best snapshot restored, codes eps-pruned, A refitted, error cost reported.
+Dead experts (see init.live_experts) enter every batch as exact zeros: A = 0, and they are left out
+of the objective (mean over live experts only), the temperature controller and the support stats.
+Progress: a tqdm bar on a terminal, else one log line every GLOBE_PROGRESS_EVERY_S seconds with
+step, loss, support, T, rate and ETA (globe.progress); full evaluations report their own progress.
 Shapes: W (N, p, d) stored dtype, bank (m, r, d), logits (N, m), A (N, p, r).
 """
 
@@ -26,7 +30,8 @@ import torch
 from ..artifacts import FamilyArtifact
 from ..config import GlobeConfig
 from ..errors import GlobeError
-from .init import expert_scales, warm_start
+from ..progress import Progress
+from .init import check_finite, expert_scales, inv_scales, live_experts, quiet, warm_start
 from .model import GlobeParams, support
 from .solve import ridge_A
 from .temperature import TempController, support_schedule
@@ -62,7 +67,8 @@ def lr_factor(step: int, steps: int, anneal_frac: float, kind: str) -> float:
 
 
 def _load(W, s, idx, whiten: Whiten, dev, rows: Rows = None):
-    Wb = (W[idx].to(dev).float() / s[idx].to(dev)[:, None, None])
+    """Normalised experts idx (n, p, d) fp32 on dev (dead experts exactly zero), whitening, row weights."""
+    Wb = W[idx].to(dev).float() * inv_scales(s)[idx].to(dev)[:, None, None]
     L = whiten(idx).to(dev) if whiten is not None else None
     R = rows(idx).to(dev).sqrt()[:, :, None] if rows is not None else None  # (n, p, 1)
     return Wb, L, R
@@ -84,6 +90,12 @@ def _residual(Wb, A, M, L, autocast: bool, Rw=None) -> tuple[torch.Tensor, torch
     return R.pow(2).sum(dim=(1, 2)), Wn.pow(2).sum(dim=(1, 2))
 
 
+def rel_mean(r2: torch.Tensor, n2: torch.Tensor) -> torch.Tensor:
+    """Mean of r2 / n2 over experts with n2 > 0 (dead experts, all zero, have r2 = n2 = 0 and no say)."""
+    live = n2 > 0
+    return (r2 / torch.where(live, n2, torch.ones_like(n2))).sum() / live.sum().clamp_min(1)
+
+
 def _refit(Wb, M, L, lam):
     if L is None:
         return ridge_A(Wb, M, lam)
@@ -93,12 +105,20 @@ def _refit(Wb, M, L, lam):
 @torch.no_grad()
 def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: Rows = None, lam: float = 1e-4,
              chunk: int = 32,
-             dev="cpu", codes: torch.Tensor | None = None, keep_A: bool = False) -> dict[str, Any]:
-    """Full pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r)."""
+             dev="cpu", codes: torch.Tensor | None = None, keep_A: bool = False,
+             desc: str = "evaluation", progress: bool | None = None) -> dict[str, Any]:
+    """Full pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r).
+
+    Dead experts are reconstructed as zero (A = 0): the objective is the mean over live experts, and
+    the plain error counts each dead expert's whole energy ||W_i||^2 = s_i^2 p d as its residual.
+    progress: tqdm (True), log lines (False) or auto (None), labelled `desc`; silent for small families.
+    """
     N = W.shape[0]
+    dead = ~live_experts(s)
     obj = torch.empty(N, dtype=torch.float64)
     res_plain = torch.empty(N, dtype=torch.float64)
     A_all = None
+    pg = Progress(N, desc, "experts", bar=progress, quiet=quiet(W.numel()))
     for a in range(0, N, chunk):
         idx = torch.arange(a, min(N, a + chunk))
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
@@ -106,16 +126,20 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
         M = prm.mix(alpha)
         A = _refit(Wb, M, L, lam)
         r2, n2 = _residual(Wb, A, M, L, False, Rw)
-        obj[idx] = (r2 / n2).double().cpu()
+        obj[idx] = (r2 / torch.where(n2 > 0, n2, torch.ones_like(n2))).double().cpu()
         res_plain[idx] = (Wb - A @ M).pow(2).sum(dim=(1, 2)).double().cpu()
         if keep_A:
             if A_all is None:
                 A_all = torch.empty(N, *A.shape[1:])
             A_all[idx] = A.cpu()
+        pg.update(len(idx))
+    pg.close()
     p, d = W.shape[1:]
+    res_plain[dead] = float(p * d)  # reconstructed as zero: the residual is the whole (normalised) expert
     s2 = s.double().pow(2)
-    rel = math.sqrt(float((res_plain * s2).sum() / (s2 * p * d).sum()))
-    return {"objective": float(obj.mean()), "rel_fro_error": rel, "A": A_all}
+    rel = math.sqrt(float((res_plain * s2).sum() / (s2 * p * d).sum().clamp_min(1e-300)))
+    objective = float(obj[~dead].mean()) if bool((~dead).any()) else 0.0
+    return {"objective": objective, "rel_fro_error": rel, "A": A_all}
 
 
 def _support0(cfg: GlobeConfig, fam: str) -> int:
@@ -124,12 +148,12 @@ def _support0(cfg: GlobeConfig, fam: str) -> int:
     return int(min(m, max(s0, sp.target_support)))
 
 
-def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten) -> dict[str, Any]:
+def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten, progress: bool | None = None) -> dict[str, Any]:
     N, p, d = W.shape
     ws = warm_start(W, s, cfg.bank.m(fam), cfg.bank.rank(p), _support0(cfg, fam),
                     kind=cfg.sparsity.map, alpha=cfg.sparsity.alpha, gain=cfg.bank.gain0,
                     method=cfg.bank.init, seed=cfg.bank.seed, T_min=cfg.sparsity.T_min,
-                    T_max=cfg.sparsity.T_max, whiten=whiten)
+                    T_max=cfg.sparsity.T_max, whiten=whiten, progress=progress, name=fam)
     T = ws.T if cfg.sparsity.T_auto and cfg.sparsity.map != "softmax" else cfg.sparsity.T0
     return {"step": 0, "bank": ws.bank, "logits": ws.logits, "gain": ws.gain, "T": T, "sv": ws.sv,
             "opt": None, "best": None, "bad_evals": 0, "A_all": None, "init_T": T}
@@ -138,20 +162,28 @@ def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten) -> dict[str, An
 def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, rows: Rows = None,
                dev: str = "cpu",
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
-               progress: bool = False, interrupt_at: int | None = None,
-               on_codes: Callable[[int, torch.Tensor], None] | None = None) -> FamilyFit:
+               progress: bool | None = False, interrupt_at: int | None = None,
+               on_codes: Callable[[int, torch.Tensor], None] | None = None,
+               scales: torch.Tensor | None = None) -> FamilyFit:
     """Fit one family's GloBE model to experts W (N, p, d); resumable from `ckpt_path`.
 
     log(record) gets each metrics record; on_codes(step, codes (N, m) cpu) the codes at each evaluation.
+    progress: a tqdm bar (True), periodic log lines with step, loss, support, T, rate and ETA (False),
+    or auto (None: a bar on a terminal). scales (N,): the experts' RMS if already known (else computed).
+    Raises GlobeError when an expert holds NaN/inf or every expert is zero.
     """
     t0 = time.time()
     tr, sp = cfg.train, cfg.sparsity
     N, p, d = W.shape
-    s = expert_scales(W)
+    s = expert_scales(W) if scales is None else scales.float()
+    check_finite(s, f"family {fam}: expert")
+    live = live_experts(s)
+    if not bool(live.any()):
+        raise GlobeError(f"family {fam}: every routed expert is zero; nothing to fit")
     state = torch.load(ckpt_path, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
     resumed = state is not None
     if state is None:
-        state = _new_state(W, s, cfg, fam, whiten)
+        state = _new_state(W, s, cfg, fam, whiten, progress)
     prm = GlobeParams(state["bank"], state["logits"], state["gain"], cfg.bank.activation, sp.map, sp.alpha).to(dev)
     lr_codes = tr.lr_codes if tr.lr_codes is not None else 5 * tr.lr
     opt = torch.optim.Adam([{"params": [prm.bank_raw], "lr": tr.lr}, {"params": [prm.logits], "lr": lr_codes},
@@ -162,18 +194,17 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     ctrl = TempController(state["T"], sp.target_support, sp.eta, sp.T_min, sp.T_max)
     K, lam, chunk = tr.refit_every, tr.ridge, tr.eval_chunk
     A_all = state["A_all"]
+    live_d = live.to(dev)
+    evkw = {"whiten": whiten, "rows": rows, "lam": lam, "chunk": chunk, "dev": dev, "progress": progress}
     if K > 1 and A_all is None:
-        A_all = evaluate(W, s, prm, ctrl.T, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev, keep_A=True)["A"]
+        A_all = evaluate(W, s, prm, ctrl.T, keep_A=True, desc=f"initial A {fam}", **evkw)["A"]
     best, bad = state["best"], state["bad_evals"]
     if best is None:
-        ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev)
+        ev = evaluate(W, s, prm, ctrl.T, desc=f"initial evaluation {fam}", **evkw)
         best = {"obj": math.inf, "err": math.inf, "step": -1, "T": ctrl.T, "params": None}
         state["init_err"] = ev["rel_fro_error"]
     init_err = state.get("init_err", float("nan"))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tr.steps, initial=state["step"], desc=f"fit {fam}", unit="step", dynamic_ncols=True)
+    bar = Progress(tr.steps, f"fit {fam}", "steps", bar=progress, initial=state["step"])
     step, last = state["step"], None
     stopped_early = False
     while step < tr.steps:
@@ -196,7 +227,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             else:
                 A = A_all[idx].to(dev)
         r2, n2 = _residual(Wb, A, M, L, tr.autocast_bf16, Rw)
-        obj = (r2 / n2).mean()
+        obj = rel_mean(r2, n2)
         loss = obj + (sp.l1 * prm.logits[didx].abs().mean() if sp.l1 > 0 else 0.0)
         if not torch.isfinite(loss):
             where = f"; last good checkpoint (step {state['step']}) kept in {ckpt_path}" if ckpt_path else ""
@@ -207,19 +238,19 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         prm.constrain_logits(sp.z_max)
         with torch.no_grad():
             codes_now = prm.codes(None, ctrl.T)  # (N, m) at the T this step used
-            sup = support(codes_now).float()
+            sup = support(codes_now[live_d]).float()
             med, p95 = float(sup.median()), float(torch.quantile(sup, 0.95))
         T_used = ctrl.T
         tgt = support_schedule(step + 1, tr.steps, sp.target_support, _support0(cfg, fam), sp.anneal_frac)
         if sp.map != "softmax":  # softmax is dense at any T: nothing to control
             ctrl.update(med, tgt)
         step += 1
-        batch_err = math.sqrt(float(r2.detach().sum() / n2.sum()))
+        batch_err = math.sqrt(float(r2.detach().sum() / n2.sum().clamp_min(1e-30)))
         last = {"step": step, "family": fam, "loss": float(loss.detach()), "rel_error": batch_err,
                 "support_median": med, "support_p95": p95, "temperature": T_used,
                 "gain": float(prm.gain.detach()), "step_time": time.time() - ts}
         if step % tr.eval_every == 0 or step == tr.steps:
-            ev = evaluate(W, s, prm, ctrl.T, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev)
+            ev = evaluate(W, s, prm, ctrl.T, desc=f"evaluation {fam} at step {step}", **evkw)
             last.update(eval_objective=ev["objective"], eval_rel_fro_error=ev["rel_fro_error"])
             on_target = sp.map == "softmax" or (abs(med - sp.target_support) <= 1 and tgt == sp.target_support)
             if on_target and (ev["objective"] < best["obj"] * (1 - 1e-4)):
@@ -234,9 +265,8 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             log(last)
         if on_codes is not None and "eval_objective" in last:
             on_codes(step, codes_now.detach().cpu())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(err=f"{batch_err:.4f}", sup=f"{med:.0f}", T=f"{T_used:.3g}")
+        bar.set_postfix(loss=f"{last['loss']:.4g}", err=f"{batch_err:.4f}", sup=f"{med:.0f}", T=f"{T_used:.3g}")
+        bar.update(1)
         if ckpt_path and (step % tr.checkpoint_every == 0 or step == tr.steps or stopped_early):
             state.update(step=step, bank=prm.bank_raw.detach().cpu(), logits=prm.logits.detach().cpu(),
                          gain=float(prm.gain.detach()), T=ctrl.T, opt=opt.state_dict(), best=best, bad_evals=bad,
@@ -244,27 +274,30 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             _save(state, ckpt_path)
         if stopped_early:
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     if best["params"] is None:  # never on target at an evaluation: keep the final state
         best = {"step": step, "T": ctrl.T, "params": copy.deepcopy(prm.state_dict())}
-    return _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, stopped_early, resumed, t0)
+    return _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, stopped_early, resumed, t0,
+                   progress)
 
 
-def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, early, resumed, t0) -> FamilyFit:
+def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, early, resumed, t0,
+            progress=None) -> FamilyFit:
     tr, sp = cfg.train, cfg.sparsity
     N, p, d = W.shape
     prm.load_state_dict(best["params"])
     T = best["T"]
     with torch.no_grad():
         alpha = prm.codes(None, T)
-        pre = evaluate(W, s, prm, T, whiten=whiten, rows=rows, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev)
+        pre = evaluate(W, s, prm, T, whiten=whiten, rows=rows, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev,
+                       desc=f"final evaluation {fam}", progress=progress)
         mx = alpha.max(-1, keepdim=True).values
-        pruned = torch.where(alpha >= sp.eps_prune * mx, alpha, torch.zeros_like(alpha))
+        live = live_experts(s).to(alpha.device)
+        pruned = _dead_codes(torch.where(alpha >= sp.eps_prune * mx, alpha, torch.zeros_like(alpha)), live)
         post = evaluate(W, s, prm, T, whiten=whiten, rows=rows, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev,
-                        codes=pruned, keep_A=True)
+                        codes=pruned, keep_A=True, desc=f"prune and refit A {fam}", progress=progress)
         A = post["A"].mul_(s[:, None, None])  # fold the per-expert scale in place (no second (N, p, r) copy)
-    sup = support(pruned).float()
+    sup = support(pruned[live]).float()
     sv = state["sv"]
     r = prm.bank_raw.shape[1]
     floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))
@@ -282,8 +315,20 @@ def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step,
         "steps_run": step, "stopped_early": early, "resumed": resumed, "m": prm.bank_raw.shape[0], "r": r,
         "stored_params": art.stored_params(), "original_params": N * p * d, "fit_time_s": time.time() - t0,
         "atom_popularity": (pruned > 0).sum(0).tolist(), "support_hist": torch.bincount(sup.long()).tolist(),
+        "dead_experts": int((~live_experts(s)).sum()),
     }
     return FamilyFit(artifact=art, metrics=metrics)
+
+
+def _dead_codes(codes: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Codes (N, m) with each dead expert's row set to one atom (nnz 1): A_i = 0 makes it exact zero."""
+    out = codes.clone()
+    dead = (~live).nonzero().flatten()
+    if len(dead):
+        j = codes[dead].argmax(-1)
+        out[dead] = 0.0
+        out[dead, j] = 1.0
+    return out
 
 
 def _unit(raw: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,11 @@ from ..artifacts import Artifacts, atomic_write
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
+from ..progress import Progress
+from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
 from .budget import mobe_rank, svd_rank
+from .init import expert_scales, inv_scales, quiet, spectra
 from .loop import FamilyFit, fit_family
 from .tracking import WandbRun, require_wandb, wandb_on
 
@@ -125,25 +128,62 @@ class _Log:
             self.wb.close(ok)
 
 
-def _experts(ck: Checkpoint, fam: str, max_gb: float) -> torch.Tensor:
-    """All routed experts of a family; fp32 if that fits the memory budget, else the stored dtype."""
-    N = len(ck.moe_layers) * ck.num_experts
-    fp32_gb = N * ck.p * ck.hidden_size * 4 / 1e9
-    return ck.load_family(fam, dtype=torch.float32 if fp32_gb <= max_gb else None)
+def _expert_tensor(ck: Checkpoint, L: int, e: int, fam: str) -> str:
+    """On-disk name of a routed expert's matrix (fused layouts: the slice of gate_up_proj)."""
+    if ck.layout == "per_expert":
+        return ck.expert_name(L, e, fam)
+    from ..compat import experts_prefix
+    return f"{experts_prefix(ck.spec, L)}.gate_up_proj[{e}, {fam} rows]"
 
 
-def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, fam: str, dev: str) -> dict:
+def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All routed experts of a family (N, p, d), fp32 if that fits the memory budget, else the stored dtype,
+    and their RMS scales (N,), computed while reading (no second pass over the family).
+
+    Raises GlobeError naming the tensor, layer and expert at the first expert holding NaN/inf, before
+    any fitting work on the family. Progress: one line per GLOBE_PROGRESS_EVERY_S seconds (or tqdm).
+    """
+    N, p, d = len(ck.moe_layers) * ck.num_experts, ck.p, ck.hidden_size
+    first = ck.expert(ck.moe_layers[0], 0, fam)
+    dt = torch.float32 if N * p * d * 4 / 1e9 <= max_gb else first.dtype
+    W = torch.empty((N, p, d), dtype=dt)
+    sc = torch.empty(N)
+    with Progress(N, f"read {fam} experts", "experts", bar=progress, quiet=quiet(N * p * d)) as pg:
+        for i, (L, e, w) in enumerate(ck.iter_experts(fam)):
+            sc[i] = expert_scales(w[None])[0]
+            if not math.isfinite(float(sc[i])):
+                bad = int((~torch.isfinite(w)).sum())
+                raise GlobeError(f"tensor {_expert_tensor(ck, L, e, fam)} (layer {L}, expert {e}, family {fam}) "
+                                 f"holds {bad} non-finite values (NaN/inf); repair the checkpoint before fitting")
+            W[i].copy_(w)
+            pg.update(1)
+    return W, sc
+
+
+def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, fam: str, dev: str,
+               progress: bool | None = None) -> dict:
+    """SVD baseline (from the spectra: no extra pass) and, with train.baseline_mobe, the MoBE-style bank;
+    each entry records its own wall time `time_s` (the SVD's includes computing plain spectra if needed)."""
     N, p, d = W.shape
     layers = len(ck.moe_layers)
     stored = fit.metrics["stored_params"]
     k = svd_rank(stored, N, p, d)
+    t = time.time()
+    if sv is None:  # the warm start decomposed whitened experts: plain spectra needed for the SVD baseline
+        sv = _svdvals(W, scales, progress=progress, desc=f"SVD baseline {fam}: spectra")
     out = {"svd": {"rel_fro_error": svd_error(sv, scales, k), "rank": k, "stored_params": N * k * (p + d),
-                   "original_params": N * p * d}}
+                   "original_params": N * p * d, "time_s": time.time() - t}}
+    if not cfg.train.baseline_mobe:
+        return out
     m_l = cfg.bank.mobe_m or max(2, cfg.bank.m(fam) // layers)
     r = min(mobe_rank(stored, N, layers, p, d, m_l), p if not cfg.bank.allow_r_above else 4 * p)
     steps = cfg.train.baseline_steps or cfg.train.steps
+    t = time.time()
     out["mobe"] = mobe_fit(W, layers, m_l, r, activation=cfg.bank.activation if cfg.bank.activation != "identity"
-                           else "silu", steps=steps, lr=cfg.train.lr, seed=cfg.bank.seed, lam=cfg.train.ridge, dev=dev)
+                           else "silu", steps=steps, lr=cfg.train.lr, seed=cfg.bank.seed, lam=cfg.train.ridge, dev=dev,
+                           scales=scales, progress=progress, desc=f"MoBE-style baseline {fam}")
+    out["mobe"]["time_s"] = time.time() - t
     return out
 
 
@@ -171,7 +211,7 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
     results: dict[str, dict] = {}
     ok = False
     try:
-        whiten_for, rows_for = _whitening(cfg, ck)
+        whiten_for, rows_for = _whitening(cfg, ck, progress)
         for fam in cfg.train.families:
             done = out / STATE / f"{fam}.done.pt"
             if done.is_file():
@@ -179,23 +219,23 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
                 continue
             ckpt = out / STATE / f"{fam}.ckpt.pt"
             log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if ckpt.is_file() else 0)
-            W = _experts(ck, fam, cfg.train.max_memory_gb)
+            W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress)
             rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
             fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt, log=log,
-                             progress=progress,
+                             progress=progress, scales=sc,
                              interrupt_at=(interrupt_at or {}).get(fam), on_codes=log.codes_hook(fam))
-            state = torch.load(ckpt, weights_only=False)
-            from .init import expert_scales
-            sc = expert_scales(W)
-            sv = state["sv"] if whiten_for is None else _svdvals(W, sc)  # plain-weight spectra for the SVD baseline
-            base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev) if cfg.train.baselines else {}
+            sv = torch.load(ckpt, weights_only=False)["sv"] if whiten_for is None else None
+            base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress) if cfg.train.baselines else {}
+            if base:
+                plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"
+                                                        for k, b in base.items()))
             if not math.isfinite(fit.metrics["rel_fro_error"]):
                 raise GlobeError(f"fit of family {fam} produced a non-finite error")
             res = {"artifact": fit.artifact, "metrics": fit.metrics, "baselines": base}
             atomic_write(done, lambda p, res=res: torch.save(res, p))
             log.family_done(fam, fit)
             results[fam] = None
-            del W, fit, res, state
+            del W, fit, res
         for fam in results:
             results[fam] = torch.load(out / STATE / f"{fam}.done.pt", weights_only=False)
             fams[fam] = results[fam]["artifact"]
@@ -214,19 +254,27 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
     return summary
 
 
-def _svdvals(W: torch.Tensor, sc: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    return torch.cat([torch.linalg.svdvals(W[a:a + chunk].float() / sc[a:a + chunk, None, None])
-                      for a in range(0, W.shape[0], chunk)])
+def _svdvals(W: torch.Tensor, sc: torch.Tensor, chunk: int = 8, progress: bool | None = None,
+             desc: str = "spectra") -> torch.Tensor:
+    """Singular values (N, min(p, d)) of the RMS-normalised experts (exact, via fp64 Gram eigenvalues)."""
+    inv = inv_scales(sc, sc > 0)
+    out = []
+    with Progress(W.shape[0], desc, "experts", bar=progress, quiet=quiet(W.numel())) as pg:
+        for a in range(0, W.shape[0], chunk):
+            out.append(spectra(W[a:a + chunk].float() * inv[a:a + chunk, None, None])[0])
+            pg.update(out[-1].shape[0])
+    return torch.cat(out)
 
 
-def _whitening(cfg: GlobeConfig, ck: Checkpoint):
+def _whitening(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
     """(whiten callable | None, {family: row weights (N, p)} | None) for the activation objective."""
     if cfg.train.objective != "activation":
         return None, None
-    from .calib import input_covariances, row_weights, whitener
-    covs, per = input_covariances(ck, cfg.train.calib_text, cfg.train.calib_tokens, cfg.train.calib_per_expert)
-    rows = row_weights(ck, cfg.train.calib_text, cfg.train.calib_tokens) if cfg.train.calib_row_weights else None
-    return whitener(ck, covs, per, cfg.train.calib_per_expert), rows
+    from .calib import calibration_stats, whitener
+    tr = cfg.train
+    covs, per, rows = calibration_stats(ck, tr.calib_text, tr.calib_tokens, tr.calib_per_expert, tr.calib_row_weights,
+                                        progress=progress)
+    return whitener(ck, covs, per, tr.calib_per_expert), rows
 
 
 def _summary(results: dict, cfg: GlobeConfig, ck: Checkpoint, dev: str, secs: float) -> dict:
@@ -238,6 +286,8 @@ def _summary(results: dict, cfg: GlobeConfig, ck: Checkpoint, dev: str, secs: fl
                                            "init_rel_fro_error", "svd_floor_rank_r", "temperature", "gain", "m", "r",
                                            "best_step", "steps_run", "stopped_early", "fit_time_s")}
         fam_out[fam]["stored_fraction"] = mt["stored_params"] / mt["original_params"]
+        fam_out[fam]["dead_experts"] = mt.get("dead_experts", 0)
+        fam_out[fam]["baselines_time_s"] = sum(b.get("time_s", 0.0) for b in res["baselines"].values())
         for name, b in res["baselines"].items():
             base_out.setdefault(name, {})[fam] = b
             fam_out[fam][f"ratio_vs_{name}"] = mt["rel_fro_error"] / max(b["rel_fro_error"], 1e-30)
