@@ -356,7 +356,7 @@ def load_layer(model: nn.Module, ck: Any, layer: int, dtype: torch.dtype = torch
     if missing:
         raise GlobeError(f"{ck.dir}: layer {layer} lacks tensor {pre}{missing[0]} ({len(missing)} missing)")
     mod.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True, assign=True)
-    return mod.eval()
+    return mod.requires_grad_(False).eval()
 
 
 def unload_layer(model: nn.Module, layer: int) -> None:

@@ -1,7 +1,9 @@
-"""Activation-aware pieces: row weights equal an independent computation; unit weights change nothing."""
+"""Activation-aware pieces: row weights equal an independent computation; unit weights change nothing;
+layer-wise calibration (one decoder layer at a time) equals running the whole model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from globe.config import GlobeConfig
@@ -9,7 +11,7 @@ from globe.fit.calib import row_weights
 from globe.fit.loop import evaluate
 from globe.fit.model import GlobeParams
 from globe.io.checkpoint import Checkpoint
-from globe.models import fixture_path
+from globe.models import TINY, fixture_path
 
 
 def test_row_weights_match_direct_computation(tmp_path):
@@ -54,3 +56,79 @@ def test_unit_row_weights_leave_the_objective_unchanged():
     c = evaluate(W, s, prm, 1.0, rows=lambda idx: torch.rand(len(idx), 5, generator=g) + 0.1)
     assert a["objective"] == b["objective"] and a["rel_fro_error"] == b["rel_fro_error"]
     assert c["objective"] != a["objective"] and c["rel_fro_error"] == a["rel_fro_error"]  # A is row-separable
+
+
+# ---- layer-wise calibration == the whole model ------------------------------------------------------
+def whole_model_pass(ck, ids, context, make_hook):
+    """Reference: the previous calibration path, the whole model loaded by from_pretrained in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from globe import compat
+
+    model = AutoModelForCausalLM.from_pretrained(ck.dir, dtype=torch.float32).eval()
+
+    def wrap(fn):
+        def pre(_mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            top = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            x = x.reshape(-1, x.shape[-1])
+            fn(x, top.reshape(x.shape[0], -1))
+        return pre
+
+    hooks = [compat.get_experts(model, L).register_forward_pre_hook(wrap(make_hook(L, compat.get_experts(model, L))),
+                                                                    with_kwargs=True) for L in ck.moe_layers]
+    with torch.no_grad():
+        for a in range(0, ids.numel(), context):
+            model(ids[a:a + context][None])
+    for h in hooks:
+        h.remove()
+
+
+def both_paths(monkeypatch, ck, ids, context=64):
+    """calibration_stats (covariances per layer and per expert, row weights) layer-wise and whole-model."""
+    import transformers
+
+    from globe.fit import calib
+
+    monkeypatch.setattr(calib, "calib_ids", lambda *a: ids)
+
+    def no_whole_model(*a, **k):
+        raise AssertionError("layer-wise calibration instantiated the whole model")
+    with monkeypatch.context() as mp:
+        mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_whole_model)
+        new = calib.calibration_stats(ck, "unused.txt", ids.numel(), per_expert=True, rows=True, context=context)
+    monkeypatch.setattr(calib, "_calib_pass", lambda ck_, text, n, ctx, make, progress=None:
+                        whole_model_pass(ck_, ids, ctx, make))
+    old = calib.calibration_stats(ck, "unused.txt", ids.numel(), per_expert=True, rows=True, context=context)
+    return new, old
+
+
+def assert_same(new, old):
+    """Bitwise equal: the same layer code runs on the same inputs in the same order."""
+    (c1, p1, r1), (c2, p2, r2) = new, old
+    same = torch.equal
+    assert c1.keys() == c2.keys() and all(same(c1[L], c2[L]) for L in c1)
+    assert p1.keys() == p2.keys() and all(p1[k][1] == p2[k][1] and same(p1[k][0], p2[k][0]) for k in p1)
+    assert all(same(r1[f], r2[f]) for f in ("up", "gate"))
+
+
+def test_layerwise_calibration_equals_whole_model_on_the_fixture(monkeypatch):
+    """Bitwise: every decoder layer computes on exactly the inputs the whole model would give it."""
+    from globe.fit.calib import calib_ids
+
+    ck = Checkpoint(fixture_path())
+    ids = calib_ids(ck, fixture_path() / "eval.txt", 600)  # 3 sequences of 256, 256 and 88 tokens
+    new, old = both_paths(monkeypatch, ck, ids, context=256)
+    assert_same(new, old)
+    assert sum(n for _, n in new[1].values()) == 600 * ck.top_k * len(ck.moe_layers)  # every routed token seen
+
+
+@pytest.mark.parametrize("model_type", list(TINY))
+def test_layerwise_calibration_equals_whole_model_for_every_architecture(monkeypatch, tiny_dirs, model_type):
+    """Masks per layer type, rotary variants, dense-first layers: all come from the model's own forward."""
+    _, path = tiny_dirs[model_type]
+    ck = Checkpoint(path)
+    vocab = int(ck.config["vocab_size"])
+    ids = torch.randint(vocab, (150,), generator=torch.Generator().manual_seed(0))
+    new, old = both_paths(monkeypatch, ck, ids, context=64)
+    assert_same(new, old)

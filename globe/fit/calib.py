@@ -147,7 +147,7 @@ class _RowWeights:
 
     def make(self, L, ex):
         li, E, p = self.ck.moe_layers.index(L), self.E, self.p
-        self.dn[li * E:(li + 1) * E] = ex.down_proj.double().pow(2).sum(1)  # (E, p): from the loaded layer
+        self.dn[li * E:(li + 1) * E] = ex.down_proj.detach().double().pow(2).sum(1)  # (E, p): the loaded layer
 
         def hook(x, top):
             x = x.float()

@@ -245,7 +245,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         if sp.map != "softmax":  # softmax is dense at any T: nothing to control
             ctrl.update(med, tgt)
         step += 1
-        batch_err = math.sqrt(float(r2.detach().sum() / n2.sum().clamp_min(1e-30)))
+        batch_err = math.sqrt(float(r2.detach().sum() / n2.detach().sum().clamp_min(1e-30)))
         last = {"step": step, "family": fam, "loss": float(loss.detach()), "rel_error": batch_err,
                 "support_median": med, "support_p95": p95, "temperature": T_used,
                 "gain": float(prm.gain.detach()), "step_time": time.time() - ts}

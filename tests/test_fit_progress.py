@@ -1,0 +1,69 @@
+"""Progress of `globe fit` when stderr is not a terminal: periodic log lines for every long phase."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from globe.config import GlobeConfig
+from globe.models import fixture_path
+
+
+@pytest.fixture
+def lines(monkeypatch, caplog):
+    """Every phase logs as if the model were full size, one line per update (no 20 s wait)."""
+    import globe.fit.init as init
+    import globe.progress as progress
+
+    monkeypatch.setattr(progress, "DEFAULT_EVERY_S", 0.0)
+    monkeypatch.setattr(init, "QUIET_NUMEL", 0)
+    monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="globe")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "globe"]
+
+
+def test_fit_logs_progress_of_every_phase_without_a_tty(tmp_path, lines):
+    from globe.fit.run import run_fit
+
+    text = tmp_path / "calib.txt"
+    text.write_text((fixture_path() / "eval.txt").read_text()[:4000])
+    cfg = GlobeConfig.from_dict({
+        "model": {"path": str(fixture_path())}, "output_dir": str(tmp_path / "o"),
+        "bank": {"m_up": 4, "r": 8}, "sparsity": {"target_support": 2},
+        "train": {"steps": 6, "batch_size": 8, "eval_every": 3, "families": ["up"], "objective": "activation",
+                  "calib_text": str(text), "calib_tokens": 300, "calib_row_weights": True,
+                  "baseline_mobe": True, "baseline_steps": 2}})
+    run_fit(cfg, progress=False)  # what run_fit does when stderr is not a TTY
+    got = lines()
+    # the optimisation loop: step, rate, ETA, loss, support, temperature on one line
+    step = [ln for ln in got if ln.startswith("fit up: ") and "/6 steps" in ln]
+    assert step, got
+    assert any(re.search(r"fit up: \d+/6 steps \(\d+%\), [\d.e+-]+ steps/s, ETA \S+, elapsed \S+, "
+                         r"loss=[\d.e+-]+, err=[\d.e+-]+, sup=\d+, T=[\d.e+-]+", ln) for ln in step), step
+    for phase in ("calibration: ", "read up experts: ", "warm start up: common row space: ",
+                  "warm start up: spectra and proxies: ", "initial evaluation up: ", "evaluation up at step 3: ",
+                  "final evaluation up: ", "prune and refit A up: ", "SVD baseline up: spectra: ",
+                  "MoBE-style baseline up: "):
+        mine = [ln for ln in got if ln.startswith(phase)]
+        assert any("ETA" in ln or "done" in ln for ln in mine), (phase, got)
+    assert any(ln.startswith("baselines up: svd error") for ln in got)
+
+
+def test_quiet_for_small_families(tmp_path, monkeypatch, caplog):
+    """On small models only the loop reports (its bar or lines); short phases stay silent."""
+    import globe.progress as progress
+    from globe.fit.run import run_fit
+
+    monkeypatch.setattr(progress, "DEFAULT_EVERY_S", 0.0)
+    monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="globe")
+    cfg = GlobeConfig.from_dict({
+        "model": {"path": str(fixture_path())}, "output_dir": str(tmp_path / "o"),
+        "bank": {"m_up": 4, "r": 8}, "sparsity": {"target_support": 2},
+        "train": {"steps": 4, "batch_size": 8, "eval_every": 2, "families": ["up"]}})
+    run_fit(cfg, progress=False)
+    got = [r.getMessage() for r in caplog.records if r.name == "globe"]
+    assert any(ln.startswith("fit up: 4/4 steps") or ln.startswith("fit up: done") for ln in got), got
+    assert not any(ln.startswith(("read up", "warm start", "evaluation", "final evaluation")) for ln in got), got
