@@ -91,6 +91,7 @@ def fit(fixture: Path, out: Path, r: int, args, objective: str, calib: Path | No
         "bank": {"m_up": args.m, "m_gate": args.m, "r": r, "seed": 0},
         "sparsity": {"target_support": args.support},
         "train": {"steps": args.steps, "batch_size": 64, "lr": 0.03, "eval_every": 100, "log_every": 50,
+                  "baseline_mobe": baselines,  # both baselines, explicitly (MoBE is opt-in in `globe fit`)
                   "device": "cpu",
                   "objective": objective, "baselines": baselines, "calib_text": str(calib) if calib else None,
                   "checkpoint_every": 10**6, "seed": 0},

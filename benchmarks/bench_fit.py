@@ -41,6 +41,7 @@ def base_cfg(path, out, m, r, support, steps, **extra) -> GlobeConfig:
          "bank": {"m_up": m, "m_gate": m, "r": r, **extra.get("bank", {})},
          "sparsity": {"target_support": support, **extra.get("sparsity", {})},
          "train": {"steps": steps, "batch_size": BATCH, "lr": LR, "eval_every": 100, "checkpoint_every": 10 ** 6,
+                   "baseline_mobe": True,  # ratios vs both baselines: MoBE is opt-in in `globe fit`
                    "log_every": 50, **extra.get("train", {})}}
     return GlobeConfig.from_dict(d)
 

@@ -31,7 +31,8 @@ def _fit_cfg(fixture: Path, out: Path, fast: bool) -> GlobeConfig:
         "bank": {"m_up": 16, "m_gate": 16, "r_frac": 0.5},
         "sparsity": {"target_support": 8},
         "train": {"steps": 60 if fast else 1500, "batch_size": 16 if fast else 64, "lr": 0.03,
-                  "eval_every": 20 if fast else 100, "checkpoint_every": 10_000, "log_every": 10, "device": "cpu"},
+                  "eval_every": 20 if fast else 100, "checkpoint_every": 10_000, "log_every": 10, "device": "cpu",
+                  "baseline_mobe": True},  # the demo's table compares with both baselines (cheap at this size)
         "output_dir": str(out / "fit"),
     })
 

@@ -132,3 +132,17 @@ def test_layerwise_calibration_equals_whole_model_for_every_architecture(monkeyp
     ids = torch.randint(vocab, (150,), generator=torch.Generator().manual_seed(0))
     new, old = both_paths(monkeypatch, ck, ids, context=64)
     assert_same(new, old)
+
+
+def test_per_expert_covariances_too_big_are_refused_before_any_work(tmp_path):
+    from globe.errors import GlobeError
+    from globe.fit.run import run_fit
+
+    text = tmp_path / "calib.txt"
+    text.write_text("some text " * 50)
+    cfg = GlobeConfig.from_dict({"model": {"path": str(fixture_path())}, "output_dir": str(tmp_path / "o"),
+                                 "train": {"objective": "activation", "calib_text": str(text),
+                                           "calib_per_expert": True, "max_memory_gb": 0.01}})
+    with pytest.raises(GlobeError, match=r"train\.calib_per_expert: per-expert covariances of 64 experts need"):
+        run_fit(cfg, progress=False)
+    assert not (tmp_path / "o").exists()

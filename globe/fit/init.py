@@ -11,6 +11,10 @@
    U_r^T W_i. At the Qwen1.5-MoE-A2.7B shape (1408 x 2048, r = 704) that is several times cheaper
    than `torch.linalg.svd` (benchmarks/bench_warm_start.py); fp64 keeps the tail of the spectrum
    accurate to about sqrt(p * eps64) * sigma_1 (a full fp32 SVD: about eps32 * sigma_1).
+   The eigendecompositions (and the r x r Procrustes SVDs) run one matrix per thread with one
+   intra-op thread each (`per_matrix`): MKL's multi-threaded LAPACK spends most of its time in
+   OpenMP barriers when the cores are shared with other work (one 1408 x 1408 fp64 eigh: 17.8 s on
+   2 threads vs 1.4 s on 1 thread at load average 9.7 on this 2-core machine).
 3. Rotation ambiguity: V_i is only defined up to an r x r rotation (A absorbs it), so raw proxies
    are not comparable. Each V_i is aligned by orthogonal Procrustes to a common reference G (top-r
    right singular vectors of all experts stacked), Q_i = argmin ||Q V_i - G|| (one r x r SVD per
@@ -25,6 +29,8 @@ Shapes: W (N, p, d) any float dtype; bank (m, r, d); logits (N, m); sv (N, min(p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +96,20 @@ def inv_scales(s: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tenso
     return torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
 
 
+def per_matrix(fn: Callable, batch: torch.Tensor) -> list:
+    """[fn(batch[i]) for i] with ONE intra-op thread per call, calls spread over torch.get_num_threads()
+    Python threads (torch releases the GIL): no OpenMP barriers inside LAPACK, all cores busy."""
+    n = torch.get_num_threads()
+    if n == 1 or batch.shape[0] == 1:
+        return [fn(x) for x in batch]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(n, batch.shape[0])) as ex:
+            return list(ex.map(fn, batch))
+    finally:
+        torch.set_num_threads(n)
+
+
 def spectra(X: torch.Tensor, r: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Singular values and top-r right singular subspace of each matrix, exactly, without a full SVD.
 
@@ -106,10 +126,12 @@ def spectra(X: torch.Tensor, r: int | None = None) -> tuple[torch.Tensor, torch.
     Xd = X.double()
     K = Xd @ Xd.transpose(1, 2) if p <= d else Xd.transpose(1, 2) @ Xd  # (n, k, k)
     if r is None:
-        ev = torch.linalg.eigvalsh(K).flip(-1)
+        ev = torch.stack(per_matrix(torch.linalg.eigvalsh, K)).flip(-1)
         return ev.clamp_min(0).sqrt().float(), None
-    ev, U = torch.linalg.eigh(K)
+    eig = per_matrix(torch.linalg.eigh, K)
     del K
+    ev, U = torch.stack([e[0] for e in eig]), torch.stack([e[1] for e in eig])
+    del eig
     s = ev.flip(-1).clamp_min(0).sqrt()  # (n, k) fp64, descending
     rr = min(r, k)
     top = U[..., -rr:].flip(-1).transpose(1, 2)  # (n, rr, k) leading eigenvectors as rows
@@ -246,6 +268,6 @@ def _align(Vh: torch.Tensor, G: torch.Tensor | None, r: int, d: int, gen) -> tor
     if rr < r:  # r > min(p, d): pad with random orthogonal-ish rows
         Vh = torch.cat([Vh, torch.randn(n, r - rr, d, generator=gen) / d ** 0.5], 1)
     if G is not None:
-        U, _, Xh = torch.linalg.svd(G[None] @ Vh.transpose(1, 2))  # (n, r, r)
-        Vh = (U @ Xh) @ Vh
+        Q = torch.stack([u @ xh for u, _, xh in per_matrix(torch.linalg.svd, G[None] @ Vh.transpose(1, 2))])
+        Vh = Q @ Vh  # (n, r, r) @ (n, r, d)
     return Vh / Vh.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-30)

@@ -200,6 +200,7 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
         cfg.check_shapes(ck.p, ck.hidden_size, N)
     except ValueError as e:
         raise GlobeError(str(e)) from None
+    _check_calib_memory(cfg, ck, N)
     dev = pick_device(cfg.train.device)
     out = Path(cfg.output_dir)
     fp = fingerprint(cfg, ck)
@@ -224,7 +225,8 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
             fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt, log=log,
                              progress=progress, scales=sc,
                              interrupt_at=(interrupt_at or {}).get(fam), on_codes=log.codes_hook(fam))
-            sv = torch.load(ckpt, weights_only=False)["sv"] if whiten_for is None else None
+            # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
+            sv = torch.load(ckpt, weights_only=False, mmap=True)["sv"].clone() if whiten_for is None else None
             base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress) if cfg.train.baselines else {}
             if base:
                 plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"
@@ -264,6 +266,17 @@ def _svdvals(W: torch.Tensor, sc: torch.Tensor, chunk: int = 8, progress: bool |
             out.append(spectra(W[a:a + chunk].float() * inv[a:a + chunk, None, None])[0])
             pg.update(out[-1].shape[0])
     return torch.cat(out)
+
+
+def _check_calib_memory(cfg: GlobeConfig, ck: Checkpoint, N: int) -> None:
+    """Per-expert covariances are N x d x d (fp64 sums, fp32 factors): refuse before any work if too big."""
+    if cfg.train.objective != "activation" or not cfg.train.calib_per_expert:
+        return
+    gb = N * ck.hidden_size ** 2 * 12 / 1e9
+    if gb > cfg.train.max_memory_gb:
+        raise GlobeError(f"train.calib_per_expert: per-expert covariances of {N} experts need {gb:.1f} GB "
+                         f"(N x d x d, d = {ck.hidden_size}), above train.max_memory_gb={cfg.train.max_memory_gb}; "
+                         "use the per-layer covariance (train.calib_per_expert=false)")
 
 
 def _whitening(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
