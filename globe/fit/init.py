@@ -5,16 +5,15 @@
    are fitted as exactly zero (A_i = 0): they are left out of the objective, the bank seeding, the
    temperature control and the support statistics, so they never disturb the live experts.
 2. One chunked pass of `spectra` gives every expert's singular values (the rank-r floor and the
-   SVD baseline for free) and its proxy row space V_i (r, d). `spectra` is exact but avoids the full
-   SVD: it eigendecomposes the smaller-side Gram matrix K_i = W_i W_i^T (p x p when p <= d),
-   accumulated and decomposed in fp64, so sigma_j = sqrt(lambda_j(K_i)) and V_i = diag(1/sigma)
-   U_r^T W_i. At the Qwen1.5-MoE-A2.7B shape (1408 x 2048, r = 704) that is several times cheaper
-   than `torch.linalg.svd` (benchmarks/bench_warm_start.py); fp64 keeps the tail of the spectrum
-   accurate to about sqrt(p * eps64) * sigma_1 (a full fp32 SVD: about eps32 * sigma_1).
-   The eigendecompositions (and the r x r Procrustes SVDs) run one matrix per thread with one
+   SVD baseline for free) and its proxy row space V_i (r, d), without a full SVD: it eigendecomposes
+   the smaller-side Gram matrix K_i = W_i W_i^T (p x p when p <= d), takes sigma_j = ||u_j^T W_i||
+   (Rayleigh quotients: partial sums of sigma^2, hence floors and SVD errors, match the SVD's) and
+   V_i = the normalised rows u_j^T W_i of the r leading eigenvectors, re-orthonormalised.
+   The eigendecompositions, QRs and r x r Procrustes SVDs run one matrix per thread with one
    intra-op thread each (`per_matrix`): MKL's multi-threaded LAPACK spends most of its time in
    OpenMP barriers when the cores are shared with other work (one 1408 x 1408 fp64 eigh: 17.8 s on
-   2 threads vs 1.4 s on 1 thread at load average 9.7 on this 2-core machine).
+   2 threads vs 1.4 s on 1 thread at load average 9.7 on this 2-core machine). Costs per expert at
+   the Qwen1.5-MoE-A2.7B shape: benchmarks/bench_warm_start.py.
 3. Rotation ambiguity: V_i is only defined up to an r x r rotation (A absorbs it), so raw proxies
    are not comparable. Each V_i is aligned by orthogonal Procrustes to a common reference G (top-r
    right singular vectors of all experts stacked), Q_i = argmin ||Q V_i - G|| (one r x r SVD per
@@ -41,7 +40,7 @@ from .temperature import calibrate
 
 KM_ITERS = 25
 DEAD_REL = 1e-4  # RMS below this fraction of the family's median RMS: a dead expert (energy < 1e-8 of a peer)
-NULL_REL = 1e-6  # singular values below this fraction of sigma_1 are not resolved by the fp64 Gram (~4e-7)
+NULL_REL = 1e-5  # singular values below this fraction of sigma_1 are not resolved by the fp32 Gram
 QUIET_NUMEL = 2e7  # phases over fewer weight elements than this take a few seconds at most: no progress lines
 
 
@@ -111,38 +110,44 @@ def per_matrix(fn: Callable, batch: torch.Tensor) -> list:
 
 
 def spectra(X: torch.Tensor, r: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Singular values and top-r right singular subspace of each matrix, exactly, without a full SVD.
+    """Singular values and top-r right singular subspace of each matrix, without a full SVD.
 
     X (n, p, d) float. Returns sv (n, k) fp32 in descending order, k = min(p, d), and, if r is given,
-    V (n, min(r, k), d) fp32 whose orthonormal rows span each matrix's top-r right singular subspace
-    (a rotation of the SVD's Vh[:, :r] when sigma_r > sigma_{r+1}). Method: the Gram matrix of the
-    smaller side, K = X X^T (p <= d) or X^T X, formed and eigendecomposed in fp64 (products of fp32
-    numbers are exact in fp64); sigma = sqrt(lambda(K)); for p <= d the rows are V = diag(1/sigma)
-    U_r^T X. Rows whose sigma is below NULL_REL x sigma_1 (rank-deficient or zero matrices) are
-    completed with an orthonormal basis of the rest of R^d, as an SVD would complete them.
+    V (n, min(r, k), d) fp32 whose rows (orthonormal) span each matrix's top-r right singular subspace
+    (a rotation of the SVD's Vh[:, :r] when sigma_r > sigma_{r+1}).
+    Method (fp32 throughout): the Gram matrix of the smaller side, K = X X^T (p <= d; else X^T X), its
+    eigenvectors U (`torch.linalg.eigh`, one matrix per thread, `per_matrix`), Z = U^T X (k, d) and
+    sigma_i = ||Z_i|| (a Rayleigh quotient: the tail keeps the matrix's energy exactly, unlike
+    sqrt(lambda_i), so rank-r floors and rank-k SVD errors match the SVD's to ~1e-8 of the energy;
+    single values to ~3e-5 sigma_1 where the spectrum spans decades, benchmarks/bench_warm_start.py);
+    V = rows Z_i / sigma_i of the r leading eigenvectors, re-orthonormalised (QR). Rows whose sigma is
+    below NULL_REL x sigma_1 (rank-deficient or zero matrices) are completed with an orthonormal basis
+    of the rest of R^d, as an SVD would complete them.
     """
     n, p, d = X.shape
     k = min(p, d)
-    Xd = X.double()
-    K = Xd @ Xd.transpose(1, 2) if p <= d else Xd.transpose(1, 2) @ Xd  # (n, k, k)
-    if r is None:
-        ev = torch.stack(per_matrix(torch.linalg.eigvalsh, K)).flip(-1)
-        return ev.clamp_min(0).sqrt().float(), None
+    X = X.float()
+    Xt = X if p <= d else X.transpose(1, 2)  # (n, k, D): the smaller side first
+    K = Xt @ Xt.transpose(1, 2)  # (n, k, k)
     eig = per_matrix(torch.linalg.eigh, K)
     del K
-    ev, U = torch.stack([e[0] for e in eig]), torch.stack([e[1] for e in eig])
+    U = torch.stack([e[1] for e in eig]).flip(-1)  # (n, k, k), columns by descending eigenvalue
     del eig
-    s = ev.flip(-1).clamp_min(0).sqrt()  # (n, k) fp64, descending
+    Z = U.transpose(1, 2) @ Xt  # (n, k, D): row i = u_i^T X
+    s_all = torch.linalg.vector_norm(Z, dim=-1, dtype=torch.float64)  # (n, k)
+    sv = s_all.sort(-1, descending=True).values.float()
+    if r is None:
+        return sv, None
     rr = min(r, k)
-    top = U[..., -rr:].flip(-1).transpose(1, 2)  # (n, rr, k) leading eigenvectors as rows
-    if p > d:
-        return s.float(), top.float().contiguous()
-    st = s[:, :rr]
-    ok = st > NULL_REL * s[:, :1]
-    V = (top @ Xd) / torch.where(ok, st, torch.ones_like(st))[..., None]  # (n, rr, d)
+    if p > d:  # the eigenvectors themselves are the right singular vectors
+        return sv, U[..., :rr].transpose(1, 2).contiguous()
+    st = s_all[:, :rr]
+    ok = st > NULL_REL * sv[:, :1].double()
+    V = Z[:, :rr] / torch.where(ok, st, torch.ones_like(st)).float()[..., None]  # (n, rr, d)
+    V = torch.stack(per_matrix(lambda v: torch.linalg.qr(v.T).Q.T, V)) * torch.where(ok, 1.0, 0.0)[..., None]
     for i in (~ok).any(1).nonzero().flatten().tolist():  # rare: rank below r
         V[i] = _complete(V[i], ok[i])
-    return s.float(), V.float()
+    return sv, V
 
 
 def _complete(V: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -199,8 +204,8 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
     """Bank (m, r, d), logits (N, m) and T for experts W (N, p, d) (any dtype).
 
     progress: tqdm bar (True), log lines with rate and ETA (False) or auto (None); `name` labels them.
-    Cost per expert: one d x d Gram update, one fp64 eigendecomposition of the smaller-side Gram
-    matrix, one r x r SVD (Procrustes). Peak extra memory: a few chunks of (chunk, p, d) in fp64.
+    Cost per expert: one d x d Gram update, one eigendecomposition of the smaller-side Gram matrix
+    (`spectra`), one r x r SVD (Procrustes). Peak extra memory: a few (chunk, p, d) fp32 buffers.
     """
     N, p, d = W.shape
     gen = torch.Generator().manual_seed(int(seed))
