@@ -99,10 +99,12 @@ def per_matrix(fn: Callable, batch: torch.Tensor) -> list:
     """[fn(batch[i]) for i] with ONE intra-op thread per call, calls spread over torch.get_num_threads()
     Python threads (torch releases the GIL): no OpenMP barriers inside LAPACK, all cores busy."""
     n = torch.get_num_threads()
-    if n == 1 or batch.shape[0] == 1:
+    if n == 1:
         return [fn(x) for x in batch]
     torch.set_num_threads(1)
     try:
+        if batch.shape[0] == 1:
+            return [fn(batch[0])]
         with ThreadPoolExecutor(min(n, batch.shape[0])) as ex:
             return list(ex.map(fn, batch))
     finally:
@@ -186,7 +188,7 @@ def _kmeans(X: torch.Tensor, k: int, gen: torch.Generator, iters: int = KM_ITERS
 
 def nnls(K: torch.Tensor, b: torch.Tensor, iters: int = 300) -> torch.Tensor:
     """min_{x>=0} 0.5 x^T K x - b^T x for a batch b (n, m), K (m, m) PSD; projected gradient."""
-    L = float(torch.linalg.eigvalsh(K).max().clamp_min(1e-12))
+    L = float(per_matrix(torch.linalg.eigvalsh, K[None])[0].max().clamp_min(1e-12))
     x = torch.zeros_like(b)
     y, t = x.clone(), 1.0
     for _ in range(iters):  # FISTA
@@ -222,7 +224,7 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
             Wb = _prep(W, inv, torch.arange(a, min(N, a + chunk)), whiten) * live[a:a + chunk, None, None]
             gram += torch.einsum("npd,npe->de", Wb, Wb).double()
             pg.update(Wb.shape[0])
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = per_matrix(torch.linalg.eigh, gram[None])[0]
     G = evecs[:, -r:].flip(1).T.float() if r <= d else None  # (r, d)
     if method == "random":
         bank = torch.randn(m, r, d, generator=gen)
@@ -240,7 +242,7 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
     else:  # svd: random rotations of the common row space G plus random diversity
         Gs = G if G is not None else torch.randn(r, d, generator=gen)
         Gs = Gs / Gs.pow(2).mean().sqrt().clamp_min(1e-30)
-        Q = torch.linalg.qr(torch.randn(m, r, r, generator=gen)).Q  # (m, r, r) random rotations
+        Q = torch.stack([q.Q for q in per_matrix(torch.linalg.qr, torch.randn(m, r, r, generator=gen))])  # rotations
         bank = mix_w * (Q @ Gs) + (1 - mix_w) * torch.randn(m, r, d, generator=gen)
     bank = bank / bank.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-30)
     Bf = bank.reshape(m, -1)
