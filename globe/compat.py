@@ -238,6 +238,16 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     return model.eval()
 
 
+def config_from_dict(d: dict[str, Any]) -> Any:
+    """A transformers config object from a config.json dict (as AutoConfig.from_pretrained would build it)."""
+    from transformers import CONFIG_MAPPING
+
+    mt = d.get("model_type")
+    if mt not in CONFIG_MAPPING:
+        raise GlobeError(f"model_type {mt!r} is not known to the installed transformers")
+    return CONFIG_MAPPING[mt].from_dict(dict(d))
+
+
 def load_config(path: str | Path) -> Any:
     from transformers import AutoConfig
 

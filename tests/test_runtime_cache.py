@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from globe.artifacts import FamilyArtifact
+from globe.artifacts import Family, dense_codes, sparse_codes
 from globe.errors import GlobeError
-from globe.runtime.cache import ExpertCache, FamilyRuntime, simulate_lru, sparse_codes
+from globe.runtime.cache import ExpertCache, FamilyStore, simulate_lru
 
 
 def _counting_cache(mode: str, capacity: int = 3, stats: bool = True, E: int = 8):
@@ -52,7 +52,8 @@ def test_lru_capacity_never_exceeded_random_trace():
 
 def test_full_and_none_modes():
     full, calls = _counting_cache("full", E=4)
-    assert calls == [0, 1, 2, 3]  # all precomposed at construction
+    full.build_table()
+    assert calls == [0, 1, 2, 3]  # all precomposed at once
     assert torch.equal(full.get(2), torch.full((2, 3), 2.0)) and calls == [0, 1, 2, 3]
     none, calls = _counting_cache("none", E=4)
     none.get_many([1, 1, 2])
@@ -81,15 +82,19 @@ def test_sparse_codes_roundtrip_and_compose_matches_artifact():
     codes[codes < 0.6] = 0
     codes[2] = 0  # an expert with empty support
     indptr, idx, val = sparse_codes(codes)
-    dense = torch.zeros_like(codes)
+    assert idx.dtype == torch.int32 and torch.equal(dense_codes(indptr, idx, val, 5), codes)
+    # two banks: layer 0 (experts 0-2) uses bank 1, layer 1 (experts 3-5) bank 0
+    fa = Family(bank=torch.randn(2, 5, 4, 7, generator=g), codes=codes, gain=torch.tensor([0.6, 0.9]),
+                layer_bank=[1, 0], num_experts=3, activation="tanh", col_scale=torch.rand(7, generator=g) + 0.5,
+                A_layers=list(torch.randn(6, 3, 4, generator=g).split(3)), p=3)
+    st = FamilyStore.from_family("up", fa, [0, 2], torch.float32, "cpu")
     for i in range(6):
-        dense[i, idx[indptr[i]:indptr[i + 1]]] = val[indptr[i]:indptr[i + 1]]
-    assert torch.equal(dense, codes)
-    fa = FamilyArtifact(bank=torch.randn(5, 4, 7, generator=g), codes=codes, A=torch.randn(6, 3, 4, generator=g),
-                        gain=0.6, activation="tanh", col_scale=torch.rand(7, generator=g) + 0.5)
-    fr = FamilyRuntime.from_artifact("up", fa, torch.float32, torch.device("cpu"))
-    for i in range(6):
-        torch.testing.assert_close(fr.compose(i, torch.float32), fa.mixed(torch.tensor([i]))[0], rtol=1e-6, atol=1e-6)
-    fr.release_bank()
-    with pytest.raises(GlobeError, match="no bank"):
-        fr.compose(0, torch.float32)
+        L, e = [0, 2][i // 3], i % 3
+        want = fa.mixed(torch.tensor([i]))[0]
+        torch.testing.assert_close(st.compose(L, e, torch.float32), want, rtol=1e-6, atol=1e-6)
+        bank = fa.bank[fa.layer_bank[i // 3]].reshape(5, -1)  # independent: dense codes @ bank
+        ref = torch.tanh(float(fa.gain[fa.layer_bank[i // 3]]) * (codes[i] @ bank)).reshape(4, 7) * fa.col_scale
+        torch.testing.assert_close(want, ref, rtol=1e-6, atol=1e-6)
+    st.release_bank()
+    with pytest.raises(GlobeError, match="released"):
+        st.compose(0, 0, torch.float32)

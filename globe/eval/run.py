@@ -50,7 +50,7 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
     except Exception as e:
         raise GlobeError(f"cannot load a tokenizer from {path}: {type(e).__name__}") from None
     if _is_globe_dir(path):
-        from ..runtime.export import load_model
+        from ..runtime.load import load_model
 
         model = load_model(str(path), device=device, dtype=dtype, cache=cfg.cache, collect_stats=collect_stats)
         kind = "globe"

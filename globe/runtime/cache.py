@@ -1,14 +1,19 @@
-"""Precomposition of tilde_B_i and the per-layer expert cache (full | lru | none).
+"""Family stores (the on-disk family tensors as module buffers), tilde_B composition, per-layer caches.
 
-Why: an expert's Up/Gate is A_i (tilde_B_i x) with tilde_B_i = phi(g * sum_j alpha_ij B_j) * col_scale.
+Why: an expert's Up/Gate is A_i (tilde_B_i x) with tilde_B_i = phi(g_b * sum_j alpha_ij B_bj) * col_scale.
 Composing tilde_B_i costs nnz(alpha_i) * r * d multiply-adds, more than the expert's own GEMV, so it is
-done once and kept. `FamilyRuntime` holds one family's global bank and sparse codes (CSR over all N
-experts, layer-major i = li * E + e) and composes one expert at a time, always with the same kernel and
-shapes so that every cache mode produces bit-identical blocks.
+done once and kept. `FamilyStore` is an nn.Module whose buffers carry exactly the names of the format
+(`globe.{f}.bank`, `.gain`, `.indptr`, `.indices`, `.values`, `.col_scale`, `.A_{L}`, `.mixed_{L}`;
+see globe/artifacts.py), so a patched model's state_dict IS the family part of a globe export and
+`.to()`, `.half()`, device moves apply to it like to any module. Composition always runs the same
+kernel with the same shapes (fp32 accumulation from the stored atoms), so every cache mode produces
+bit-identical blocks. Codes, gains and col_scale stay fp32 and the bank keeps its dtype under casts
+(only A and the composed caches follow the model's dtype), so casting never changes which bits a
+compose produces.
 
 `ExpertCache` keeps, per MoE layer, one block per expert: (R, d) with R = sum of the fitted families'
 ranks (rows [gate; up]), or (P, d) = A_i tilde_B_i rows when compose_full is on.
-  full  all E blocks composed at construction into one (E, R, d) table
+  full  all E blocks composed at construction into one (E, R, d) table (a buffer of the experts module)
   lru   OrderedDict of at most `capacity` blocks; miss -> compose, insert, evict least recently used
   none  compose on every call
 Hit/miss counters exist only with collect_stats=True (a None check in the hot path, nothing more).
@@ -20,86 +25,147 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
-from ..artifacts import FamilyArtifact, activation_fn
+from ..artifacts import KEEP_FP32, Family, activation_fn, sparse_codes
 from ..errors import GlobeError
 
 MODES = ("full", "lru", "none")
 
 
-class FamilyRuntime:
-    """One fitted family, shared by every MoE layer: bank (m, r*d), CSR codes, gain, phi, col_scale."""
+def compose_one(bank: torch.Tensor, idx: Sequence[int], val: Sequence[float], gain: float, activation: str,
+                col_scale: torch.Tensor | None, r: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """tilde_B = phi(gain * sum_k val_k bank[idx_k]) * col_scale: (r, d) in dtype; bank (m, r*d).
 
-    def __init__(self, name: str, bank: torch.Tensor | None, indptr: torch.Tensor | None,
-                 indices: torch.Tensor | None, values: torch.Tensor | None, r: int, d: int, gain: float,
-                 activation: str, col_scale: torch.Tensor | None = None):
-        self.name, self.r, self.d, self.gain, self.activation = name, r, d, float(gain), activation
-        self.act = activation_fn(activation)
-        self.bank = None if bank is None else bank.reshape(bank.shape[0], r * d)  # (m, r*d) compute dtype
-        self.indptr = None if indptr is None else [int(v) for v in indptr.tolist()]  # N + 1
-        self.indices = indices  # (nnz,) int64
-        self.values = values  # (nnz,) fp32
-        # Host copies: composing reads them without a device sync.
-        self._idx = [] if indices is None else [int(v) for v in indices.tolist()]
-        self._val = [] if values is None else [float(v) for v in values.float().tolist()]
-        self.col_scale = None if col_scale is None else col_scale.float()  # (d,)
+    fp32 accumulation straight from the stored atoms, in code order: no gathered copy of the atoms.
+    """
+    if not idx:
+        mix = bank.new_zeros(r * d, dtype=torch.float32)
+    else:
+        mix = bank[idx[0]].to(torch.float32, copy=True).mul_(gain * val[0])  # (r*d,)
+        for j, v in zip(idx[1:], val[1:]):
+            mix.add_(bank[j], alpha=gain * v)
+    if activation == "silu":
+        torch.nn.functional.silu(mix, inplace=True)
+    elif activation == "tanh":
+        mix.tanh_()
+    else:
+        mix = activation_fn(activation)(mix)
+    out = mix.view(r, d)
+    if col_scale is not None:
+        out.mul_(col_scale.to(out.device, torch.float32))
+    return out.to(dtype)
+
+
+class FamilyStore(nn.Module):
+    """One fitted family shared by every MoE layer: bank (G, m, r, d), CSR codes, gains, A per layer."""
+
+    def __init__(self, name: str, moe_layers: Sequence[int], num_experts: int, p: int, r: int, d: int, m: int,
+                 banks: int, layer_bank: Sequence[int], activation: str, nnz: int, col_scale: bool = False,
+                 mixed: bool = False, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32):
+        """An empty store (tensors on `device`, uninitialised) of the given shapes; fill with `load_`."""
+        super().__init__()
+        self.name, self.layers, self.E = name, list(moe_layers), int(num_experts)
+        self.p, self.r, self.d, self.m, self.G = int(p), int(r), int(d), int(m), int(banks)
+        self.layer_bank, self.activation = [int(b) for b in layer_bank], activation
+        self.has_mixed = bool(mixed)
+        N = len(self.layers) * self.E
+        kw = {"device": device}
+        self.register_buffer("bank", torch.empty(self.G, self.m, r, d, dtype=dtype, **kw))
+        self.register_buffer("gain", torch.empty(self.G, dtype=torch.float32, **kw))
+        self.register_buffer("indptr", torch.empty(N + 1, dtype=torch.int64, **kw))
+        self.register_buffer("indices", torch.empty(nnz, dtype=torch.int32, **kw))
+        self.register_buffer("values", torch.empty(nnz, dtype=torch.float32, **kw))
+        self.register_buffer("col_scale", torch.empty(d, dtype=torch.float32, **kw) if col_scale else None)
+        for L in self.layers:
+            self.register_buffer(f"A_{L}", torch.empty(self.E, p, r, dtype=dtype, **kw))
+            if mixed:
+                self.register_buffer(f"mixed_{L}", torch.empty(self.E, r, d, dtype=dtype, **kw))
+        self._host: tuple | None = None
+        self.released = False
 
     @classmethod
-    def from_artifact(cls, name: str, fa: FamilyArtifact, dtype: torch.dtype, device: torch.device) -> FamilyRuntime:
-        """Cast the bank to the compute dtype; codes become CSR (zeros = pruned) in fp32."""
-        n, m, p, r, d = fa.shape
-        indptr, indices, values = sparse_codes(fa.codes)
-        return cls(name, fa.bank.detach().to(device=device, dtype=dtype), indptr, indices.to(device),
-                   values.to(device), r, d, fa.gain, fa.activation,
-                   None if fa.col_scale is None else fa.col_scale.detach().to(device))
+    def from_family(cls, name: str, fam: Family, moe_layers: Sequence[int], dtype: torch.dtype,
+                    device: torch.device | str) -> FamilyStore:
+        """Copy a Family into a store: bank and A cast to `dtype` (the compute dtype), codes as CSR fp32."""
+        n, m, p, r, d = fam.shape
+        st = cls(name, moe_layers, fam.num_experts, p, r, d, m, fam.n_banks, fam.layer_bank, fam.activation,
+                 fam.nnz(), fam.col_scale is not None, device=device, dtype=dtype)
+        indptr, indices, values = sparse_codes(fam.codes.cpu())
+        st.bank = fam.bank.detach().to(device, dtype).contiguous()
+        st.gain = fam.gain.detach().to(device, torch.float32)
+        st.indptr, st.indices, st.values = indptr.to(device), indices.to(device), values.to(device)
+        if fam.col_scale is not None:
+            st.col_scale = fam.col_scale.detach().to(device, torch.float32)
+        for li, L in enumerate(st.layers):
+            setattr(st, f"A_{L}", fam.A_layer(li).detach().to(device, dtype).contiguous())
+        return st
+
+    # ---- dtype/device: A and composed caches follow the model, the rest keeps its dtype -------------
+    def _apply(self, fn, recurse: bool = True):
+        keep = {n: b for n, b in self._buffers.items() if b is not None and (n in KEEP_FP32 or n == "bank")}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if new.dtype != old.dtype:  # move, never round-trip through a narrower dtype
+                self._buffers[n] = old.to(new.device)
+        return self
+
+    # ---- access ----------------------------------------------------------------------------------
+    def A(self, layer: int) -> torch.Tensor:
+        """Adapters of MoE layer `layer` (a decoder-layer index): (E, p, r)."""
+        return getattr(self, f"A_{layer}")
+
+    def mixed(self, layer: int) -> torch.Tensor | None:
+        """Stored tilde_B (E, r, d) of a save_mixed export, else None."""
+        return getattr(self, f"mixed_{layer}") if self.has_mixed else None
 
     @property
-    def has_bank(self) -> bool:
-        return self.bank is not None
+    def dtype(self) -> torch.dtype:
+        return self.A(self.layers[0]).dtype
+
+    def _host_codes(self) -> tuple:
+        """Host copies of the codes (read once, so composing never syncs with the device)."""
+        if self._host is None:
+            ptr = [int(v) for v in self.indptr.tolist()]
+            idx = [int(v) for v in self.indices.tolist()]
+            val = [float(v) for v in self.values.float().tolist()]
+            gains = [float(g) for g in self.gain.float().tolist()]
+            self._host = (ptr, idx, val, gains)
+        return self._host
 
     def nnz(self, i: int) -> int:
-        assert self.indptr is not None
-        return self.indptr[i + 1] - self.indptr[i]
+        ptr = self._host_codes()[0]
+        return ptr[i + 1] - ptr[i]
 
-    def compose(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """tilde_B for global expert i: (r, d) in dtype. Mixing and phi in fp32."""
-        if self.bank is None or self.indptr is None:
-            raise GlobeError(f"family {self.name}: no bank loaded (save_mixed checkpoint); cannot compose")
-        lo, hi = self.indptr[i], self.indptr[i + 1]
-        g = self.gain
-        if hi == lo:
-            mix = self.bank.new_zeros(self.r * self.d, dtype=torch.float32)
-        else:  # fp32 accumulation straight from the stored atoms: no gathered copy of the k atoms
-            mix = self.bank[self._idx[lo]].to(torch.float32, copy=True).mul_(g * self._val[lo])  # (r*d,)
-            for j in range(lo + 1, hi):
-                mix.add_(self.bank[self._idx[j]], alpha=g * self._val[j])
-        if self.activation == "silu":
-            torch.nn.functional.silu(mix, inplace=True)
-        elif self.activation == "tanh":
-            mix.tanh_()
-        else:
-            mix = self.act(mix)
-        out = mix.view(self.r, self.d)
-        if self.col_scale is not None:
-            out.mul_(self.col_scale)
-        return out.to(dtype)
+    def compose(self, layer: int, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """tilde_B of expert e of MoE layer `layer`: (r, d) in dtype."""
+        li = self.layers.index(layer)
+        mx = self.mixed(layer)
+        if mx is not None:
+            return mx[e].to(dtype)
+        if self.released:
+            raise GlobeError(f"family {self.name}: the bank was released after precomposing every expert")
+        ptr, idx, val, gains = self._host_codes()
+        i = li * self.E + e
+        lo, hi = ptr[i], ptr[i + 1]
+        b = self.layer_bank[li]
+        cs = self.col_scale
+        return compose_one(self.bank[b].reshape(self.m, self.r * self.d), idx[lo:hi], val[lo:hi], gains[b],
+                           self.activation, cs, self.r, self.d, dtype)
 
     def release_bank(self) -> None:
-        """Drop the bank once every block is precomposed (full cache): saves m * r * d numbers."""
-        self.bank = None
-
-
-def sparse_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense (N, m) codes -> CSR: indptr (N+1,) int64, indices (nnz,) int64, values (nnz,) fp32."""
-    mask = codes != 0
-    indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64)
-    indptr[1:] = mask.sum(1).cumsum(0)
-    rows, cols = mask.nonzero(as_tuple=True)
-    return indptr, cols.to(torch.int64), codes[rows, cols].float()
+        """Drop the bank once every block is precomposed (full cache): saves G * m * r * d numbers."""
+        self.bank = torch.empty(0, device=self.bank.device, dtype=self.bank.dtype)
+        self.released = True
 
 
 class ExpertCache:
-    """Per-layer store of composed expert blocks; `get_many(experts)` returns one block per id."""
+    """Per-layer store of composed expert blocks; `get_many(experts)` returns one block per id.
+
+    In `full` mode the table is owned by the experts module (a buffer, so `.to()` moves it) and passed
+    in through `table`; `build_table` composes it.
+    """
 
     def __init__(self, mode: str, num_experts: int, compose: Callable[[int], torch.Tensor],
                  capacity: int = 16, collect_stats: bool = False):
@@ -111,12 +177,15 @@ class ExpertCache:
         self.lru: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.table: torch.Tensor | None = None  # (E, R, d) in full mode
         self.stats: dict[str, int] | None = {"hits": 0, "misses": 0} if collect_stats else None
-        if mode == "full":
-            first = compose(0)
-            self.table = first.new_empty((num_experts, *first.shape))
-            self.table[0] = first
-            for e in range(1, num_experts):
-                self.table[e] = compose(e)
+
+    def build_table(self) -> torch.Tensor:
+        first = self.compose(0)
+        table = first.new_empty((self.num_experts, *first.shape))
+        table[0] = first
+        for e in range(1, self.num_experts):
+            table[e] = self.compose(e)
+        self.table = table
+        return table
 
     def get(self, e: int) -> torch.Tensor:
         if self.table is not None:
