@@ -218,3 +218,6 @@ def test_issue_examples_negative_and_overlapping_offsets(tiny_dirs, tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "corrupt or truncated safetensors file" in err and "\n" not in err, err
         assert up in err or "library" in err
+        out = tmp_path / f"fit-{label}"  # fit used to read these bytes as weights
+        assert main(["fit", f"model.path={d}", f"output_dir={out}", "train.steps=2"]) == 2 and not out.exists()
+        assert "corrupt or truncated safetensors file" in capsys.readouterr().err

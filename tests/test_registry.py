@@ -239,6 +239,11 @@ def test_issue_deepseek_v2_layer_freq(tmp_path, capsys):
     m.save_pretrained(tmp_path / "tf")
     assert main(["inspect", "--json", str(tmp_path / "tf")]) == 0
     assert json.loads(capsys.readouterr().out)["moe_layers"] == [1, 2, 3]
+    fit = tmp_path / "fit"  # the fit (and so the export) covers every MoE layer
+    assert main(["fit", f"model.path={tmp_path / 'tf'}", f"output_dir={fit}", "bank.m_up=2", "bank.m_gate=2",
+                 "bank.r=4", "sparsity.target_support=1", "train.steps=2", "train.baselines=false"]) == 0
+    assert json.loads((fit / "globe_config.json").read_text())["moe_layers"] == [1, 2, 3]
+    capsys.readouterr()
     # The same config with files as DeepSeek's remote code writes them (experts only where L % 2 == 0):
     # transformers would build experts in layers 1 and 3 with nothing to load -> refused.
     d = tmp_path / "remote"
