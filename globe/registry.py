@@ -43,7 +43,7 @@ class ArchSpec:
     shared_inter_key: str | None = None  # width of the shared expert ...
     n_shared_key: str | None = None  # ... or n_shared_experts * inter_key
     layers_prefix: str = "model.layers"
-    defaults: dict[str, Any] = field(default_factory=dict)  # transformers defaults of the keys read here
+    defaults: dict[str, Any] = field(default_factory=dict, hash=False)  # transformers defaults of the keys read
 
 
 REGISTRY: dict[str, ArchSpec] = {

@@ -138,6 +138,29 @@ def test_fp8_inspect(fp8, capsys):
     assert "fp8 e4m3, 128x128 blocks" in capsys.readouterr().out
 
 
+def test_fp8_matches_transformers_on_whole_blocks(tmp_path):
+    """Where every dimension is a multiple of 128 (DeepSeek-V3's experts: 2048 x 7168), the values equal
+    transformers' own FP8 dequantization (its CPU load path), tensor for tensor. (For partial edge
+    blocks transformers 5.24 derives the block from rows // scale_rows instead of 128, which departs
+    from DeepSeek's weight_dequant; globe follows DeepSeek, checked by the tests above.)"""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    m = tiny_model("deepseek_v3", hidden_size=256, moe_intermediate_size=128, intermediate_size=256,
+                   n_routed_experts=3, num_hidden_layers=2)
+    write_fp8(m, tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    ck = Checkpoint(tmp_path)
+    ex = ref.model.layers[1].mlp.experts
+    for e in range(3):
+        assert torch.equal(ck.expert(1, e, "gate"), ex.gate_up_proj[e, :128])
+        assert torch.equal(ck.expert(1, e, "up"), ex.gate_up_proj[e, 128:])
+        assert torch.equal(ck.expert(1, e, "down"), ex.down_proj[e])
+    sd = ref.state_dict()
+    common = [k for k in ck.keys() if k in sd]
+    assert len(common) >= 20 and all(torch.equal(ck.tensor(k), sd[k]) for k in common)
+
+
 def test_fp8_fused_layout(tmp_path):
     torch.manual_seed(1)
     m = tiny_model("deepseek_v3", hidden_size=136, moe_intermediate_size=100, n_routed_experts=3,
