@@ -26,6 +26,7 @@ from ..artifacts import Artifacts, atomic_write, family_file, finish_fit_dir, wr
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
+from ..io.outputs import check_writable
 from .baselines import mobe_fit, svd_error
 from .budget import mobe_rank, svd_rank
 from .loop import FamilyFit, fit_family
@@ -56,6 +57,7 @@ def _validate(cfg: GlobeConfig) -> None:
         raise GlobeError(str(e)) from None
     if not cfg.output_dir:
         raise GlobeError("output_dir: required for fit")
+    check_writable(cfg.output_dir, what="output_dir")  # read-only, not ours, a file in the way: before any work
     if cfg.train.objective == "activation" and not Path(str(cfg.train.calib_text)).is_file():
         raise GlobeError(f"train.calib_text: file not found: {cfg.train.calib_text}")
     if wandb_on(cfg):
@@ -165,6 +167,9 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
         raise GlobeError(str(e)) from None
     dev = pick_device(cfg.train.device)
     out = Path(cfg.output_dir)
+    r = cfg.bank.rank(ck.p)  # room for the final globe.safetensors: A (N, p, r), bank (m, r, d), codes (N, m), fp32
+    check_writable(out, 4 * sum(N * ck.p * r + cfg.bank.m(f) * (r * ck.hidden_size + N) for f in cfg.train.families),
+                   what="output_dir")
     fp = fingerprint(cfg, ck)
     _claim(out, fp)
     torch.manual_seed(cfg.train.seed)

@@ -2,7 +2,9 @@
 
 JSON keys (DESIGN.md §4): model_type, moe_layers, num_experts, top_k, hidden_size,
 expert_intermediate_size, shared_expert_intermediate_size, params{routed_up, routed_gate,
-routed_down, shared, total}; extras: dense_layers, num_layers, layout, dtypes, bytes_on_disk, path.
+routed_down, shared, total}; extras: dense_layers, num_layers, layout, dtypes (stored dtype code ->
+parameter count; FP8 scale tensors are not counted as parameters), quantization (null or a short
+description), bytes_on_disk, path.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
     numel = {k: math.prod(ck.shape(k)) for k in ck.keys()}
     dtypes = Counter()
     for k, n in numel.items():
-        dtypes[ck.dtype_str(k)] += n
+        dtypes[ck.stored_dtype_str(k)] += n
     n_layers = int(ck.config["num_hidden_layers"])
     return {
         "model_type": ck.model_type,
@@ -37,6 +39,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
         "num_layers": n_layers,
         "dense_layers": [i for i in range(n_layers) if i not in set(ck.moe_layers)],
         "layout": ck.layout,
+        "quantization": ck.quantization,
         "dtypes": dict(dtypes),
         "bytes_on_disk": ck.bytes_on_disk(),
         "path": str(ck.dir),
@@ -64,6 +67,7 @@ def format_table(info: dict[str, Any]) -> str:
                           if info["shared_expert_intermediate_size"] else "none"),
         ("layout", info["layout"]),
         ("dtype", ", ".join(f"{k} ({v / total:.0%})" for k, v in info["dtypes"].items())),
+        ("quantization", info.get("quantization") or "none"),
         ("bytes on disk", f"{_fmt(info['bytes_on_disk'])}B"),
     ]
     w = max(len(k) for k, _ in rows)
