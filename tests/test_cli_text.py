@@ -78,7 +78,7 @@ def test_odd_paths_end_to_end(capsys, tmp_path, tiny_dirs):
                "sparsity.target_support=1", "train.steps=2", "train.eval_every=1", "train.baselines=false"])
     assert rc == 0, capsys.readouterr().err
     runs = sorted(p for p in out.iterdir() if p.is_dir())
-    assert len(runs) == 2 and all((p / "globe.safetensors").is_file() for p in runs)
+    assert len(runs) == 2 and all((p / "globe.safetensors.index.json").is_file() for p in runs)
     assert json.loads((runs[0] / "summary.json").read_text())["families"]["up"]["m"] == 2
     capsys.readouterr()
     fx = tmp_path / "fixture {copy}, $HOME (x)=y"

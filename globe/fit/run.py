@@ -167,7 +167,7 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
         raise GlobeError(str(e)) from None
     dev = pick_device(cfg.train.device)
     out = Path(cfg.output_dir)
-    r = cfg.bank.rank(ck.p)  # room for the final globe.safetensors: A (N, p, r), bank (m, r, d), codes (N, m), fp32
+    r = cfg.bank.rank(ck.p)  # room for the final globe-{f}.safetensors: A (N, p, r), bank, codes, fp32
     check_writable(out, 4 * sum(N * ck.p * r + cfg.bank.m(f) * (r * ck.hidden_size + N) for f in cfg.train.families),
                    what="output_dir")
     fp = fingerprint(cfg, ck)
