@@ -297,3 +297,48 @@ def test_fp8_logged_once(fp8):
         lg.setLevel(old)
     msgs = [m for m in h.msgs if "dequantized on read" in m]
     assert len(msgs) == 1 and "exports will be bf16" in msgs[0]
+
+
+def test_fp8_exports_are_bf16_values(fp8, tmp_path):
+    """Both export formats of an FP8 checkpoint hold dequantized bf16 values and no quantization_config;
+    the dense one loads in plain transformers with the logits of a bf16 model of the dequantized weights
+    patched with the same artifacts; the globe one reloads to exactly that patched model."""
+    from transformers import AutoModelForCausalLM
+
+    from globe import compat
+    from globe.config import GlobeConfig
+    from globe.runtime import patch_model
+    from globe.runtime.export import export
+    from globe.runtime.load import load_model
+    from globe.runtime.testing import random_artifacts
+
+    m, d, q = fp8
+    deq = tiny_model("deepseek_v3", hidden_size=136, moe_intermediate_size=200, intermediate_size=264,
+                     n_routed_experts=4, num_hidden_layers=2).to(torch.bfloat16)
+    ck = Checkpoint(d)
+    with torch.no_grad():  # the reference: every tensor as the reader dequantizes it
+        sd = {}
+        for L in range(2):
+            sd.update(compat.layer_state(ck, L, dtype=torch.bfloat16))
+        for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            sd[k] = ck.tensor(k)
+        deq.load_state_dict(sd, strict=False)
+    arts = random_artifacts(deq, m=4, r=8, support=2, seed=5)
+    arts.save(tmp_path / "arts")
+    ids = torch.randint(3, 90, (1, 7), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for fmt in ("dense", "globe"):
+        out = export(GlobeConfig.from_dict(dict(model=dict(path=str(d)), artifacts=str(tmp_path / "arts"),
+                                                output_dir=str(tmp_path / fmt), export=dict(format=fmt))))
+        conf = json.loads((out / "config.json").read_text())
+        assert "quantization_config" not in conf
+        assert not any(k.endswith("_scale_inv") for k in json.loads(
+            (out / "config.json").read_text()).get("globe", {}).get("families", {}))
+        with torch.no_grad():
+            model = AutoModelForCausalLM.from_pretrained(str(out)).eval() if fmt == "dense" else load_model(out)
+            outs[fmt] = model(input_ids=ids).logits
+    patched = patch_model(deq, tmp_path / "arts")
+    with torch.no_grad():
+        want = patched(input_ids=ids).logits
+    assert torch.equal(outs["globe"], want)
+    torch.testing.assert_close(outs["dense"].float(), want.float(), rtol=5e-2, atol=5e-2)

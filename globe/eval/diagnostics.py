@@ -116,7 +116,7 @@ def recon_stats(fa: Family, arts: Artifacts, ckpt, family: str, n_spectra: int =
     spectra: dict[str, list] = {"experts": [], "orig": [], "recon": []}
     ranks: dict[str, list] = {"experts": [], "orig": [], "recon": []}
     for li, L in enumerate(arts.moe_layers):
-        W = torch.stack([ckpt.expert(L, e, family).float() for e in range(E)])  # (E, p, d)
+        W = torch.stack([ckpt.expert(L, e, family, torch.float32) for e in range(E)])  # (E, p, d)
         idx = torch.arange(li * E, (li + 1) * E)
         Wh = fa.reconstruct(idx)  # (E, p, d)
         r2 = ((W - Wh) ** 2).sum((1, 2)).double()
