@@ -7,7 +7,8 @@ import torch
 
 from globe.artifacts import Family, dense_codes, sparse_codes
 from globe.errors import GlobeError
-from globe.runtime.cache import ExpertCache, FamilyStore, simulate_lru
+from globe.runtime.cache import ExpertCache, simulate_lru
+from globe.runtime.patch import store_from_family
 
 
 def _counting_cache(mode: str, capacity: int = 3, stats: bool = True, E: int = 8):
@@ -87,7 +88,7 @@ def test_sparse_codes_roundtrip_and_compose_matches_artifact():
     fa = Family(bank=torch.randn(2, 5, 4, 7, generator=g), codes=codes, gain=torch.tensor([0.6, 0.9]),
                 layer_bank=[1, 0], num_experts=3, activation="tanh", col_scale=torch.rand(7, generator=g) + 0.5,
                 A_layers=list(torch.randn(6, 3, 4, generator=g).split(3)), p=3)
-    st = FamilyStore.from_family("up", fa, [0, 2], torch.float32, "cpu")
+    st = store_from_family("up", fa, [0, 2], torch.float32, "cpu")
     for i in range(6):
         L, e = [0, 2][i // 3], i % 3
         want = fa.mixed(torch.tensor([i]))[0]

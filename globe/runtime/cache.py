@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..artifacts import KEEP_FP32, Family, activation_fn, sparse_codes
+from ..artifacts import KEEP_FP32, activation_fn
 from ..errors import GlobeError
 
 MODES = ("full", "lru", "none")
@@ -62,8 +62,9 @@ class FamilyStore(nn.Module):
 
     def __init__(self, name: str, moe_layers: Sequence[int], num_experts: int, p: int, r: int, d: int, m: int,
                  banks: int, layer_bank: Sequence[int], activation: str, nnz: int, col_scale: bool = False,
-                 mixed: bool = False, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32):
-        """An empty store (tensors on `device`, uninitialised) of the given shapes; fill with `load_`."""
+                 mixed: bool = False, device: torch.device | str | None = "meta", dtype: torch.dtype = torch.float32):
+        """An empty store (tensors on `device`, uninitialised) of the given shapes; filled by assigning its
+        buffers (globe.runtime.patch.store_from_family, or a loader reading the format's tensors)."""
         super().__init__()
         self.name, self.layers, self.E = name, list(moe_layers), int(num_experts)
         self.p, self.r, self.d, self.m, self.G = int(p), int(r), int(d), int(m), int(banks)
@@ -83,23 +84,6 @@ class FamilyStore(nn.Module):
                 self.register_buffer(f"mixed_{L}", torch.empty(self.E, r, d, dtype=dtype, **kw))
         self._host: tuple | None = None
         self.released = False
-
-    @classmethod
-    def from_family(cls, name: str, fam: Family, moe_layers: Sequence[int], dtype: torch.dtype,
-                    device: torch.device | str) -> FamilyStore:
-        """Copy a Family into a store: bank and A cast to `dtype` (the compute dtype), codes as CSR fp32."""
-        n, m, p, r, d = fam.shape
-        st = cls(name, moe_layers, fam.num_experts, p, r, d, m, fam.n_banks, fam.layer_bank, fam.activation,
-                 fam.nnz(), fam.col_scale is not None, device=device, dtype=dtype)
-        indptr, indices, values = sparse_codes(fam.codes.cpu())
-        st.bank = fam.bank.detach().to(device, dtype).contiguous()
-        st.gain = fam.gain.detach().to(device, torch.float32)
-        st.indptr, st.indices, st.values = indptr.to(device), indices.to(device), values.to(device)
-        if fam.col_scale is not None:
-            st.col_scale = fam.col_scale.detach().to(device, torch.float32)
-        for li, L in enumerate(st.layers):
-            setattr(st, f"A_{L}", fam.A_layer(li).detach().to(device, dtype).contiguous())
-        return st
 
     # ---- dtype/device: A and composed caches follow the model, the rest keeps its dtype -------------
     def _apply(self, fn, recurse: bool = True):

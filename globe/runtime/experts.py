@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compat import ExpertsInfo, plain_experts
+from ..compat import ExpertsInfo
 from ..errors import GlobeError
 from .cache import ExpertCache
 
@@ -89,8 +89,8 @@ class GloBEExperts(nn.Module):
         return self.A(self.fitted[0]).dtype if self.fitted else self.down_proj.dtype
 
     def build_cache(self) -> None:
-        """Compose the full table (mode full); a no-op otherwise."""
-        if self.cache.mode == "full":
+        """Compose the full table (mode full); a no-op otherwise. Runs at the first forward if not before."""
+        if self.cache.mode == "full" and self.fitted:
             self.table = self.cache.build_table()
 
     def _apply(self, fn, recurse: bool = True):
@@ -126,6 +126,8 @@ class GloBEExperts(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.table is None and self.cache.mode == "full" and self.fitted:
+            self.build_cache()  # models built by from_pretrained (exported code) compose on first use
         T, d = hidden_states.shape
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)  # (T*k,)
@@ -159,17 +161,6 @@ class GloBEExperts(nn.Module):
         res = torch.empty_like(out)
         res[order] = out
         return res.view(T, k, d).sum(dim=1).to(hidden_states.dtype)
-
-    # ---- conversion ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def to_dense(self) -> nn.Module:
-        """A plain transformers experts module with the reconstructed gate_up_proj (E, 2p, d)."""
-        E, p, d = self.num_experts, self.intermediate_dim, self.hidden_dim
-        gu = torch.empty((E, 2 * p, d), dtype=self.down_proj.dtype, device=self.down_proj.device)
-        for e in range(E):
-            for i, f in enumerate(FAMILY_ORDER):
-                gu[e, i * p:(i + 1) * p] = self.weight(f, e)
-        return plain_experts(self.info, gu, self.down_proj)
 
     def extra_repr(self) -> str:
         ranks = {f: hi - lo for f, (lo, hi) in self.rows.items()}

@@ -16,9 +16,12 @@ untouched, under the names the patched model holds in memory:
     {layers}.{L}.{block}.experts.down_proj    (E, d, p)  Down, dense
     {layers}.{L}.{block}.experts.W_{f}        (E, p, d)  a family that was not fitted
     globe.{f}.*                               the fitted families
-config.json is the source config with `model_type` "globe_<base>" (plain transformers refuses it
-instead of filling experts with random weights) and a `globe` section (the artifacts' metadata plus
-dtype, save_mixed, cache, base_model_type). `globe.load_model(OUT)` rebuilds it.
+config.json is the source config with `model_type` "globe_<base>", `auto_map` entries and a `globe`
+section (the artifacts' metadata plus dtype, save_mixed, cache, base_model_type, experts_paths).
+`globe.load_model(OUT)` rebuilds it; `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`
+does too without globe, through the generated `modeling_globe.py` (globe/runtime/remote.py); without
+trust_remote_code plain transformers refuses the unknown model_type instead of filling experts with
+random weights. README.md is a model card (source, budget, fit errors, how to load).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..io.writer import ShardedWriter
 from ..progress import Progress, log
 from .cache import compose_one
 from .experts import FAMILY_ORDER
+from .remote import auto_map, write_remote_files
 
 GLOBE_PREFIX = "globe_"  # model_type of a globe export: globe_<base model_type>
 COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "*.tiktoken",
@@ -94,6 +98,8 @@ def export(cfg: GlobeConfig) -> Path:
             w.close()
         conf = _dense_config(ck, cfg) if cfg.export.format == "dense" else _globe_config(ck, arts, cfg, total)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        if cfg.export.format == "globe":
+            write_remote_files(tmp, conf, cfg.artifacts)
         _copy_side_files(ck.dir, tmp)
     log("exported %s model to %s: %.2f GB of weights (source %.2f GB, ratio %.3f)", cfg.export.format, out,
         total / 1e9, ck.bytes_on_disk() / 1e9, total / max(1, ck.bytes_on_disk()))
@@ -289,7 +295,10 @@ def _globe_config(ck: Checkpoint, arts: Artifacts, cfg: GlobeConfig, total: int)
     conf = _dense_config(ck, cfg)
     base = conf["model_type"]
     conf["model_type"] = GLOBE_PREFIX + base
+    conf["architectures"] = ["GlobeForCausalLM"]
+    conf["auto_map"] = auto_map()
     conf["globe"] = {**arts.meta(), "dtype": cfg.export.dtype, "save_mixed": bool(cfg.export.save_mixed),
+                     "experts_paths": {str(L): compat.experts_prefix(ck.spec, L) for L in ck.moe_layers},
                      "cache": asdict(cfg.cache), "base_model_type": base, "weights_prefix": "model",
                      "source": str(ck.dir), "artifacts": str(cfg.artifacts), "bytes_on_disk": total,
                      "original_bytes": ck.bytes_on_disk(), "keep_fp32": list(KEEP_FP32)}

@@ -34,10 +34,9 @@ from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
 from ..io.tensors import TensorDir
 from ..progress import Progress, log
-from .cache import FamilyStore
-from .experts import FAMILY_ORDER, GlobeStore
 from .export import GLOBE_PREFIX, is_globe_dir
 from .patch import build_caches, globe_layers, install, warmup
+from .skeleton import skeleton_dense, skeleton_store
 
 OVERHEAD = 0.08  # activations, KV cache, allocator slack: added on top of the weights (fraction)
 OVERHEAD_MIN = 0.5e9
@@ -69,11 +68,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     conf["model_type"] = base
     config = compat.config_from_dict(conf)
     model = compat.empty_model(config, dt)
-    store = skeleton_store(meta, dt)
-    dense: dict[int, dict[str, torch.Tensor]] = {}
-    for L in meta["moe_layers"]:
-        E, pp, d = int(meta["num_experts"]), int(meta["expert_intermediate_size"]), int(meta["hidden_size"])
-        dense[L] = {f: torch.empty(E, pp, d, dtype=dt, device="meta") for f in FAMILY_ORDER if f not in store}
+    store = skeleton_store(meta, dt, "meta")
+    dense = skeleton_dense(meta, dt, "meta")
     if compat.moe_layer_ids(model) != list(meta["moe_layers"]):
         raise GlobeError(f"{p}: config.json MoE layers {compat.moe_layer_ids(model)} differ from the globe "
                          f"section's {meta['moe_layers']}")
@@ -84,18 +80,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
         warmup(model, None, int(cache.warmup_tokens))
     return model.eval()
-
-
-def skeleton_store(meta: dict[str, Any], dtype: torch.dtype) -> GlobeStore:
-    """Empty (meta-device) family stores with the shapes the metadata describes."""
-    fams = {}
-    for f, fm in meta["families"].items():
-        fams[f] = FamilyStore(f, meta["moe_layers"], int(meta["num_experts"]), int(meta["expert_intermediate_size"]),
-                              int(fm["r"]), int(meta["hidden_size"]), int(fm["m"]), int(fm.get("banks", 1)),
-                              fm.get("layer_bank", [0] * len(meta["moe_layers"])), fm["activation"], int(fm["nnz"]),
-                              bool(fm.get("col_scale")), mixed=bool(meta.get("save_mixed")), device="meta",
-                              dtype=dtype)
-    return GlobeStore(fams)
 
 
 def assign_all(model: nn.Module, src: TensorDir, device: torch.device, where: str) -> None:

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..artifacts import Artifacts
+from ..artifacts import Artifacts, Family, sparse_codes
 from ..config import CacheCfg
 from ..errors import GlobeError
 from .cache import FamilyStore
 from .experts import FAMILY_ORDER, GloBEExperts, GlobeStore
+from .skeleton import swap_experts
 
 
 def check_artifacts(model: nn.Module, arts: Artifacts) -> None:
@@ -65,29 +66,54 @@ def globe_layers(model: nn.Module) -> dict[int, GloBEExperts]:
     return out
 
 
+def experts_paths(model: nn.Module) -> dict[int, str]:
+    """{MoE layer: module path of its experts}, by the registry."""
+    return {L: compat.experts_path(model, L) for L in compat.moe_layer_ids(model)}
+
+
 def install(model: nn.Module, store: GlobeStore, dense: dict[int, dict[str, torch.Tensor]], cache: CacheCfg,
-            collect_stats: bool = False, keep_original: bool = True, build: bool = True) -> nn.Module:
+            collect_stats: bool = False, keep_original: bool = True, build: bool = True,
+            paths: dict[int, str] | None = None) -> nn.Module:
     """Register `store` as model.globe and swap every MoE layer's experts for a GloBEExperts.
 
     dense[L]: weights (E, p, d) of the families that were not fitted. build=False leaves the `full`
     tables empty (the loader fills the tensors first, then calls `build_caches`).
     """
-    originals: dict[int, nn.Module] = {}
-    for L in compat.moe_layer_ids(model):
-        orig = compat.get_experts(model, L)
-        info = compat.experts_info(orig)
-        new = GloBEExperts(info, orig.down_proj, store, L, dense.get(L, {}), mode=cache.mode,
-                           capacity=int(cache.S_per_layer), compose_full=cache.compose_full,
-                           collect_stats=collect_stats, build=False)
-        compat.set_experts(model, L, new)
-        if keep_original:
-            originals[L] = orig
-    model.add_module("globe", store)
+    originals = swap_experts(model, store, paths or experts_paths(model), dense, cache.mode, int(cache.S_per_layer),
+                             cache.compose_full, collect_stats, build=False)
     model._globe = {"originals": originals if keep_original else None, "cache": cache,
                     "collect_stats": collect_stats}
     if build:
         build_caches(model)
     return model
+
+
+def store_from_family(name: str, fam: Family, moe_layers: list[int], dtype: torch.dtype,
+                      device: torch.device | str) -> FamilyStore:
+    """A FamilyStore holding `fam`: bank and A cast to `dtype` (the compute dtype), codes as CSR fp32."""
+    n, m, p, r, d = fam.shape
+    st = FamilyStore(name, moe_layers, fam.num_experts, p, r, d, m, fam.n_banks, fam.layer_bank, fam.activation,
+                     fam.nnz(), fam.col_scale is not None, device=device, dtype=dtype)
+    indptr, indices, values = sparse_codes(fam.codes.cpu())
+    st.bank = fam.bank.detach().to(device, dtype).contiguous()
+    st.gain = fam.gain.detach().to(device, torch.float32)
+    st.indptr, st.indices, st.values = indptr.to(device), indices.to(device), values.to(device)
+    if fam.col_scale is not None:
+        st.col_scale = fam.col_scale.detach().to(device, torch.float32)
+    for li, L in enumerate(st.layers):
+        setattr(st, f"A_{L}", fam.A_layer(li).detach().to(device, dtype).contiguous())
+    return st
+
+
+@torch.no_grad()
+def dense_experts(mod: GloBEExperts) -> nn.Module:
+    """A plain transformers experts module with the reconstructed gate_up_proj (E, 2p, d)."""
+    E, p, d = mod.num_experts, mod.intermediate_dim, mod.hidden_dim
+    gu = torch.empty((E, 2 * p, d), dtype=mod.down_proj.dtype, device=mod.down_proj.device)
+    for e in range(E):
+        for i, f in enumerate(FAMILY_ORDER):
+            gu[e, i * p:(i + 1) * p] = mod.weight(f, e)
+    return compat.plain_experts(mod.info, gu, mod.down_proj)
 
 
 def build_caches(model: nn.Module, progress: bool = False) -> None:
@@ -124,7 +150,7 @@ def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cach
     layers = compat.moe_layer_ids(model)
     info = compat.experts_info(compat.get_experts(model, layers[0]))
     cd, dev = compute_dtype(cache, info.dtype), info.device
-    store = GlobeStore({f: FamilyStore.from_family(f, fa, layers, cd, dev) for f, fa in arts.families.items()})
+    store = GlobeStore({f: store_from_family(f, fa, layers, cd, dev) for f, fa in arts.families.items()})
     dense: dict[int, dict[str, torch.Tensor]] = {}
     for L in layers:
         gu = compat.get_experts(model, L).gate_up_proj.detach()
@@ -143,7 +169,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         raise GlobeError("model is not patched with GloBE experts")
     originals = state["originals"]
     for L, mod in globe_layers(model).items():
-        compat.set_experts(model, L, originals[L] if originals is not None else mod.to_dense())
+        compat.set_experts(model, L, originals[L] if originals is not None else dense_experts(mod))
     del model._modules["globe"]
     model._globe = None
     return model
@@ -152,7 +178,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 def to_dense_model(model: nn.Module) -> nn.Module:
     """Replace every GloBEExperts by a plain experts module holding the reconstructed weights, in place."""
     for L, mod in globe_layers(model).items():
-        compat.set_experts(model, L, mod.to_dense())
+        compat.set_experts(model, L, dense_experts(mod))
     model._modules.pop("globe", None)
     model._globe = None
     return model
