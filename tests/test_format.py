@@ -179,3 +179,20 @@ def test_memory_check_names_the_figure_and_a_mode_that_fits(tiny_dirs, tmp_path,
     with pytest.raises(GlobeError, match=r"cache.mode=full needs .*cache.mode=lru cache.S_per_layer=4"):
         load_model(out, cache=CacheCfg(mode="full", S_per_layer=4))
     load_model(out, cache=CacheCfg(mode="lru", S_per_layer=4, warmup_tokens=0))  # fits: loads
+
+
+def test_inspect_a_globe_export(tiny_dirs, tmp_path, capsys):
+    from globe.cli.main import main
+    from globe.io.inspect import inspect
+
+    model, src = tiny_dirs["qwen2_moe"]
+    arts = random_artifacts(model, m=4, r=6, support=2, banks=2)
+    arts.save(tmp_path / "arts")
+    out = export(_cfg(src, tmp_path / "arts", tmp_path / "g", dtype="bf16"))
+    info = inspect(str(out))
+    assert info["format"] == "globe" and info["model_type"] == "qwen2_moe" and info["moe_layers"] == [0, 2]
+    for f, fa in arts.families.items():
+        assert info["families"][f]["stored_params"] == fa.stored_params()
+        assert info["families"][f]["banks"] == 2 and info["families"][f]["nnz"] == fa.nnz()
+    assert main(["inspect", str(out)]) == 0
+    assert "globe export of a qwen2_moe model (bf16)" in capsys.readouterr().out
