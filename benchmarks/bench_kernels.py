@@ -45,7 +45,7 @@ OUT = Path(__file__).parent / "results" / "kernels_cpu.json"
 
 
 def make_layer(args):
-    """Random GloBE layer + dense baseline module sharing Down."""
+    """Random GloBE layer + dense baseline module sharing Down, on args.device."""
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
@@ -59,7 +59,8 @@ def make_layer(args):
             codes[e, torch.randperm(args.m, generator=g)[:args.support]] = torch.rand(args.support, generator=g) + 0.1
         fams[f] = BankCodes.from_dense(torch.randn(args.m, r, d, generator=g), codes / codes.sum(1, keepdim=True),
                                        gain=0.8, dtype=dt)
-    rnd = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(dt)  # noqa: E731
+        fams[f].bank = fams[f].bank.to(args.device)
+    rnd = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(args.device, dt)  # noqa: E731
     A = {f: rnd(E, p, r) for f in fams}
     down = rnd(E, d, p)
     lw = LayerWeights(down=down, act_fn=F.silu, compute_dtype=dt, rows={"gate": (0, r), "up": (r, 2 * r)}, A=A)
@@ -72,13 +73,13 @@ def make_layer(args):
     return fams, lw, base.eval(), (E, d, p, r)
 
 
-def routing(n_tokens: int, E: int, k: int, zipf: float, seed: int):
+def routing(n_tokens: int, E: int, k: int, zipf: float, seed: int, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     pop = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** zipf
     pop = pop[torch.randperm(E, generator=torch.Generator().manual_seed(1))]  # same popularity every seed
     idx = torch.multinomial(pop.expand(n_tokens, E), k, replacement=False, generator=g)
     w = torch.softmax(torch.randn(n_tokens, k, generator=g), -1)
-    return idx, w
+    return idx.to(device), w.to(device, torch.bfloat16)
 
 
 # ---- the current runtime (globe/runtime/experts.py and cache.py at b32c79d), for comparison -------------
@@ -117,7 +118,7 @@ def legacy_forward(h, top_k_index, top_k_weights, lw: LayerWeights, get_block):
     x = h.index_select(0, order // k)
     active = [e for e, c in enumerate(counts) if c]
     blocks = [get_block(e) for e in active]
-    out = torch.zeros((x.shape[0], d), dtype=lw.down.dtype)
+    out = torch.zeros((x.shape[0], d), dtype=lw.down.dtype, device=x.device)
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
@@ -139,10 +140,11 @@ def configs(fams, lw, base, dims, args):
 
     comp = lambda ids, out: compose_blocks(fams, lw, 0, ids, out)  # noqa: E731
     t = time.perf_counter()
-    table = build_table(comp, E, (2 * r, d), lw.compute_dtype, "cpu")
+    table = build_table(comp, E, (2 * r, d), lw.compute_dtype, args.device)
+    _sync(args.device)
     table_s = time.perf_counter() - t
     full = Blocks([table])
-    slab = SlabCache(args.S, E, (2 * r, d), lw.compute_dtype, "cpu", comp, collect_stats=True)
+    slab = SlabCache(args.S, E, (2 * r, d), lw.compute_dtype, args.device, comp, collect_stats=True)
     leg_lru = LegacyLRU(args.S, lambda e: torch.cat([legacy_compose(fams[f], e, lw.compute_dtype) for f in lw.rows]))
 
     def lru_call(path):
@@ -163,51 +165,82 @@ def configs(fams, lw, base, dims, args):
     return cfgs, slab, leg_lru, table_s
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(device, f, *a) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    f(*a)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _decode(f, hs, idx, w, B: int) -> None:
+    """Consecutive decode steps of B tokens each."""
+    for j in range(0, hs.shape[0], B):
+        f(hs[j:j + B], idx[j:j + B], w[j:j + B])
+
+
+def _legacy_blocks(fams, lw, ids) -> None:
+    for e in ids:
+        torch.cat([legacy_compose(fams[f], e, lw.compute_dtype) for f in lw.rows])
+
+
 @torch.no_grad()
 def run(args) -> dict:
     fams, lw, base, dims = make_layer(args)
     E, d, p, r = dims
     cfgs, slab, leg_lru, table_s = configs(fams, lw, base, dims, args)
-    k = args.top_k
-    # parity on one prefill batch before timing (bf16: rounding of different GEMM groupings only)
-    h0 = torch.randn(64, d, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    i0, w0 = routing(64, E, k, args.zipf, 7)
-    ref = cfgs["current_loop_full"](h0, i0, w0.to(torch.bfloat16)).float()
-    parity = {n: float((f(h0, i0, w0.to(torch.bfloat16)).float() - ref).abs().max() / ref.abs().max())
+    k, dev, B = args.top_k, args.device, args.decode_batch
+
+    def hidden(n, seed):
+        return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(dev, torch.bfloat16)
+
+    # parity on one 64-token batch before timing (bf16: only the rounding of different GEMM groupings)
+    h0, (i0, w0) = hidden(64, 7), routing(64, E, k, args.zipf, 7, dev)
+    ref = cfgs["current_loop_full"](h0, i0, w0).float()
+    parity = {n: float((f(h0, i0, w0).float() - ref).abs().max() / ref.abs().max())
               for n, f in cfgs.items() if n != "transformers_grouped_mm"}
-    # warm the LRUs on a prefill, as a served model would be
-    hw = torch.randn(args.prefill_tokens, d).to(torch.bfloat16)
-    iw, ww = routing(args.prefill_tokens, E, k, args.zipf, 99)
-    for n in cfgs:
+    # warm every config once; the LRUs on a prefill, then decode steps until they hold a decode working set
+    hw, (iw, ww) = hidden(args.prefill_tokens, 99), routing(args.prefill_tokens, E, k, args.zipf, 99, dev)
+    hdw, (idw, wdw) = hidden(args.warmup_tokens * B, 98), routing(args.warmup_tokens * B, E, k, args.zipf, 98, dev)
+    for n, f in cfgs.items():
+        f(hw[:B], idw[:B], wdw[:B])
         if "lru" in n:
-            cfgs[n](hw, iw, ww.to(torch.bfloat16))
+            f(hw, iw, ww)
+            _decode(f, hdw, idw, wdw, B)
     slab.reset_stats()
     times = {ph: {n: [] for n in cfgs} for ph in ("decode", "prefill")}
+    compose_ms = {"compose_blocks": [], "current_compose": []}  # ms per expert, both families
     for rnd in range(args.rounds):
-        idx, w = routing(args.decode_tokens, E, k, args.zipf, 1000 + rnd)
-        hs = torch.randn(args.decode_tokens, d, generator=torch.Generator().manual_seed(rnd)).to(torch.bfloat16)
+        n_dec = args.decode_tokens
+        idx, w = routing(n_dec * B, E, k, args.zipf, 1000 + rnd, dev)
+        hs = hidden(n_dec * B, rnd)
         for n, f in cfgs.items():
             if n == "full_gather" and args.skip_gather:
                 continue
-            t = time.perf_counter()
-            for j in range(args.decode_tokens):
-                f(hs[j:j + 1], idx[j:j + 1], w[j:j + 1].to(torch.bfloat16))
-            times["decode"][n].append(args.decode_tokens / (time.perf_counter() - t))
-        ip, wp = routing(args.prefill_tokens, E, k, args.zipf, 2000 + rnd)
-        hp = torch.randn(args.prefill_tokens, d, generator=torch.Generator().manual_seed(50 + rnd)).to(torch.bfloat16)
+            times["decode"][n].append(n_dec * B / _timed(dev, _decode, f, hs, idx, w, B))
+        hp = hidden(args.prefill_tokens, 50 + rnd)
+        ip, wp = routing(args.prefill_tokens, E, k, args.zipf, 2000 + rnd, dev)
         for n, f in cfgs.items():
             if n == "full_gather":
                 continue  # gathers one (R, d) block per assignment: a decode path only
-            t = time.perf_counter()
-            f(hp, ip, wp.to(torch.bfloat16))
-            times["prefill"][n].append(args.prefill_tokens / (time.perf_counter() - t))
-        print(f"round {rnd}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in times["decode"].items() if v)
-              + " tok/s decode", flush=True)
+            times["prefill"][n].append(args.prefill_tokens / _timed(dev, f, hp, ip, wp))
+        ids = torch.randperm(E, generator=torch.Generator().manual_seed(rnd))[:8].tolist()
+        buf = torch.empty(len(ids), 2 * r, d, dtype=lw.compute_dtype, device=dev)
+        compose_ms["compose_blocks"].append(_timed(dev, compose_blocks, fams, lw, 0, ids, buf) * 1e3 / len(ids))
+        compose_ms["current_compose"].append(_timed(dev, _legacy_blocks, fams, lw, ids) * 1e3 / len(ids))
+        print(f"round {rnd}: decode " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in times["decode"].items() if v)
+              + " tok/s", flush=True)
     out = {}
     for ph, tt in times.items():
         b = tt["transformers_grouped_mm"]
         out[ph] = {n: {"tok_s": statistics.median(v), "ratio": statistics.median([x / y for x, y in zip(v, b)]),
                        "ratio_per_round": [x / y for x, y in zip(v, b)], "runs": v} for n, v in tt.items() if v}
+    out["compose_ms_per_expert"] = {n: {"median": statistics.median(v), "runs": v} for n, v in compose_ms.items()}
     st = slab.stats
     out["lru_hit_rate_timed"] = st["hits"] / max(1, st["hits"] + st["misses"])
     out["parity_max_rel_vs_current_loop"] = parity
@@ -225,8 +258,11 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--support", type=int, default=4)
     ap.add_argument("--S", type=int, default=16)
+    ap.add_argument("--warmup-tokens", type=int, default=32, help="decode steps filling the LRUs before timing")
     ap.add_argument("--zipf", type=float, default=1.0, help="routing popularity exponent (0 = uniform)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (then write kernels_gpu.json by --out)")
+    ap.add_argument("--decode-batch", type=int, default=1, help="tokens per decode step")
     ap.add_argument("--skip-gather", action="store_true")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -234,7 +270,8 @@ def main() -> None:
     t0 = time.time()
     res = {"setup": {**{k: v for k, v in vars(args).items() if k != "out"}, "d": QWEN15_MOE_A27B["hidden_size"],
                      "p": QWEN15_MOE_A27B["moe_intermediate_size"], "r": QWEN15_MOE_A27B["moe_intermediate_size"] // 2,
-                     "dtype": "bf16", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+                     "dtype": "bf16", "cpu": platform.processor() or platform.machine(),
+                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                      "torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     res.update(run(args))
     res["wall_s"] = time.time() - t0

@@ -189,6 +189,16 @@ def test_all_tokens_on_one_expert_and_empty_codes_row():
         assert torch.equal(outs[0], outs[1])
 
 
+def test_empty_batch_every_mode_and_path():
+    fams, lw, table, comp = make_layer()
+    h, idx, w = torch.randn(0, 32), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2)
+    for S in (0, 2):
+        cache = SlabCache(S, 6, (lw.block_rows, 32), torch.float32, "cpu", comp)
+        for path in PATHS:
+            assert experts_forward(h, idx, w, lw, Blocks([table]), path).shape == (0, 32)
+            assert run(lw, cache.lookup, h, idx, w, path).shape == (0, 32)
+
+
 # ---- modes and paths bit-identical --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layer", ["fitted", "compose_full", "dense_up"])

@@ -42,7 +42,7 @@ from ..errors import GlobeError
 
 FAMILIES = ("gate", "up")  # row order inside a block and inside gate_up_proj
 PATHS = ("grouped", "loop", "gather")
-GATHER_MAX = 16  # assignments (T*k) up to which a CUDA device without a native grouped GEMM uses `gather`
+GATHER_MAX = 8  # T*k up to which CUDA without a native grouped GEMM uses `gather` (a chosen default, unmeasured)
 _GMM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -93,8 +93,9 @@ def gmm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: Sequence[i
     Uses torch's grouped_mm when its layout rules hold, else `loop_mm` (with host `counts`, or one sync
     to read offs). Rows past offs[-1] are left unset, as grouped_mm does.
     """
-    if _gmm_ok(a, w) and a.shape[1] % (16 // a.element_size()) == 0:
-        if a.stride(1) != 1 or a.stride(0) != a.shape[1] or (a.is_cuda and a.data_ptr() % 16):
+    al = 16 // a.element_size()
+    if _gmm_ok(a, w) and a.shape[1] % al == 0:
+        if a.stride(1) != 1 or a.stride(0) % al or (a.is_cuda and a.data_ptr() % 16):
             a = a.contiguous()
         return _GMM(a, w.mT, offs=offs)
     return loop_mm(a, w, _counts(offs) if counts is None else counts)
@@ -199,9 +200,10 @@ def experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     order, offs = sort_groups(flat, E)
     if path == "loop" and counts is None:
         counts = _counts(offs)
-    x = hidden.index_select(0, order // k)  # (n, d), grouped by expert
-    if x.dtype != cd:
-        x = x.to(cd)
+    x = None
+    if path == "loop" or blocks is None or blocks.group_of is None or lw.dense:
+        x = hidden.index_select(0, order // k)  # (n, d), grouped by expert
+        x = x if x.dtype == cd else x.to(cd)
     z = None
     if lw.rows:
         if path == "loop":
@@ -248,7 +250,8 @@ def _gather_blocks(blocks: Blocks, flat: torch.Tensor) -> torch.Tensor:
     """(n, R, d): the block of each assignment; a table is indexed on the device, a slab on the host."""
     if blocks.group_of is None:
         return blocks.parts[0].index_select(0, flat)
-    return torch.stack([blocks.block(e) for e in flat.tolist()])
+    ids = flat.tolist()
+    return torch.stack([blocks.block(e) for e in ids]) if ids else blocks.parts[0][:0]
 
 
 def _grouped_parts(hidden, flat, k, cd, blocks: Blocks, order, counts) -> torch.Tensor:
@@ -270,6 +273,8 @@ def _grouped_parts(hidden, flat, k, cd, blocks: Blocks, order, counts) -> torch.
         if rows:
             outs.append(gmm(xg[row0:row0 + rows], part, offs_g[g0:g0 + G_j] - row0, gcounts[g0:g0 + G_j]))
         g0, row0 = g0 + G_j, row0 + rows
+    if not outs:  # no assignment at all
+        return xg.new_empty((0, blocks.parts[0].shape[1]))
     zg = outs[0] if len(outs) == 1 else torch.cat(outs)
     inv = torch.empty_like(order_g)
     inv[order_g] = torch.arange(n, device=flat.device)
