@@ -343,16 +343,19 @@ def compose_many(fam: BankCodes, ids: Sequence[int], dtype: torch.dtype,
 
 
 def _compose_cpu(fam: BankCodes, ids, out, C: int) -> None:
-    """One expert at a time, in row-aligned chunks of C elements kept in cache (no full-size fp32 temps)."""
+    """Row-aligned chunks of C elements, chunk-major so the atoms' chunk stays in cache across experts.
+
+    Every expert sees the same ops on the same chunk sizes whatever the batch, so its bits do not
+    depend on it; no full-size fp32 temporaries.
+    """
     rd, d, g = fam.r * fam.d, fam.d, fam.gain
     acc_buf = torch.empty(C, dtype=torch.float32)
     tmp_buf = torch.empty(C, dtype=torch.float32)
-    for b, i in enumerate(ids):
-        lo, hi = fam.indptr[i], fam.indptr[i + 1]
-        dst = out[b]
-        for s in range(0, rd, C):
-            t = min(rd, s + C)
-            acc, tmp = acc_buf[:t - s], tmp_buf[:t - s]
+    for s in range(0, rd, C):
+        t = min(rd, s + C)
+        acc, tmp = acc_buf[:t - s], tmp_buf[:t - s]
+        for b, i in enumerate(ids):
+            lo, hi = fam.indptr[i], fam.indptr[i + 1]
             if hi == lo:
                 acc.zero_()
             else:
@@ -362,7 +365,7 @@ def _compose_cpu(fam: BankCodes, ids, out, C: int) -> None:
             _activate(acc, fam.activation)
             if fam.col_scale is not None:
                 acc.view(-1, d).mul_(fam.col_scale)
-            dst[s // d:t // d].copy_(acc.view(-1, d))
+            out[b][s // d:t // d].copy_(acc.view(-1, d))
 
 
 def _compose_batched(fam: BankCodes, ids, out, base: int) -> None:
