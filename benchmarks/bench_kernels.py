@@ -3,7 +3,9 @@
 Why: the experts layer is where GloBE's bytes differ from the original. At batch-1 decode a layer reads
 each active expert's weights once (GloBE: R*d + 2*p*r + d*p numbers, original 2*p*d + d*p: 0.896x at
 r = p/2 with Down, 0.843x for Up+Gate alone), so decode measures bytes; prefill (512 tokens) measures
-GEMMs plus, in `lru`, composing the misses (nnz*r*d multiply-adds each).
+GEMMs plus, in `lru`, composing the misses (nnz*r*d multiply-adds each). Caveat: one layer's weights
+(about 1 GB) partly stay in a large L3 cache, so decode here also measures the GEMV kernels' speed on
+cached data (mv against mm), not DRAM bytes alone as in a whole model.
 
 Setup: Qwen1.5-MoE-A2.7B sizes (d 2048, E 60, p 1408, top-4), r = p/2, bank m = 16, 4 nonzero codes per
 expert, random weights, bf16, one thread. Routing: each token picks top-k experts without replacement
@@ -37,6 +39,7 @@ from globe.runtime.kernels import (
     SlabCache,
     active_experts,
     build_table,
+    choose_path,
     compose_blocks,
     experts_forward,
 )
@@ -144,25 +147,33 @@ def configs(fams, lw, base, dims, args):
     _sync(args.device)
     table_s = time.perf_counter() - t
     full = Blocks([table])
-    slab = SlabCache(args.S, E, (2 * r, d), lw.compute_dtype, args.device, comp, collect_stats=True)
     leg_lru = LegacyLRU(args.S, lambda e: torch.cat([legacy_compose(fams[f], e, lw.compute_dtype) for f in lw.rows]))
+    slabs = {}
 
-    def lru_call(path):
+    def lru_call(name, path):  # each LRU configuration keeps its own slab
+        slab = slabs[name] = SlabCache(args.S, E, (2 * r, d), lw.compute_dtype, args.device, comp, collect_stats=True)
+
         def run(h, i, w):
             act, counts = active_experts(i, E)
-            return experts_forward(h, i, w, lw, slab.lookup(act), path, counts)
+            pth = path or choose_path(h.device, h.dtype, i.numel())
+            return experts_forward(h, i, w, lw, slab.lookup(act), pth, counts)
         return run
 
+    def full_call(path):
+        return lambda h, i, w: experts_forward(h, i, w, lw, full, path or choose_path(h.device, h.dtype, i.numel()))
+    S = args.S
     cfgs = {
         "transformers_grouped_mm": lambda h, i, w: grouped_mm_experts_forward(base, h, i, w),
         "current_loop_full": lambda h, i, w: legacy_forward(h, i, w, lw, lambda e: table[e]),
-        "full_grouped": lambda h, i, w: experts_forward(h, i, w, lw, full, "grouped"),
-        "full_loop": lambda h, i, w: experts_forward(h, i, w, lw, full, "loop"),
-        "full_gather": lambda h, i, w: experts_forward(h, i, w, lw, full, "gather"),
-        f"current_loop_lru{args.S}": lambda h, i, w: legacy_forward(h, i, w, lw, leg_lru.get),
-        f"lru{args.S}_grouped": lru_call("grouped"),
+        "full_grouped": full_call("grouped"),
+        "full_loop": full_call("loop"),
+        "full_gather": full_call("gather"),
+        "full_auto": full_call(None),
+        f"current_loop_lru{S}": lambda h, i, w: legacy_forward(h, i, w, lw, leg_lru.get),
+        f"lru{S}_grouped": lru_call(f"lru{S}_grouped", "grouped"),
+        f"lru{S}_auto": lru_call(f"lru{S}_auto", None),
     }
-    return cfgs, slab, leg_lru, table_s
+    return cfgs, slabs, table_s
 
 
 def _sync(device) -> None:
@@ -193,7 +204,7 @@ def _legacy_blocks(fams, lw, ids) -> None:
 def run(args) -> dict:
     fams, lw, base, dims = make_layer(args)
     E, d, p, r = dims
-    cfgs, slab, leg_lru, table_s = configs(fams, lw, base, dims, args)
+    cfgs, slabs, table_s = configs(fams, lw, base, dims, args)
     k, dev, B = args.top_k, args.device, args.decode_batch
 
     def hidden(n, seed):
@@ -212,27 +223,33 @@ def run(args) -> dict:
         if "lru" in n:
             f(hw, iw, ww)
             _decode(f, hdw, idw, wdw, B)
-    slab.reset_stats()
+    for slab in slabs.values():
+        slab.reset_stats()
     times = {ph: {n: [] for n in cfgs} for ph in ("decode", "prefill")}
     compose_ms = {"compose_blocks": [], "current_compose": []}  # ms per expert, both families
+    sweep: dict[int, dict[str, list[float]]] = {}
     for rnd in range(args.rounds):
         n_dec = args.decode_tokens
         idx, w = routing(n_dec * B, E, k, args.zipf, 1000 + rnd, dev)
         hs = hidden(n_dec * B, rnd)
         for n, f in cfgs.items():
-            if n == "full_gather" and args.skip_gather:
-                continue
             times["decode"][n].append(n_dec * B / _timed(dev, _decode, f, hs, idx, w, B))
         hp = hidden(args.prefill_tokens, 50 + rnd)
         ip, wp = routing(args.prefill_tokens, E, k, args.zipf, 2000 + rnd, dev)
         for n, f in cfgs.items():
             if n == "full_gather":
-                continue  # gathers one (R, d) block per assignment: a decode path only
+                continue  # one mv (CPU) or gathered block (CUDA) per assignment: a decode path
             times["prefill"][n].append(args.prefill_tokens / _timed(dev, f, hp, ip, wp))
         ids = torch.randperm(E, generator=torch.Generator().manual_seed(rnd))[:8].tolist()
         buf = torch.empty(len(ids), 2 * r, d, dtype=lw.compute_dtype, device=dev)
         compose_ms["compose_blocks"].append(_timed(dev, compose_blocks, fams, lw, 0, ids, buf) * 1e3 / len(ids))
         compose_ms["current_compose"].append(_timed(dev, _legacy_blocks, fams, lw, ids) * 1e3 / len(ids))
+        for Bs in args.batch_sweep:  # where `gather` (one mv / gathered block per assignment) stops paying
+            ib, wb = routing(n_dec * Bs, E, k, args.zipf, 3000 + rnd, dev)
+            hb = hidden(n_dec * Bs, 70 + rnd)
+            for n in ("transformers_grouped_mm", "full_grouped", "full_gather"):
+                sweep.setdefault(Bs, {}).setdefault(n, []).append(
+                    n_dec * Bs / _timed(dev, _decode, cfgs[n], hb, ib, wb, Bs))
         print(f"round {rnd}: decode " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in times["decode"].items() if v)
               + " tok/s", flush=True)
     out = {}
@@ -240,9 +257,11 @@ def run(args) -> dict:
         b = tt["transformers_grouped_mm"]
         out[ph] = {n: {"tok_s": statistics.median(v), "ratio": statistics.median([x / y for x, y in zip(v, b)]),
                        "ratio_per_round": [x / y for x, y in zip(v, b)], "runs": v} for n, v in tt.items() if v}
+    out["decode_batch_sweep"] = {Bs: {n: statistics.median([x / y for x, y in zip(v, tt["transformers_grouped_mm"])])
+                                      for n, v in tt.items()} for Bs, tt in sweep.items()}
     out["compose_ms_per_expert"] = {n: {"median": statistics.median(v), "runs": v} for n, v in compose_ms.items()}
-    st = slab.stats
-    out["lru_hit_rate_timed"] = st["hits"] / max(1, st["hits"] + st["misses"])
+    out["lru_hit_rate_timed"] = {n: sl.stats["hits"] / max(1, sl.stats["hits"] + sl.stats["misses"])
+                                 for n, sl in slabs.items()}
     out["parity_max_rel_vs_current_loop"] = parity
     out["full_table_build_s"] = table_s
     return out
@@ -263,7 +282,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (then write kernels_gpu.json by --out)")
     ap.add_argument("--decode-batch", type=int, default=1, help="tokens per decode step")
-    ap.add_argument("--skip-gather", action="store_true")
+    ap.add_argument("--batch-sweep", type=int, nargs="*", default=[2, 4, 8],
+                    help="extra decode batch sizes for grouped vs gather (ratios only)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -278,7 +278,8 @@ def test_bad_input():
 
 
 def test_choose_path_cpu():
-    assert choose_path(torch.device("cpu"), torch.bfloat16, 4) == "grouped"
+    cpu = torch.device("cpu")
+    assert choose_path(cpu, torch.bfloat16, 4) == "gather" and choose_path(cpu, torch.bfloat16, 64) == "grouped"
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------

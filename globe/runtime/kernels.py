@@ -13,17 +13,19 @@ Paths (`experts_forward(path=...)`), all with the same elementwise work and epil
   grouped  assignments sorted by expert once; block, A, dense and Down projections each one
            `grouped_mm` over the experts (device offsets from searchsorted, static shapes).
   loop     the same GEMMs as one `mm` per active expert (needs host counts: one sync).
-  gather   no sort: each of the T*k assignments gathers its expert's weights and one `bmm` of fixed
-           shape runs per projection; no host sync with a `full` table (CUDA-graph friendly).
-Host syncs: `grouped` with a full table syncs only where torch's grouped_mm itself does (CUDA other than
-bf16 on compute capability 9.x/10.x reads the offsets on the host); `loop` reads the per-expert counts;
-an `lru`/`none` lookup needs the active experts on the host (one sync per layer call) to compose misses.
-On the CPU torch's grouped_mm is one mm per group, bit-identical to `loop` (tests check it).
+  gather   no sort, per assignment: on CUDA each assignment gathers its expert's weights and one `bmm`
+           of fixed shape runs per projection; on the CPU one `mv` per assignment, no copies.
+`choose_path` picks one from (device, dtype, T*k) only, so every cache mode takes the same path and
+modes agree bit for bit. Host syncs: a `full` table needs none with `gather` on CUDA, nor with
+`grouped` where torch's grouped_mm is native (CUDA bf16 on compute capability 9.x/10.x; elsewhere torch
+reads the offsets on the host); `loop` reads the per-expert counts; an `lru`/`none` lookup needs the
+active experts on the host (one sync per layer call) to compose the misses. On the CPU torch's
+grouped_mm is one mm per group, bit-identical to `loop` (tested).
 
 Blocks: a `full` table is `Blocks([table])`; `SlabCache` keeps at most S composed blocks in one
 preallocated slab (S, R, d) with an expert -> slot map and composes misses in one `compose_blocks` call
-(S = 0: compose every call, mode `none`). Composition (`compose_many`) gives each expert the same bits
-whatever else is in the batch: on the CPU one expert at a time in cache-sized chunks (op sizes do not
+straight into their slots (S = 0: compose every call, mode `none`). `compose_many` gives each expert the
+same bits whatever else is in the batch: on the CPU in chunks of fixed size (each expert's ops do not
 depend on the batch); elsewhere batched elementwise ops over a prefix of experts sorted by nnz (each
 element's arithmetic is independent of the batch). Never a GEMM whose blocking depends on the batch.
 """
@@ -42,7 +44,7 @@ from ..errors import GlobeError
 
 FAMILIES = ("gate", "up")  # row order inside a block and inside gate_up_proj
 PATHS = ("grouped", "loop", "gather")
-GATHER_MAX = 8  # T*k up to which CUDA without a native grouped GEMM uses `gather` (a chosen default, unmeasured)
+GATHER_MAX = 8  # T*k up to which `choose_path` picks `gather` (CPU: measured; CUDA w/o native grouped: unmeasured)
 _GMM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -112,13 +114,16 @@ def sort_groups(keys: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torc
 def choose_path(device: torch.device, dtype: torch.dtype, assignments: int) -> str:
     """The path every cache mode uses for a call with `assignments` = T*k rows (modes then agree bitwise).
 
-    CPU: `grouped` (measured in benchmarks/bench_kernels.py: never slower than `loop`; `gather` copies
-    weights). CUDA: `grouped` where it is native (no sync), else `gather` for decode-sized calls
-    (static shapes, sync-free) and `loop` above GATHER_MAX.
+    CPU: `gather` (one mv per assignment) up to GATHER_MAX, `grouped` above; measured with
+    benchmarks/bench_kernels.py at Qwen1.5-MoE sizes, bf16, one thread: mv beats mm at one row per
+    expert, mm wins once experts get several rows (T = 4 even, T = 8 grouped). CUDA: `grouped` where
+    it is native (no sync); elsewhere `gather` up to GATHER_MAX (static shapes, sync-free), `loop` above.
     """
-    if device.type == "cuda" and not grouped_native(device, dtype):
-        return "gather" if assignments <= GATHER_MAX else "loop"
-    return "grouped" if _GMM is not None else "loop"
+    if device.type == "cuda" and grouped_native(device, dtype):
+        return "grouped"
+    if assignments <= GATHER_MAX:
+        return "gather"
+    return "grouped" if device.type != "cuda" and _GMM is not None else "loop"
 
 
 # ---- layer weights and block sources -------------------------------------------------------------
@@ -188,11 +193,17 @@ def experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     flat = top_k_index.reshape(-1)  # (n,) n = T*k
     if path == "gather":
         x = hidden.repeat_interleave(k, 0).to(cd)  # (n, d), assignment order
-        z = _gather_blocks(blocks, flat) if lw.rows else None
-        z = None if z is None else torch.bmm(z, x.unsqueeze(-1)).squeeze(-1)  # (n, R)
+        if x.is_cuda:  # weights gathered on the device: static shapes, no sync
+            z = torch.bmm(_gather_blocks(blocks, flat), x.unsqueeze(-1)).squeeze(-1) if lw.rows else None
 
-        def mm(a, w):  # (n, K) x (E, N, K) gathered per assignment -> (n, N)
-            return torch.bmm(w.index_select(0, flat), a.unsqueeze(-1)).squeeze(-1)
+            def mm(a, w):  # (n, K) x (E, N, K) gathered per assignment -> (n, N)
+                return torch.bmm(w.index_select(0, flat), a.unsqueeze(-1)).squeeze(-1)
+        else:  # one mv per assignment on the stored weights: no copies (mv beats mm at one row)
+            ids = flat.tolist()
+            z = _mv_rows(x, _ExpertView(blocks), ids) if lw.rows else None
+
+            def mm(a, w):
+                return _mv_rows(a, w, ids)
         out = _experts_tail(x, z, lw, mm)
         out = out * top_k_weights.reshape(-1, 1).to(od)
         return out.view(T, k, d).sum(dim=1).to(hidden.dtype)
@@ -244,6 +255,14 @@ class _ExpertView:
 
     def __getitem__(self, e: int) -> torch.Tensor:
         return self.blocks.block(e)
+
+
+def _mv_rows(a: torch.Tensor, w, ids: Sequence[int]) -> torch.Tensor:
+    """out[i] = w[ids[i]] @ a[i]: (n, K) x (E, N, K) -> (n, N), one mv per row."""
+    out = a.new_empty((a.shape[0], w.shape[1]))
+    for i, e in enumerate(ids):
+        torch.mv(w[e], a[i], out=out[i])
+    return out
 
 
 def _gather_blocks(blocks: Blocks, flat: torch.Tensor) -> torch.Tensor:
