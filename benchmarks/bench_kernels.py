@@ -156,7 +156,7 @@ def configs(fams, lw, base, dims, args):
         def run(h, i, w):
             act, counts = active_experts(i, E)
             pth = path or choose_path(h.device, h.dtype, i.numel())
-            return experts_forward(h, i, w, lw, slab.lookup(act), pth, counts)
+            return experts_forward(h, i, w, lw, slab.lookup(act, counts), pth, counts)
         return run
 
     def full_call(path):

@@ -101,7 +101,7 @@ def routing(T, E, k, seed, device="cpu", dtype=torch.float32):
 
 def run(lw, blocks_fn, h, idx, w, path):
     act, counts = active_experts(idx, lw.down.shape[0])
-    return experts_forward(h, idx, w, lw, blocks_fn(act), path, counts)
+    return experts_forward(h, idx, w, lw, blocks_fn(act, counts), path, counts)
 
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -260,6 +260,15 @@ def test_slab_cache_policy_worked_example():
     assert sc.stats == {"hits": 2, "misses": 6}
     sc.clear()
     assert sc.keys() == [] and sc.nbytes() == 2 * 4
+
+
+def test_slab_cache_keeps_the_most_used_misses_of_a_large_call():
+    sc = SlabCache(2, 6, (1, 1), torch.float32, "cpu", lambda ids, out: None)
+    counts = [5, 1, 9, 2, 0, 3]
+    b = sc.lookup([0, 1, 2, 3, 5], counts)
+    assert sc.keys() == [0, 2] and set(b.groups[e] for e in (1, 3, 5)) == {2, 3, 4}
+    sc.lookup([1, 4], [0, 1, 0, 0, 1, 0])  # equal counts: ascending id, the least recent (0) goes first
+    assert sc.keys() == [1, 4]
 
 
 def test_bad_input():

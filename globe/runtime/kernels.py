@@ -455,10 +455,12 @@ def build_table(compose: Callable[[list[int], Any], None], num_experts: int, sha
 class SlabCache:
     """At most S composed blocks of one layer in a preallocated slab (S, R, d), least recently used out.
 
-    lookup(active): the active experts' blocks as `Blocks`. Hits stay in their slots; misses are composed
-    in one compose(experts, out) call, straight into free or evicted slots (never a slot of this call's
-    own active experts); misses beyond S go to a temporary part. Recency: this call's experts become the
-    most recent, touched in ascending id. capacity 0 composes every call (mode `none`).
+    lookup(active, counts): the active experts' blocks as `Blocks`. Hits stay in their slots; misses are
+    composed in one compose(experts, out) call, straight into free or evicted slots (never a slot of
+    this call's own active experts); misses beyond S go to a temporary part. Recency: this call's
+    experts become the most recent, touched in ascending (tokens, id), so when more than S are active
+    the slab keeps the hits, then the misses with the most tokens. capacity 0 composes every call
+    (mode `none`).
     """
 
     def __init__(self, capacity: int, num_experts: int, shape: tuple[int, int], dtype: torch.dtype,
@@ -472,8 +474,9 @@ class SlabCache:
         self.free = list(range(self.capacity))
         self.stats: dict[str, int] | None = {"hits": 0, "misses": 0} if collect_stats else None
 
-    def lookup(self, active: Sequence[int]) -> Blocks:
-        active = sorted(set(int(e) for e in active))
+    def lookup(self, active: Sequence[int], counts: Sequence[int] | None = None) -> Blocks:
+        """Blocks of the active expert ids; counts (per expert, optional) rank them by tokens."""
+        active = sorted(set(int(e) for e in active), key=lambda e: (counts[e] if counts else 0, e))
         act = set(active)
         misses = [e for e in active if e not in self.slot_of]
         evictable = [e for e in self.slot_of if e not in act]
