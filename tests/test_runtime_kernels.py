@@ -7,18 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from globe.errors import GlobeError
+from globe.runtime.cache import BankCodes, SlabCache, build_table, compose_blocks, compose_many
 from globe.runtime.kernels import (
     FAMILIES,
     PATHS,
-    BankCodes,
     Blocks,
     LayerWeights,
-    SlabCache,
     active_experts,
-    build_table,
     choose_path,
-    compose_blocks,
-    compose_many,
     experts_forward,
     gmm,
     loop_mm,

@@ -6,9 +6,10 @@
     globe.runtime.generate.generate(cfg) -> str
 """
 
-from .cache import ExpertCache, FamilyStore, simulate_lru
+from .cache import SlabCache, simulate_lru
 from .experts import GloBEExperts, GlobeStore
 from .patch import cache_stats, patch_model, reset_cache_stats, to_dense_model, unpatch_model
+from .store import FamilyStore
 
-__all__ = ["ExpertCache", "FamilyStore", "GloBEExperts", "GlobeStore", "cache_stats", "patch_model",
+__all__ = ["FamilyStore", "GloBEExperts", "GlobeStore", "SlabCache", "cache_stats", "patch_model",
            "reset_cache_stats", "simulate_lru", "to_dense_model", "unpatch_model"]

@@ -6,17 +6,16 @@ For a fitted family f (gate, up) of expert e of MoE layer L:
 
     f(x) = A_f[e] @ (tilde_B_f[e] @ x)          A_f = store[f].A(L) (E, p, r), tilde_B_f (r, d)
 
-The families live in one `GlobeStore` (model.globe, shared by every layer, see cache.py); this module
+The families live in one `GlobeStore` (model.globe, shared by every layer, see store.py); this module
 holds a reference to it, the layer's Down `down_proj` (E, d, p) (the original Parameter when patched),
-dense weights `W_{f}` (E, p, d) of families that were not fitted, and in `full` mode the composed
-table (E, R, d) as a non-persistent buffer, so `.to()` / `.half()` / device moves carry everything.
-The cache block of expert e stacks the fitted families' tilde_B rows [gate; up] -> (R, d), so one GEMM
-gives both projections of rank r, then one thin GEMM per family applies A. With compose_full the
-block holds A_f tilde_B_f (p, d) instead.
+dense weights `W_{f}` (E, p, d) of families that were not fitted, and the composed blocks: in `full`
+mode one table (E, R, d), a non-persistent buffer, so `.to()` / `.half()` / device moves carry it; in
+`lru` / `none` a `SlabCache` (cache.py), rebuilt empty after a cast. A block stacks the fitted
+families' tilde_B rows [gate; up] -> (R, d), so one GEMM gives both rank-r projections, then one thin
+GEMM per family applies A; with compose_full the block holds A_f tilde_B_f (p, d) instead.
 
-Tokens are grouped by expert (stable sort of the T*k assignments), then one GEMM chain per ACTIVE
-expert on its contiguous slice: no per-token Python loop. The (T*k, d) outputs are weighted,
-un-permuted and summed over k, as transformers' grouped_mm path does.
+The compute runs in kernels.py: `choose_path` picks grouped GEMMs, a per-expert loop or a gather path
+from (device, dtype, T*k) only, so every cache mode takes the same path and modes agree bit for bit.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from torch import nn
 
 from ..compat import ExpertsInfo
 from ..errors import GlobeError
-from .cache import ExpertCache
+from .cache import MODES, SlabCache, build_table, compose_blocks
+from .kernels import Blocks, LayerWeights, active_experts, choose_path, experts_forward
 
 FAMILY_ORDER = ("gate", "up")  # row order inside gate_up_proj and inside a cache block
 
@@ -48,6 +48,10 @@ class GloBEExperts(nn.Module):
         if set(fitted) | set(dense) != set(FAMILY_ORDER) or set(fitted) & set(dense):
             raise GlobeError(f"layer {layer}: each of gate/up must be either fitted or dense, got "
                              f"fitted={fitted} dense={sorted(dense)}")
+        if mode not in MODES:
+            raise GlobeError(f"unknown cache mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "lru" and int(capacity) < 1:
+            raise GlobeError(f"cache capacity must be >= 1, got {capacity}")
         self.info, self.layer = info, layer
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, d, p
         self.act_fn = info.act_fn
@@ -64,14 +68,17 @@ class GloBEExperts(nn.Module):
                 raise GlobeError(f"layer {layer}: dense {f} weight has shape {tuple(w.shape)}, "
                                  f"expected ({E}, {p}, {d})")
             self.register_buffer(f"W_{f}", w.contiguous())  # (E, p, d), persistent: part of an export
-        self.rows: dict[str, tuple[int, int]] = {}  # family f occupies rows [lo, hi) of a cache block
+        self.rows: dict[str, tuple[int, int]] = {}  # family f occupies rows [lo, hi) of a block
         off = 0
         for f in fitted:
             w = p if self.compose_full else store[f].r
             self.rows[f] = (off, off + w)
             off += w
+        self.mode = mode if fitted else "none"
+        self.capacity, self.collect_stats = int(capacity), bool(collect_stats)
         self.register_buffer("table", None, persistent=False)  # (E, R, d) in full mode
-        self.cache = ExpertCache(mode if fitted else "none", E, self._compose_block, capacity, collect_stats)
+        self.slab: SlabCache | None = None  # lru / none: made on first use in the current dtype/device
+        self.stats: dict[str, int] | None = {"hits": 0, "misses": 0} if collect_stats else None
         if build:
             self.build_cache()
 
@@ -88,16 +95,65 @@ class GloBEExperts(nn.Module):
         """The dtype blocks are composed in: the adapters' (they follow `.to()` like the model)."""
         return self.A(self.fitted[0]).dtype if self.fitted else self.down_proj.dtype
 
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return max((hi for _, hi in self.rows.values()), default=0), self.hidden_dim
+
+    def layer_weights(self) -> LayerWeights:
+        """The resident weights as the kernels read them (always the current buffers)."""
+        return LayerWeights(down=self.down_proj, act_fn=self.act_fn, compute_dtype=self.compute_dtype,
+                            rows=self.rows, A={f: self.A(f) for f in self.fitted},
+                            dense={f: getattr(self, f"W_{f}") for f in FAMILY_ORDER if f not in self.fitted},
+                            compose_full=self.compose_full)
+
+    def _compose(self, experts: list[int], out) -> None:
+        """Write the blocks of local `experts` into out[b] (one batched composition call)."""
+        st = self.store
+        fams = {f: st[f].bank_codes() for f in self.fitted if not st[f].has_mixed}
+        mixed = {f: st[f].mixed(self.layer) for f in self.fitted if st[f].has_mixed}
+        compose_blocks(fams, self.layer_weights(), st[self.fitted[0]].base(self.layer), experts, out, mixed or None)
+
     def build_cache(self) -> None:
         """Compose the full table (mode full); a no-op otherwise. Runs at the first forward if not before."""
-        if self.cache.mode == "full" and self.fitted:
-            self.table = self.cache.build_table()
+        if self.mode == "full" and self.fitted:
+            self.table = build_table(self._compose, self.num_experts, self.block_shape, self.compute_dtype,
+                                     self.down_proj.device)
+
+    def _slab(self) -> SlabCache:
+        if self.slab is None:
+            cap = self.capacity if self.mode == "lru" else 0
+            self.slab = SlabCache(cap, self.num_experts, self.block_shape, self.compute_dtype, self.down_proj.device,
+                                  self._compose, self.collect_stats)
+        return self.slab
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        self.cache.clear()  # LRU blocks are recomposed in the new dtype/device on demand
-        self.cache.table = self.table
+        if self.slab is not None:  # cached blocks are recomposed in the new dtype/device on demand
+            old, self.slab = self.slab.stats, None
+            if old is not None:
+                self._slab().stats.update(old)
         return self
+
+    # ---- cache introspection -------------------------------------------------------------------
+    def cache_stats(self) -> dict[str, int]:
+        st = self.stats if self.mode == "full" else (self.slab.stats if self.slab is not None else self.stats)
+        return dict(st or {"hits": 0, "misses": 0})
+
+    def cached_experts(self) -> list[int]:
+        """Composed experts held, least recently used first (all in full mode once built)."""
+        if self.mode == "full":
+            return list(range(self.num_experts)) if self.table is not None else []
+        return self.slab.keys() if self.slab is not None else []
+
+    def cache_nbytes(self) -> int:
+        if self.table is not None:
+            return self.table.numel() * self.table.element_size()
+        return self.slab.nbytes() if self.slab is not None else 0
+
+    def reset_stats(self) -> None:
+        for st in (self.stats, self.slab.stats if self.slab is not None else None):
+            if st is not None:
+                st.update(hits=0, misses=0)
 
     # ---- composition ---------------------------------------------------------------------------
     def mixed(self, f: str, e: int) -> torch.Tensor:
@@ -106,13 +162,6 @@ class GloBEExperts(nn.Module):
             lo, hi = self.rows[f]
             return self.table[e, lo:hi]
         return self.store[f].compose(self.layer, e, self.compute_dtype)
-
-    def _compose_block(self, e: int) -> torch.Tensor:
-        cd = self.compute_dtype
-        parts = [self.store[f].compose(self.layer, e, cd) for f in self.fitted]
-        if self.compose_full:
-            parts = [self.A(f)[e] @ t for f, t in zip(self.fitted, parts)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     def weight(self, f: str, e: int) -> torch.Tensor:
         """Reconstructed (p, d) weight of family f for expert e, fp32."""
@@ -126,43 +175,21 @@ class GloBEExperts(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.table is None and self.cache.mode == "full" and self.fitted:
-            self.build_cache()  # models built by from_pretrained (exported code) compose on first use
-        T, d = hidden_states.shape
-        k = top_k_index.shape[-1]
-        flat = top_k_index.reshape(-1)  # (T*k,)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync
-        x = hidden_states.index_select(0, order // k)  # (T*k, d), grouped by expert
-        cd, od = self.compute_dtype, self.down_proj.dtype
-        if x.dtype != cd:
-            x = x.to(cd)
-        active = [e for e, c in enumerate(counts) if c and e < self.num_experts]
-        blocks = self.cache.get_many(active) if self.fitted else [None] * len(active)
-        A = {f: self.A(f) for f in self.fitted}
-        out = torch.zeros((x.shape[0], d), dtype=od, device=x.device)
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        for e, blk in zip(active, blocks):
-            s, t = starts[e], starts[e + 1]
-            xe = x[s:t]  # (n, d)
-            z = xe @ blk.T if blk is not None else None  # (n, R)
-            proj = {}
-            for f in FAMILY_ORDER:
-                if f in self.rows:
-                    lo, hi = self.rows[f]
-                    proj[f] = z[:, lo:hi] if self.compose_full else z[:, lo:hi] @ A[f][e].T
-                else:
-                    proj[f] = xe @ getattr(self, f"W_{f}")[e].T.to(cd)
-            h = self.act_fn(proj["gate"]) * proj["up"]  # (n, p)
-            out[s:t] = h.to(od) @ self.down_proj[e].T
-        out.mul_(top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(od))
-        res = torch.empty_like(out)
-        res[order] = out
-        return res.view(T, k, d).sum(dim=1).to(hidden_states.dtype)
+        lw = self.layer_weights()
+        path = choose_path(hidden_states.device, lw.compute_dtype, top_k_index.numel())
+        if not self.fitted:
+            return experts_forward(hidden_states, top_k_index, top_k_weights, lw, None, path)
+        if self.mode == "full":
+            if self.table is None:  # models built by from_pretrained (exported code) compose on first use
+                self.build_cache()
+            if self.stats is not None:  # counting needs the active experts on the host (a sync)
+                self.stats["hits"] += len(active_experts(top_k_index, self.num_experts)[0])
+            return experts_forward(hidden_states, top_k_index, top_k_weights, lw, Blocks([self.table]), path)
+        active, counts = active_experts(top_k_index, self.num_experts)
+        blocks = self._slab().lookup(active, counts)
+        return experts_forward(hidden_states, top_k_index, top_k_weights, lw, blocks, path, counts)
 
     def extra_repr(self) -> str:
         ranks = {f: hi - lo for f, (lo, hi) in self.rows.items()}
         return (f"layer={self.layer}, experts={self.num_experts}, d={self.hidden_dim}, p={self.intermediate_dim}, "
-                f"fitted={ranks}, cache={self.cache.mode}, compute_dtype={self.compute_dtype}")
+                f"fitted={ranks}, cache={self.mode}, compute_dtype={self.compute_dtype}")

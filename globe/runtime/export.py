@@ -45,7 +45,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.outputs import check_writable, staging_dir
 from ..io.writer import ShardedWriter
 from ..progress import Progress, log
-from .cache import compose_one
+from .cache import BankCodes, compose_many
 from .experts import FAMILY_ORDER
 from .remote import auto_map, write_remote_files
 
@@ -272,17 +272,12 @@ def _composer(fam: Family, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
     from ..artifacts import sparse_codes
 
     G, m, r, d = fam.bank.shape
-    bank = fam.bank.to(dtype)
     indptr, indices, values = sparse_codes(fam.codes.cpu())
-    ptr, idx, val = indptr.tolist(), indices.tolist(), values.tolist()
-    gains = fam.gain.float().tolist()
-
-    def compose(i: int) -> torch.Tensor:
-        b = fam.layer_bank[i // fam.num_experts]
-        lo, hi = ptr[i], ptr[i + 1]
-        return compose_one(bank[b].reshape(m, r * d), idx[lo:hi], val[lo:hi], gains[b], fam.activation,
-                           fam.col_scale, r, d, dtype)
-    return compose
+    bc = BankCodes(fam.bank.to(dtype).reshape(G, m, r * d), indptr.tolist(), indices.tolist(), values.tolist(), r, d,
+                   fam.gain.float().tolist(), fam.activation,
+                   None if fam.col_scale is None else fam.col_scale.float(),
+                   [b for b in fam.layer_bank for _ in range(fam.num_experts)])
+    return lambda i: compose_many(bc, [i], dtype)[0]
 
 
 def _dense_config(ck: Checkpoint, cfg: GlobeConfig) -> dict[str, Any]:

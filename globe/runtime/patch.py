@@ -23,9 +23,9 @@ from .. import compat
 from ..artifacts import Artifacts, Family, sparse_codes
 from ..config import CacheCfg
 from ..errors import GlobeError
-from .cache import FamilyStore
 from .experts import FAMILY_ORDER, GloBEExperts, GlobeStore
 from .skeleton import swap_experts
+from .store import FamilyStore
 
 
 def check_artifacts(model: nn.Module, arts: Artifacts) -> None:
@@ -125,7 +125,7 @@ def build_caches(model: nn.Module, progress: bool = False) -> None:
         items = track(items, "compose full cache", unit="layers")
     for mod in items:
         mod.build_cache()
-    if layers and all(m.cache.mode == "full" and m.table is not None for m in layers.values()) and \
+    if layers and all(m.mode == "full" and m.table is not None for m in layers.values()) and \
             not any(m.store[f].has_mixed for m in layers.values() for f in m.fitted):
         for fam in model.globe.values():
             fam.release_bank()
@@ -202,8 +202,8 @@ def cache_stats(model: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": {}}
     hits = misses = 0
     for L, mod in globe_layers(model).items():
-        st = mod.cache.stats or {"hits": 0, "misses": 0}
-        out["layers"][L] = {**st, "cached": len(mod.cache.keys()), "bytes": mod.cache.nbytes()}
+        st = mod.cache_stats()
+        out["layers"][L] = {**st, "cached": len(mod.cached_experts()), "bytes": mod.cache_nbytes()}
         hits, misses = hits + st["hits"], misses + st["misses"]
     out.update(hits=hits, misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None)
     return out
@@ -211,4 +211,4 @@ def cache_stats(model: nn.Module) -> dict[str, Any]:
 
 def reset_cache_stats(model: nn.Module) -> None:
     for mod in globe_layers(model).values():
-        mod.cache.reset_stats()
+        mod.reset_stats()

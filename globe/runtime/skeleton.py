@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..compat import experts_info
-from .cache import FamilyStore
 from .experts import FAMILY_ORDER, GloBEExperts, GlobeStore
+from .store import FamilyStore
 
 
 def skeleton_store(meta: dict[str, Any], dtype: torch.dtype, device: torch.device | str | None = None) -> GlobeStore:
