@@ -11,7 +11,8 @@ fit). Speed runs in one process, configurations interleaved over rounds (medians
 the CPU is shared; peak memory runs each configuration in a fresh subprocess (VmHWM after reset).
 
     python benchmarks/bench_runtime.py [--layers 2 --dtype bf16 --rounds 3 --threads 1]
-writes benchmarks/results/runtime_cpu.json
+writes benchmarks/results/runtime_cpu.json;  --device cuda --decode-batch 1 32 --skip memory hit_rate
+--out benchmarks/results/runtime_gpu.json measures a GPU (timings synchronised; batch-32 decode throughput).
 """
 
 from __future__ import annotations
@@ -47,40 +48,55 @@ def configs(args) -> dict[str, CacheCfg | None]:
             "none": CacheCfg(mode="none")}
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def build(args):
     dtype = compat.DTYPES[args.dtype]
     model = real_dim_model(num_layers=args.layers, vocab_size=VOCAB, dtype=dtype)
     p = QWEN15_MOE_A27B["moe_intermediate_size"]
     arts = random_artifacts(model, m=args.m, r=p // 2, support=args.support, seed=0)
-    return model, arts
+    return model.to(DEVICE), arts
 
 
 @torch.no_grad()
 def prefill_tok_s(model, n: int, seed: int) -> float:
-    ids = torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    _sync()
     t = time.perf_counter()
     model(input_ids=ids, use_cache=False)
+    _sync()
     return n / (time.perf_counter() - t)
 
 
 @torch.no_grad()
-def decode_tok_s(model, n: int, seed: int, prompt: int = 32) -> float:
-    """Greedy decode with the KV cache, batch 1: n single-token steps after a `prompt`-token prefill."""
-    ids = torch.randint(3, VOCAB, (1, prompt), generator=torch.Generator().manual_seed(seed))
+def decode_tok_s(model, n: int, seed: int, prompt: int = 32, batch: int = 1) -> float:
+    """Greedy decode with the KV cache: n single-token steps of `batch` sequences after a `prompt`-token
+    prefill; tokens per second over all sequences."""
+    ids = torch.randint(3, VOCAB, (batch, prompt), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     out = model(input_ids=ids, use_cache=True)
     pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     reset_cache_stats(model)  # hit rates below count the decode steps only
+    _sync()
     t = time.perf_counter()
     for _ in range(n):
         out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
         pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return n / (time.perf_counter() - t)
+    _sync()
+    return batch * n / (time.perf_counter() - t)
 
 
 def speed(args) -> dict:
     model, arts = build(args)
     cfgs = configs(args)
-    res: dict[str, dict] = {c: {"decode_tok_s": [], "prefill_tok_s": []} for c in cfgs}
+    extra = [b for b in args.decode_batch if b != 1]
+    res: dict[str, dict] = {c: {"decode_tok_s": [], "prefill_tok_s": [], **{f"decode_b{b}_tok_s": [] for b in extra}}
+                            for c in cfgs}
     for rnd in range(args.rounds):
         for name, cc in cfgs.items():
             if cc is not None:
@@ -88,8 +104,10 @@ def speed(args) -> dict:
                 patch_model(model, arts, cc, collect_stats=name == "lru16")
                 res[name].setdefault("patch_s", []).append(time.perf_counter() - t)
             with torch.no_grad():
-                model(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=False)  # touch every code path once
+                model(input_ids=torch.tensor([[5, 6, 7, 8]], device=DEVICE), use_cache=False)  # touch every path
             res[name]["decode_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd))
+            for b in extra:
+                res[name][f"decode_b{b}_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd, batch=b))
             if name == "lru16":
                 st = cache_stats(model)
                 res[name].setdefault("decode_hit_rate", []).append(st["hit_rate"])
@@ -106,7 +124,7 @@ def speed(args) -> dict:
     base = res["baseline"]
     for name in cfgs:  # paired ratios: each against the baseline of the same round (load drifts between rounds)
         if name != "baseline":
-            for k in ("decode", "prefill"):
+            for k in ("decode", "prefill", *(f"decode_b{b}" for b in extra)):
                 per = [c / b for c, b in zip(res[name][f"{k}_tok_s"], base[f"{k}_tok_s"])]
                 out[name][f"{k}_ratio"] = statistics.median(per)
                 out[name][f"{k}_ratio_per_round"] = per
@@ -134,12 +152,11 @@ def mem_child(args) -> None:
     except OSError:
         pass
     params = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    cached = sum(v["bytes"] for v in cache_stats(model)["layers"].values()) if cc is not None else 0
+    cached = 0  # buffers (banks, the full table) are counted above; lru slabs are not buffers
     if cc is not None:
         from globe.runtime.patch import globe_layers
 
-        fams = next(iter(globe_layers(model).values())).families.values()
-        cached += sum(f.bank.numel() * f.bank.element_size() for f in fams if f.bank is not None)
+        cached = sum(mod.slab.nbytes() for mod in globe_layers(model).values() if mod.slab is not None)
     rss_model = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     prefill_tok_s(model, args.prefill_tokens, seed=0)
@@ -207,8 +224,12 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "hit_rate"])
     ap.add_argument("--mem-child", default=None)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decode-batch", type=int, nargs="+", default=[1])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.mem_child:
         mem_child(args)
         return
@@ -219,7 +240,9 @@ def main() -> None:
                   "support": args.support, "threads": args.threads, "decode_tokens": args.decode_tokens,
                   "prefill_tokens": args.prefill_tokens, "prefill_repeats": args.prefill_repeats,
                   "lru_warmup_tokens": args.warmup_tokens,
-                  "rounds": args.rounds, "device": "cpu", "cpu": platform.processor() or platform.machine(),
+                  "rounds": args.rounds, "device": args.device, "cpu": platform.processor() or platform.machine(),
+                  "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
+                  "decode_batch": args.decode_batch,
                   "torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     if "hit_rate" not in args.skip:

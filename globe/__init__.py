@@ -23,7 +23,7 @@ _LAZY = {
     "patch_model": ("globe.runtime.patch", "patch_model"),
     "unpatch_model": ("globe.runtime.patch", "unpatch_model"),
     "export": ("globe.runtime.export", "export"),
-    "load_model": ("globe.runtime.export", "load_model"),
+    "load_model": ("globe.runtime.load", "load_model"),
 }
 
 

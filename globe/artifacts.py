@@ -1,43 +1,54 @@
-"""The fit's output: one global bank per family plus per-expert adapters and sparse codes.
+"""One format for a fitted family: the fit writes it, the globe export embeds it, the runtime reads it.
 
-Why a module of its own: the fit engine writes these, the runtime, export and eval read them. The
-files are `DIR/globe.safetensors` (tensors) and `DIR/globe_config.json` (metadata).
+Why one format: a fit directory and a globe export hold the same families with the same tensor names
+and the same reader; the export only adds the tensors GloBE leaves untouched. Experts are numbered
+layer-major over the MoE layers: i = li * E + e (li = position of the layer in `moe_layers`).
 
-Experts are numbered layer-major over the MoE layers: expert index i = li * E + e, where li is the
-position of the layer in `moe_layers` and e the expert id inside that layer. Per family f:
+Tensors of family f (fit directory: fp32; export: bank, A and mixed in the export dtype):
+    globe.{f}.bank       (G, m, r, d)  atoms of G banks (G = 1: one global bank shared by every layer)
+    globe.{f}.gain       (G,)          fp32  scalar g of each bank inside phi
+    globe.{f}.indptr     (N + 1,)      int64 CSR row pointers of the codes
+    globe.{f}.indices    (nnz,)        int32 atom j (within the expert's bank) of each nonzero code
+    globe.{f}.values     (nnz,)        fp32  alpha_ij after epsilon-pruning
+    globe.{f}.col_scale  (d,)          fp32  optional per-input-column scale folded into tilde_B
+    globe.{f}.A_{L}      (E, p, r)     adapters of MoE layer L, per-expert scale folded in
+    globe.{f}.mixed_{L}  (E, r, d)     optional (export.save_mixed): precomposed tilde_B
 
-    f.bank   (m, r, d)  fp32   atoms B_j, shared by every MoE layer
-    f.codes  (N, m)     fp32   mixture weights alpha_i after epsilon-pruning (zeros are pruned)
-    f.A      (N, p, r)  fp32   adapters with the per-expert scale s_i folded in
-    f.gain   ()         fp32   scalar g inside phi
-    f.col_scale (d,)    fp32   optional per-input-column scale folded into tilde_B (absent = ones)
+    W_hat_i = A_i @ (phi(g_b * sum_j alpha_ij B_bj) * col_scale),     b = layer_bank[li]
 
-    W_hat_i = A_i @ (phi(g * sum_j alpha_ij B_j) * col_scale)      (p, d)
-
-A family that was not fitted is absent: the runtime keeps those experts dense.
+Metadata (JSON; `globe_config.json` of a fit directory, the `globe` section of an export's config.json):
+format "globe", version 2, model_type, moe_layers, num_experts, hidden_size, expert_intermediate_size,
+source, families {f: {m, r, banks, layer_bank, activation, col_scale, nnz, map, temperature, ...}},
+config (the resolved fit config). A fit directory stores one file per family, `globe-{f}.safetensors`,
+listed in `globe.safetensors.index.json`. Version-1 fit directories (`globe.safetensors` with dense
+codes and one (N, p, r) A) are read and converted; version-1 exports are refused with the version named.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .errors import GlobeError
+from .io.tensors import DictSource, TensorDir
+from .io.writer import ShardedWriter
 
-FORMAT_VERSION = 1
-TENSORS = "globe.safetensors"
+FORMAT, VERSION = "globe", 2
 CONFIG = "globe_config.json"
+PREFIX = "globe"
+KEEP_FP32 = ("gain", "values", "col_scale")  # family tensors that stay fp32 whatever the export dtype
 
 
 def activation_fn(name: str):
+    """phi by name: silu | tanh | identity."""
     if name == "silu":
         return torch.nn.functional.silu
     if name == "tanh":
@@ -47,151 +58,371 @@ def activation_fn(name: str):
     raise GlobeError(f"unknown activation {name!r}")
 
 
+def key(f: str, part: str, layer: int | None = None) -> str:
+    """Tensor name of a family part: key('up', 'bank') -> 'globe.up.bank'; key('up', 'A', 3) -> 'globe.up.A_3'."""
+    return f"{PREFIX}.{f}.{part}" if layer is None else f"{PREFIX}.{f}.{part}_{layer}"
+
+
+def sparse_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (N, m) codes -> CSR: indptr (N+1,) int64, indices (nnz,) int32, values (nnz,) fp32."""
+    mask = codes != 0
+    indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = mask.sum(1).cumsum(0)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return indptr, cols.to(torch.int32), codes[rows, cols].float()
+
+
+def dense_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
+    """CSR -> dense (N, m) fp32."""
+    n = indptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n), (indptr[1:] - indptr[:-1]).long())
+    out = torch.zeros(n, m)
+    out[rows, indices.long()] = values.float()
+    return out
+
+
 @dataclass
-class FamilyArtifact:
-    bank: torch.Tensor  # (m, r, d)
-    codes: torch.Tensor  # (N, m)
-    A: torch.Tensor  # (N, p, r)
-    gain: float = 1.0
+class Family:
+    """One fitted family in memory. A is held per MoE layer (or loaded on demand from disk)."""
+
+    bank: torch.Tensor  # (G, m, r, d)
+    codes: torch.Tensor  # (N, m) dense; zeros are pruned codes
+    gain: torch.Tensor  # (G,) fp32
+    layer_bank: list[int]  # bank index of each MoE layer (by position li)
+    num_experts: int  # E, experts per layer
     activation: str = "silu"
     col_scale: torch.Tensor | None = None  # (d,)
-    meta: dict[str, Any] = field(default_factory=dict)  # map, temperature, eps_prune, ...
+    meta: dict[str, Any] = field(default_factory=dict)  # map, temperature, eps_prune, share, ...
+    A_layers: list[torch.Tensor] | None = None  # li -> (E, p, r)
+    load_A: Callable[[int], torch.Tensor] | None = field(default=None, repr=False)
+    p: int = 0  # expert width (needed when A is loaded lazily)
 
+    @classmethod
+    def from_fit(cls, bank: torch.Tensor, codes: torch.Tensor, A: torch.Tensor, gain: float | torch.Tensor,
+                 num_experts: int, layer_bank: list[int] | None = None, activation: str = "silu",
+                 col_scale: torch.Tensor | None = None, meta: dict[str, Any] | None = None) -> Family:
+        """From a global bank (m, r, d) or banks (G, m, r, d), codes (N, m) and A (N, p, r)."""
+        bank = bank if bank.ndim == 4 else bank[None]
+        n_layers = codes.shape[0] // num_experts
+        g = torch.as_tensor(gain, dtype=torch.float32).reshape(-1).expand(bank.shape[0]).clone()
+        return cls(bank=bank, codes=codes, gain=g, layer_bank=list(layer_bank or [0] * n_layers),
+                   num_experts=num_experts, activation=activation, col_scale=col_scale, meta=dict(meta or {}),
+                   A_layers=list(A.split(num_experts)), p=A.shape[1])
+
+    # ---- shapes ----------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
-        """(N, m, p, r, d)."""
-        n, p, r = self.A.shape
-        m, _, d = self.bank.shape
-        return n, m, p, r, d
+        """(N, m, p, r, d); m is atoms per bank."""
+        _, m, r, d = self.bank.shape
+        return self.codes.shape[0], m, self.p or self.A_layer(0).shape[1], r, d
 
+    @property
+    def n_banks(self) -> int:
+        return self.bank.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_bank)
+
+    def nnz(self) -> int:
+        return int((self.codes != 0).sum())
+
+    def A_layer(self, li: int) -> torch.Tensor:
+        """Adapters of the li-th MoE layer: (E, p, r)."""
+        if self.A_layers is not None:
+            return self.A_layers[li]
+        if self.load_A is None:
+            raise GlobeError("family has no adapters loaded")
+        return self.load_A(li)
+
+    @property
+    def A(self) -> torch.Tensor:
+        """All adapters (N, p, r): loads every layer (small models, tests)."""
+        return torch.cat([self.A_layer(li) for li in range(self.n_layers)])
+
+    def bank_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """Bank index of each expert in idx: (n,) int64."""
+        lb = torch.tensor(self.layer_bank, dtype=torch.int64)
+        return lb[idx.long() // self.num_experts]
+
+    # ---- math ------------------------------------------------------------------------------------
     def mixed(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """tilde_B for experts idx (all if None): (n, r, d) = phi(g * codes @ bank) * col_scale."""
-        codes = self.codes if idx is None else self.codes[idx]
-        m, r, d = self.bank.shape
-        mix = (codes.to(self.bank.dtype) @ self.bank.reshape(m, r * d)).reshape(-1, r, d)
-        out = activation_fn(self.activation)(self.gain * mix)
+        """tilde_B for experts idx (all if None): (n, r, d) = phi(g_b * codes @ bank_b) * col_scale."""
+        idx = torch.arange(self.codes.shape[0]) if idx is None else idx.reshape(-1).cpu()
+        G, m, r, d = self.bank.shape
+        b = self.bank_of(idx)
+        out = torch.empty(idx.numel(), r, d, dtype=self.bank.dtype, device=self.bank.device)
+        phi = activation_fn(self.activation)
+        for g in b.unique().tolist():
+            sel = (b == g).nonzero().flatten()
+            codes = self.codes[idx[sel]].to(self.bank.device, self.bank.dtype)
+            mix = (codes @ self.bank[g].reshape(m, r * d)).reshape(-1, r, d)
+            out[sel.to(out.device)] = phi(float(self.gain[g]) * mix)
         if self.col_scale is not None:
-            out = out * self.col_scale
+            out = out * self.col_scale.to(out)
         return out
 
     def reconstruct(self, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """W_hat for experts idx: (n, p, d) in fp32."""
-        a = self.A if idx is None else self.A[idx]
-        return torch.bmm(a.float(), self.mixed(idx).float())
+        """W_hat for experts idx (all if None): (n, p, d) in fp32."""
+        idx = torch.arange(self.codes.shape[0]) if idx is None else idx.reshape(-1).cpu()
+        E = self.num_experts
+        li = idx // E
+        A = torch.empty(idx.numel(), *self.A_layer(int(li[0])).shape[1:]) if idx.numel() else torch.empty(0)
+        for layer in li.unique().tolist():
+            sel = (li == layer).nonzero().flatten()
+            A[sel] = self.A_layer(layer)[idx[sel] % E].float().cpu()
+        return torch.bmm(A, self.mixed(idx).float().cpu())
 
     def stored_params(self) -> int:
-        """Everything kept for this family: bank, all A_i, nonzero codes (+ their indices), gain."""
+        """Everything kept for this family: banks, all A_i, nonzero codes, gains, column scale."""
         n, m, p, r, d = self.shape
-        nnz = int((self.codes != 0).sum())
         extra = 0 if self.col_scale is None else d
-        return m * r * d + n * p * r + nnz + 1 + extra
+        return self.n_banks * (m * r * d + 1) + n * p * r + self.nnz() + extra
+
+    def family_meta(self) -> dict[str, Any]:
+        n, m, p, r, d = self.shape
+        return {**self.meta, "m": m, "r": r, "banks": self.n_banks, "layer_bank": list(self.layer_bank),
+                "activation": self.activation, "col_scale": self.col_scale is not None, "nnz": self.nnz()}
+
+    # ---- the on-disk representation ----------------------------------------------------------------
+    def plan(self, f: str, layers: list[int], dtype: torch.dtype = torch.float32,
+             mixed: bool = False) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor of this family as written with weights in `dtype`."""
+        n, m, p, r, d = self.shape
+        E, nnz = self.num_experts, self.nnz()
+        out = [(key(f, "bank"), dtype, tuple(self.bank.shape)), (key(f, "gain"), torch.float32, (self.n_banks,)),
+               (key(f, "indptr"), torch.int64, (n + 1,)), (key(f, "indices"), torch.int32, (nnz,)),
+               (key(f, "values"), torch.float32, (nnz,))]
+        if self.col_scale is not None:
+            out.append((key(f, "col_scale"), torch.float32, (d,)))
+        for L in layers:
+            out.append((key(f, "A", L), dtype, (E, p, r)))
+            if mixed:
+                out.append((key(f, "mixed", L), dtype, (E, r, d)))
+        return out
+
+    def tensors(self, f: str, layers: list[int], dtype: torch.dtype = torch.float32,
+                compose: Callable[[int], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in plan order, one layer's A at a time. compose(i) -> (r, d) for `mixed`."""
+        indptr, indices, values = sparse_codes(self.codes.cpu())
+        yield key(f, "bank"), self.bank.detach().to("cpu", dtype).contiguous()
+        yield key(f, "gain"), self.gain.detach().float().cpu()
+        yield key(f, "indptr"), indptr
+        yield key(f, "indices"), indices
+        yield key(f, "values"), values
+        if self.col_scale is not None:
+            yield key(f, "col_scale"), self.col_scale.detach().float().cpu()
+        E = self.num_experts
+        for li, L in enumerate(layers):
+            yield key(f, "A", L), self.A_layer(li).detach().to("cpu", dtype).contiguous()
+            if compose is not None:
+                yield key(f, "mixed", L), torch.stack([compose(li * E + e) for e in range(E)]).to(dtype)
 
 
 @dataclass
 class Artifacts:
-    families: dict[str, FamilyArtifact]
+    """Every fitted family of one model plus what identifies the model."""
+
+    families: dict[str, Family]
     model_type: str
     moe_layers: list[int]
     num_experts: int
     hidden_size: int
     expert_intermediate_size: int
     source: str = ""
-    config: dict[str, Any] = field(default_factory=dict)  # resolved GlobeConfig as a dict
-
-    def index(self, layer: int, expert: int) -> int:
-        return self.moe_layers.index(layer) * self.num_experts + expert
+    config: dict[str, Any] = field(default_factory=dict)  # resolved fit config as a dict
 
     def layer_slice(self, layer: int) -> slice:
         li = self.moe_layers.index(layer)
         return slice(li * self.num_experts, (li + 1) * self.num_experts)
 
-    def save(self, out_dir: str | os.PathLike) -> None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        fam_meta: dict[str, Any] = {}
-        for f, fa in self.families.items():
-            tensors[f"{f}.bank"] = fa.bank.detach().float().contiguous().cpu()
-            tensors[f"{f}.codes"] = fa.codes.detach().float().contiguous().cpu()
-            tensors[f"{f}.A"] = fa.A.detach().float().contiguous().cpu()
-            tensors[f"{f}.gain"] = torch.tensor(float(fa.gain))
-            if fa.col_scale is not None:
-                tensors[f"{f}.col_scale"] = fa.col_scale.detach().float().contiguous().cpu()
-            n, m, p, r, d = fa.shape
-            fam_meta[f] = {"m": m, "r": r, "activation": fa.activation, **fa.meta}
-        meta = {
-            "format": "globe-artifacts", "version": FORMAT_VERSION, "model_type": self.model_type,
-            "source": self.source, "moe_layers": list(self.moe_layers),
-            "num_experts": self.num_experts, "hidden_size": self.hidden_size,
-            "expert_intermediate_size": self.expert_intermediate_size, "families": fam_meta,
-            "config": self.config,
-        }
-        atomic_write(out / TENSORS, lambda p: save_file(tensors, p))
-        atomic_write(out / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-
-    @classmethod
-    def load(cls, art_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Artifacts:
-        """Load one fit directory, or merge several given as "DIR_UP,DIR_GATE" (one family each)."""
-        if isinstance(art_dir, str) and "," in art_dir:
-            parts = [cls.load(p.strip(), device) for p in art_dir.split(",") if p.strip()]
-            base = parts[0]
-            for other in parts[1:]:
-                same = (other.model_type, other.moe_layers, other.num_experts, other.hidden_size,
-                        other.expert_intermediate_size)
-                if same != (base.model_type, base.moe_layers, base.num_experts, base.hidden_size,
-                            base.expert_intermediate_size):
-                    raise GlobeError(f"artifacts {art_dir}: the directories were fitted on different models")
-                dup = set(base.families) & set(other.families)
-                if dup:
-                    raise GlobeError(f"artifacts {art_dir}: family {sorted(dup)[0]} appears twice")
-                base.families.update(other.families)
-            return base
-        d = Path(art_dir)
-        cfg_path, ten_path = d / CONFIG, d / TENSORS
-        if not d.is_dir():
-            raise GlobeError(f"artifacts directory not found: {d}")
-        for pth in (cfg_path, ten_path):
-            if not pth.is_file():
-                raise GlobeError(f"missing artifact file: {pth}")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise GlobeError(f"corrupt artifact config {cfg_path}: {e}") from None
-        if meta.get("format") != "globe-artifacts":
-            raise GlobeError(f"{cfg_path} is not a GloBE artifact config")
-        try:
-            t = load_file(str(ten_path), device=str(device))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise GlobeError(f"corrupt or truncated artifact file {ten_path}: {e}") from None
-        fams = {}
-        for f, fm in meta["families"].items():
-            try:
-                fams[f] = FamilyArtifact(
-                    bank=t[f"{f}.bank"], codes=t[f"{f}.codes"], A=t[f"{f}.A"],
-                    gain=float(t[f"{f}.gain"]), activation=fm.get("activation", "silu"),
-                    col_scale=t.get(f"{f}.col_scale"),
-                    meta={k: v for k, v in fm.items() if k not in ("m", "r", "activation")},
-                )
-            except KeyError as e:
-                raise GlobeError(f"artifact file {ten_path} lacks tensor {e.args[0]}") from None
-        arts = cls(families=fams, model_type=meta["model_type"], moe_layers=list(meta["moe_layers"]),
-                   num_experts=int(meta["num_experts"]), hidden_size=int(meta["hidden_size"]),
-                   expert_intermediate_size=int(meta["expert_intermediate_size"]),
-                   source=meta.get("source", ""), config=meta.get("config", {}))
-        arts.validate()
-        return arts
+    def meta(self) -> dict[str, Any]:
+        """The JSON metadata (see the module docstring)."""
+        return {"format": FORMAT, "version": VERSION, "model_type": self.model_type, "source": self.source,
+                "moe_layers": list(self.moe_layers), "num_experts": self.num_experts,
+                "hidden_size": self.hidden_size, "expert_intermediate_size": self.expert_intermediate_size,
+                "families": {f: fa.family_meta() for f, fa in self.families.items()}, "config": self.config}
 
     def validate(self) -> None:
         n = len(self.moe_layers) * self.num_experts
         for f, fa in self.families.items():
             nn_, m, p, r, d = fa.shape
-            if fa.codes.shape != (n, m) or nn_ != n:
-                raise GlobeError(f"artifact family {f}: expected {n} experts, codes {tuple(fa.codes.shape)}")
+            if nn_ != n or fa.num_experts != self.num_experts or fa.n_layers != len(self.moe_layers):
+                raise GlobeError(f"artifact family {f}: expected {n} experts ({len(self.moe_layers)} layers x "
+                                 f"{self.num_experts}), codes {tuple(fa.codes.shape)}")
             if p != self.expert_intermediate_size or d != self.hidden_size:
                 raise GlobeError(f"artifact family {f}: expert shape ({p}, {d}) does not match "
                                  f"({self.expert_intermediate_size}, {self.hidden_size})")
-            if fa.bank.shape[1] != r:
-                raise GlobeError(f"artifact family {f}: bank rank {fa.bank.shape[1]} != A rank {r}")
+            if not all(0 <= b < fa.n_banks for b in fa.layer_bank):
+                raise GlobeError(f"artifact family {f}: layer_bank {fa.layer_bank} refers to missing banks")
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Write a fit directory: globe-{f}.safetensors per family, the index, globe_config.json."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.families:
+            write_family_file(out, f, self)
+        finish_fit_dir(out, self.meta(), list(self.families))
+
+    # ---- reading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Artifacts:
+        """A fit directory (v2 or v1), a globe export, or several fit directories "DIR_UP,DIR_GATE"."""
+        if isinstance(path, str) and "," in path:
+            return merge([cls.load(p.strip(), device) for p in path.split(",") if p.strip()], path)
+        d = Path(path)
+        if not d.is_dir():
+            raise GlobeError(f"artifacts directory not found: {d}")
+        meta, src = _open_dir(d)
+        return from_meta(meta, src, device)
+
+
+def family_file(f: str) -> str:
+    return f"{PREFIX}-{f}.safetensors"
+
+
+def write_family_file(out: Path, f: str, arts: Artifacts, name: str | None = None) -> Path:
+    """One family's tensors (fp32) into out/`name` (default globe-{f}.safetensors), atomically."""
+    fam = arts.families[f]
+    tmp = Path(tempfile.mkdtemp(prefix=".globe-write-", dir=out))
+    try:
+        with ShardedWriter(tmp, fam.plan(f, arts.moe_layers), prefix="family", max_shard_bytes=1 << 62) as w:
+            for k, t in fam.tensors(f, arts.moe_layers):
+                w.write(k, t)
+            w.close()
+        dest = out / (name or family_file(f))
+        os.replace(tmp / "family.safetensors", dest)
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_fit_dir(out: Path, meta: dict[str, Any], families: list[str]) -> None:
+    """Write the index over the family files present and globe_config.json (both atomically)."""
+    wm: dict[str, str] = {}
+    total = 0
+    for f in families:
+        src = TensorDir(out, f"{PREFIX}-{f}")
+        wm.update(dict.fromkeys(src.keys(), family_file(f)))
+        total += (out / family_file(f)).stat().st_size
+    idx = {"metadata": {"total_size": total, "format": FORMAT, "version": VERSION}, "weight_map": wm}
+    atomic_write(out / f"{PREFIX}.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(idx, indent=1)))
+    atomic_write(out / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def _open_dir(d: Path):
+    """(meta, tensor source) of a fit directory or a globe export."""
+    cfg, export_cfg = d / CONFIG, d / "config.json"
+    if cfg.is_file():
+        try:
+            meta = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise GlobeError(f"corrupt artifact config {cfg}: {e}") from None
+        if meta.get("format") == "globe-artifacts" and int(meta.get("version", 0)) == 1:
+            return _convert_v1(d, meta)
+        _check_version(meta, cfg)
+        return meta, TensorDir(d, PREFIX)
+    if export_cfg.is_file():
+        try:
+            meta = json.loads(export_cfg.read_text()).get("globe")
+        except json.JSONDecodeError as e:
+            raise GlobeError(f"corrupt {export_cfg}: {e}") from None
+        if meta:
+            _check_version(meta, export_cfg)
+            return meta, TensorDir(d, meta.get("weights_prefix", "model"))
+    raise GlobeError(f"missing artifact file: {cfg} (not a GloBE fit directory or export)")
+
+
+def _check_version(meta: dict[str, Any], where: Path) -> None:
+    fmt, ver = meta.get("format"), meta.get("version")
+    if fmt == "globe-model":
+        raise GlobeError(f"{where}: a globe export of format version {ver} (globe-model); this globe reads "
+                         f"version {VERSION}: export it again from its fit directory")
+    if fmt != FORMAT:
+        raise GlobeError(f"{where} is not a GloBE artifact config (format {fmt!r})")
+    if int(ver or 0) != VERSION:
+        raise GlobeError(f"{where}: GloBE format version {ver}; this globe reads version {VERSION} "
+                         "(and converts version 1 fit directories)")
+
+
+def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> Artifacts:
+    """Build Artifacts from metadata and a tensor source; A stays on disk until asked for."""
+    dev = torch.device(device)
+    try:
+        layers, E = [int(x) for x in meta["moe_layers"]], int(meta["num_experts"])
+        fams = {}
+        for f, fm in meta["families"].items():
+            def take(name: str, f=f) -> torch.Tensor:
+                if name not in src:
+                    raise GlobeError(f"artifact tensors lack {name} (truncated, or another format)")
+                return src.tensor(name)
+            bank = take(key(f, "bank")).to(dev)
+            codes = dense_codes(take(key(f, "indptr")), take(key(f, "indices")), take(key(f, "values")),
+                                bank.shape[1])
+            cs = take(key(f, "col_scale")).to(dev) if fm.get("col_scale") else None
+            fams[f] = Family(bank=bank, codes=codes.to(dev), gain=take(key(f, "gain")).float(),
+                             layer_bank=[int(b) for b in fm.get("layer_bank", [0] * len(layers))],
+                             num_experts=E, activation=fm.get("activation", "silu"), col_scale=cs,
+                             meta={k: v for k, v in fm.items() if k not in ("m", "r", "banks", "layer_bank",
+                                                                            "activation", "col_scale", "nnz")},
+                             load_A=lambda li, f=f, take=take: take(key(f, "A", layers[li])).to(dev),
+                             p=int(meta["expert_intermediate_size"]))
+        arts = Artifacts(families=fams, model_type=meta["model_type"], moe_layers=layers, num_experts=E,
+                         hidden_size=int(meta["hidden_size"]),
+                         expert_intermediate_size=int(meta["expert_intermediate_size"]),
+                         source=meta.get("source", ""), config=meta.get("config", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise GlobeError(f"artifact metadata incomplete or malformed ({type(e).__name__}: {e})") from None
+    arts.validate()
+    return arts
+
+
+def _convert_v1(d: Path, meta: dict[str, Any]):
+    """Version-1 fit directory -> (v2 meta, in-memory source): bank (m,r,d) -> (1,m,r,d), codes -> CSR, A per layer."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = d / "globe.safetensors"
+    if not path.is_file():
+        raise GlobeError(f"missing artifact file: {path}")
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise GlobeError(f"corrupt or truncated artifact file {path}: {e}") from None
+    layers, E = list(meta["moe_layers"]), int(meta["num_experts"])
+    out: dict[str, torch.Tensor] = {}
+    fams = {}
+    for f, fm in meta["families"].items():
+        try:
+            bank, codes, A = t[f"{f}.bank"], t[f"{f}.codes"], t[f"{f}.A"]
+        except KeyError as e:
+            raise GlobeError(f"artifact file {path} lacks tensor {e.args[0]}") from None
+        indptr, indices, values = sparse_codes(codes)
+        out.update({key(f, "bank"): bank[None], key(f, "gain"): t[f"{f}.gain"].reshape(1).float(),
+                    key(f, "indptr"): indptr, key(f, "indices"): indices, key(f, "values"): values})
+        if f"{f}.col_scale" in t:
+            out[key(f, "col_scale")] = t[f"{f}.col_scale"]
+        for li, L in enumerate(layers):
+            out[key(f, "A", L)] = A[li * E:(li + 1) * E]
+        fams[f] = {**fm, "banks": 1, "layer_bank": [0] * len(layers), "col_scale": f"{f}.col_scale" in t}
+    new = {**meta, "format": FORMAT, "version": VERSION, "families": fams, "converted_from_version": 1}
+    return new, DictSource(out)
+
+
+def merge(parts: list[Artifacts], where: str) -> Artifacts:
+    """Combine fit directories of the same model that hold different families."""
+    base = parts[0]
+    ident = (base.model_type, base.moe_layers, base.num_experts, base.hidden_size, base.expert_intermediate_size)
+    for other in parts[1:]:
+        if (other.model_type, other.moe_layers, other.num_experts, other.hidden_size,
+                other.expert_intermediate_size) != ident:
+            raise GlobeError(f"artifacts {where}: the directories were fitted on different models")
+        dup = set(base.families) & set(other.families)
+        if dup:
+            raise GlobeError(f"artifacts {where}: family {sorted(dup)[0]} appears twice")
+        base.families.update(other.families)
+    return base
 
 
 def atomic_write(path: str | os.PathLike, writer) -> None:

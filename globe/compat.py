@@ -158,20 +158,17 @@ def layer_state(ck: Any, layer: int, dtype: torch.dtype | None = None,
     pre = f"{spec.layers_prefix}.{layer}."
     skip = ck.expert_tensor_names() if layer in ck.moe_layers else set()
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-    out = {memory_name(spec, k): cast(ck.tensor(k)) for k in ck.keys() if k.startswith(pre) and k not in skip}
+    out = {memory_name(spec, k): ck.tensor(k, dtype) for k in ck.keys() if k.startswith(pre) and k not in skip}
     if experts and layer in ck.moe_layers:
         E = ck.num_experts
-        first = ck.expert(layer, 0, "up")
+        first = ck.expert(layer, 0, "up", dtype)
         dt = dtype or first.dtype
         gu = torch.empty((E, 2 * ck.p, ck.hidden_size), dtype=dt)
         dn = torch.empty((E, ck.hidden_size, ck.p), dtype=dt)
         for e in range(E):
-            gu[e, :ck.p] = ck.expert(layer, e, "gate")
-            gu[e, ck.p:] = ck.expert(layer, e, "up")
-            dn[e] = ck.expert(layer, e, "down")
+            gu[e, :ck.p] = ck.expert(layer, e, "gate", dtype)
+            gu[e, ck.p:] = ck.expert(layer, e, "up", dtype)
+            dn[e] = ck.expert(layer, e, "down", dtype)
         fp = experts_prefix(spec, layer)
         out[f"{fp}.gate_up_proj"], out[f"{fp}.down_proj"] = gu, dn
     return out
@@ -236,6 +233,16 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def config_from_dict(d: dict[str, Any]) -> Any:
+    """A transformers config object from a config.json dict (as AutoConfig.from_pretrained would build it)."""
+    from transformers import CONFIG_MAPPING
+
+    mt = d.get("model_type")
+    if mt not in CONFIG_MAPPING:
+        raise GlobeError(f"model_type {mt!r} is not known to the installed transformers")
+    return CONFIG_MAPPING[mt].from_dict(dict(d))
 
 
 def load_config(path: str | Path) -> Any:

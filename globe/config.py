@@ -179,10 +179,12 @@ class ExportCfg:
     format: str = "globe"  # globe | dense
     dtype: str = "bf16"
     save_mixed: bool = False  # store each expert's tilde_B_i (True) or bank + sparse codes (False)
+    max_shard_gb: float = 5.0  # output shards of at most this many GB (+ model.safetensors.index.json)
 
     def __post_init__(self) -> None:
         _need(self.format in ("globe", "dense"), "export.format", f"unknown format {self.format!r}")
         _need(self.dtype in ("fp32", "bf16", "fp16"), "export.dtype", f"unknown dtype {self.dtype!r}")
+        _need(float(self.max_shard_gb) > 0, "export.max_shard_gb", f"must be > 0, got {self.max_shard_gb}")
 
 
 @dataclass

@@ -141,7 +141,8 @@ class Progress:
             self._bar = None
             return
         if self.last is not None:
-            get_logger().info("%s: done, %s", self.desc, self.line().split(", ", 1)[1])
+            rest = [x for x in self.line().split(", ")[1:] if not x.startswith("ETA")]
+            get_logger().info("%s: done, %s", self.desc, ", ".join(rest))
             self.last = None  # type: ignore[assignment]
 
     def __enter__(self) -> Progress:

@@ -6,15 +6,20 @@ tensors, `{layer}.{disk_block}.experts.{e}.{name}.weight`) and in memory (the tr
 module `{layer}.{block}.experts` with `gate_up_proj` (E, 2p, d), gate rows first, and `down_proj`
 (E, d, p)), and the rule that says which decoder layers are MoE.
 
-Layer rules:
-  sparse_step    MoE iff L not in mlp_only_layers and (L + 1) % decoder_sparse_step == 0  (Qwen)
+Layer rules, exactly what the installed transformers classes build (their DecoderLayer __init__):
+  sparse_step    MoE iff E > 0 and L not in mlp_only_layers and (L + 1) % decoder_sparse_step == 0  (Qwen)
   all            every layer is MoE                                                       (OLMoE, Mixtral)
-  first_k_dense  MoE iff L >= first_k_dense_replace and L % moe_layer_freq == 0           (DeepSeek)
+  first_k_dense  MoE iff L >= first_k_dense_replace                                       (DeepSeek)
+DeepSeek's original remote code also required L % moe_layer_freq == 0; transformers ignores
+moe_layer_freq (every published checkpoint has 1), so a checkpoint written with another value has
+no experts where transformers builds them, and the reader refuses it (globe/io/checkpoint.py).
+`defaults` holds the transformers config class defaults of the keys these rules read, for a
+config.json that omits them; tests/test_registry.py checks rules and defaults against transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import GlobeError
@@ -23,7 +28,7 @@ from .errors import GlobeError
 @dataclass(frozen=True)
 class ArchSpec:
     model_type: str
-    num_experts_key: str | tuple[str, ...]  # first key present in config.json wins
+    num_experts_key: str | tuple[str, ...]  # the config attribute, then its aliases (attribute_map)
     inter_key: str  # routed expert width p
     layer_rule: str
     top_k_key: str = "num_experts_per_tok"
@@ -38,28 +43,34 @@ class ArchSpec:
     shared_inter_key: str | None = None  # width of the shared expert ...
     n_shared_key: str | None = None  # ... or n_shared_experts * inter_key
     layers_prefix: str = "model.layers"
+    defaults: dict[str, Any] = field(default_factory=dict, hash=False)  # transformers defaults of the keys read
 
 
 REGISTRY: dict[str, ArchSpec] = {
     "qwen2_moe": ArchSpec(
-        "qwen2_moe", num_experts_key=("num_experts", "num_local_experts"), inter_key="moe_intermediate_size",
+        "qwen2_moe", num_experts_key="num_experts", inter_key="moe_intermediate_size",
         layer_rule="sparse_step", shared="shared_expert", shared_gate="shared_expert_gate",
-        shared_inter_key="shared_expert_intermediate_size"),
+        shared_inter_key="shared_expert_intermediate_size",
+        defaults={"num_experts": 60, "decoder_sparse_step": 1, "mlp_only_layers": []}),
     "qwen3_moe": ArchSpec(
-        "qwen3_moe", num_experts_key=("num_experts", "num_local_experts"), inter_key="moe_intermediate_size",
-        layer_rule="sparse_step"),
+        "qwen3_moe", num_experts_key=("num_local_experts", "num_experts"), inter_key="moe_intermediate_size",
+        layer_rule="sparse_step",
+        defaults={"num_local_experts": 128, "decoder_sparse_step": 1, "mlp_only_layers": []}),
     "olmoe": ArchSpec(
-        "olmoe", num_experts_key=("num_experts", "num_local_experts"), inter_key="intermediate_size", layer_rule="all"),
+        "olmoe", num_experts_key=("num_experts", "num_local_experts"), inter_key="intermediate_size", layer_rule="all",
+        defaults={"num_experts": 64}),
     "mixtral": ArchSpec(
-        "mixtral", num_experts_key="num_local_experts", inter_key="intermediate_size",
+        "mixtral", num_experts_key=("num_local_experts", "num_experts"), inter_key="intermediate_size",
         layer_rule="all", disk_block="block_sparse_moe", gate_name="w1", up_name="w3",
-        down_name="w2"),
+        down_name="w2", defaults={"num_local_experts": 8}),
     "deepseek_v2": ArchSpec(
-        "deepseek_v2", num_experts_key="n_routed_experts", inter_key="moe_intermediate_size",
-        layer_rule="first_k_dense", shared="shared_experts", n_shared_key="n_shared_experts"),
+        "deepseek_v2", num_experts_key=("n_routed_experts", "num_experts"), inter_key="moe_intermediate_size",
+        layer_rule="first_k_dense", shared="shared_experts", n_shared_key="n_shared_experts",
+        defaults={"n_routed_experts": 64, "first_k_dense_replace": 0}),
     "deepseek_v3": ArchSpec(
-        "deepseek_v3", num_experts_key="n_routed_experts", inter_key="moe_intermediate_size",
-        layer_rule="first_k_dense", shared="shared_experts", n_shared_key="n_shared_experts"),
+        "deepseek_v3", num_experts_key=("n_routed_experts", "num_local_experts"), inter_key="moe_intermediate_size",
+        layer_rule="first_k_dense", shared="shared_experts", n_shared_key="n_shared_experts",
+        defaults={"n_routed_experts": 256, "first_k_dense_replace": 3}),
 }
 
 
@@ -71,30 +82,61 @@ def get_spec(model_type: str | None) -> ArchSpec:
         "to add one, put an ArchSpec entry in globe/registry.py:REGISTRY")
 
 
+def _int(spec: ArchSpec, cfg: dict[str, Any], key: str) -> int:
+    v = cfg.get(key, spec.defaults.get(key))
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise GlobeError(f"config.json: {key} must be an integer for {spec.model_type}, got {v!r}")
+    return v
+
+
 def moe_layers(spec: ArchSpec, cfg: dict[str, Any]) -> list[int]:
+    """Decoder layers holding routed experts, as the installed transformers class builds them."""
     n_layers = int(cfg["num_hidden_layers"])
-    n_exp = num_experts(spec, cfg)
-    if n_exp <= 0:
+    if num_experts(spec, cfg) <= 0:
         return []
     if spec.layer_rule == "sparse_step":
-        step = int(cfg.get("decoder_sparse_step", 1) or 1)
-        dense = set(cfg.get("mlp_only_layers") or [])
+        step = _int(spec, cfg, "decoder_sparse_step")
+        if step < 1:
+            raise GlobeError(f"config.json: decoder_sparse_step must be >= 1, got {step}")
+        dense = cfg.get("mlp_only_layers", spec.defaults.get("mlp_only_layers")) or []
         return [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
     if spec.layer_rule == "all":
         return list(range(n_layers))
     if spec.layer_rule == "first_k_dense":
-        k = int(cfg.get("first_k_dense_replace", 0) or 0)
-        freq = int(cfg.get("moe_layer_freq", 1) or 1)
-        return [i for i in range(n_layers) if i >= k and i % freq == 0]
+        k = _int(spec, cfg, "first_k_dense_replace")
+        return [i for i in range(n_layers) if i >= k]
     raise GlobeError(f"registry entry {spec.model_type}: unknown layer_rule {spec.layer_rule!r}")
 
 
+def layer_rule_text(spec: ArchSpec, cfg: dict[str, Any]) -> str:
+    """The rule with this config's values, for messages: 'first_k_dense_replace=1: MoE from layer 1 on'."""
+    if spec.layer_rule == "sparse_step":
+        step = cfg.get("decoder_sparse_step", spec.defaults.get("decoder_sparse_step"))
+        dense = cfg.get("mlp_only_layers", spec.defaults.get("mlp_only_layers")) or []
+        return f"decoder_sparse_step={step}, mlp_only_layers={list(dense)}"
+    if spec.layer_rule == "first_k_dense":
+        k = cfg.get("first_k_dense_replace", spec.defaults.get("first_k_dense_replace"))
+        text = f"first_k_dense_replace={k}: MoE from layer {k} on"
+        freq = cfg.get("moe_layer_freq", 1)
+        if freq not in (1, None):
+            text += f"; moe_layer_freq={freq} is ignored by transformers"
+        return text
+    return "every layer is MoE"
+
+
 def num_experts(spec: ArchSpec, cfg: dict[str, Any]) -> int:
+    """Routed experts per MoE layer: the config attribute or an alias of it (they must agree)."""
     keys = (spec.num_experts_key,) if isinstance(spec.num_experts_key, str) else spec.num_experts_key
-    for k in keys:
-        if cfg.get(k):
-            return int(cfg[k])
-    return 0
+    vals = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    if len(set(map(str, vals.values()))) > 1:
+        raise GlobeError(f"config.json: {' and '.join(f'{k}={v}' for k, v in vals.items())} disagree")
+    if vals:
+        v = next(iter(vals.values()))
+    else:
+        v = spec.defaults.get(keys[0], 0)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise GlobeError(f"config.json: {keys[0]} must be a non-negative integer, got {v!r}")
+    return v
 
 
 def shared_width(spec: ArchSpec, cfg: dict[str, Any]) -> int:

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from globe.artifacts import Artifacts, FamilyArtifact
+from globe.artifacts import Artifacts, Family
 from globe.errors import GlobeError
 from globe.eval.diagnostics import diagnose, effective_rank
 from globe.eval.report import render_report
@@ -21,14 +21,13 @@ E, P, D, M, R = 6, 24, 32, 5, 8
 LAYERS = [0, 2]  # the tiny qwen2_moe has mlp_only_layers=[1]
 
 
-def _family(seed: int, n: int) -> FamilyArtifact:
+def _family(seed: int, n: int) -> Family:
     g = torch.Generator().manual_seed(seed)
     codes = torch.rand(n, M, generator=g)
     codes[codes < 0.5] = 0  # sparse
     codes[:, 0] += 0.1  # no empty support
-    return FamilyArtifact(bank=torch.randn(M, R, D, generator=g), codes=codes,
-                          A=torch.randn(n, P, R, generator=g) * 0.1, gain=0.7, activation="silu",
-                          meta={"temperature": 0.5})
+    return Family.from_fit(torch.randn(M, R, D, generator=g), codes, torch.randn(n, P, R, generator=g) * 0.1, 0.7,
+                           E, activation="silu", meta={"temperature": 0.5})
 
 
 def make_run(root, model_dir=None):

@@ -29,14 +29,22 @@ def make_cfg(model_dir, out, **kw):
 
 
 def tensors(out):
-    return load_file(str(out / "globe.safetensors"))
+    """Every tensor of a fit directory (one file per family, listed in the index)."""
+    idx = json.loads((out / "globe.safetensors.index.json").read_text())["weight_map"]
+    t = {}
+    for f in sorted(set(idx.values())):
+        t.update(load_file(str(out / f)))
+    assert set(t) == set(idx)
+    return t
 
 
 def test_outputs_and_contract(model_dir, tmp_path):
     out = tmp_path / "o"
     s = run(make_cfg(model_dir, out, train__baseline_mobe=True))
-    for f in ("globe.safetensors", "globe_config.json", "metrics.jsonl", "summary.json"):
+    for f in ("globe-up.safetensors", "globe-gate.safetensors", "globe.safetensors.index.json", "globe_config.json",
+              "metrics.jsonl", "summary.json"):
         assert (out / f).is_file()
+    assert not list((out / ".globe_fit").glob("*.safetensors"))  # staged family files were moved out
     summ = json.loads((out / "summary.json").read_text())
     assert summ == json.loads(json.dumps(s))
     ck = Checkpoint(model_dir)
@@ -76,7 +84,7 @@ def test_determinism_same_seed_identical_artifacts(model_dir, tmp_path):
     strip = lambda s: {f: {k: v for k, v in d.items() if not k.endswith("time_s")} for f, d in s["families"].items()}  # noqa
     assert strip(s1) == strip(s2)
     s3 = run(make_cfg(model_dir, tmp_path / "c", train__seed=1, bank__seed=1, train__families=["up"]))
-    assert not torch.equal(tensors(tmp_path / "c")["up.bank"], t1["up.bank"])
+    assert not torch.equal(tensors(tmp_path / "c")["globe.up.bank"], t1["globe.up.bank"])
     assert s3["families"]["up"]["rel_fro_error"] != s1["families"]["up"]["rel_fro_error"]
 
 
@@ -99,10 +107,10 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, wh
 def test_different_run_in_output_dir_is_refused(model_dir, tmp_path):
     out = tmp_path / "o"
     run(make_cfg(model_dir, out))
-    before = (out / "globe.safetensors").read_bytes()
+    before = (out / "globe-up.safetensors").read_bytes()
     with pytest.raises(GlobeError, match="different"):
         run(make_cfg(model_dir, out, bank__m_up=5))
-    assert (out / "globe.safetensors").read_bytes() == before
+    assert (out / "globe-up.safetensors").read_bytes() == before
     other = tmp_path / "busy"
     other.mkdir()
     (other / "notes.txt").write_text("x")
@@ -128,7 +136,7 @@ def test_bad_config_rejected_before_reading_weights(model_dir, tmp_path, monkeyp
         setattr(getattr(cfg, sec), name, list(kw.values())[0])
     with pytest.raises(GlobeError, match=key.replace(".", r"\.")):
         run(cfg)
-    assert not (tmp_path / "o" / "globe.safetensors").exists()
+    assert not (tmp_path / "o" / "globe.safetensors.index.json").exists()
 
 
 @pytest.mark.parametrize("kw", [{"sparsity__map": "topk"}, {"bank__activation": "relu"}])
@@ -152,7 +160,7 @@ def test_nan_loss_stops_keeps_checkpoint(model_dir, tmp_path, monkeypatch):
         run(make_cfg(model_dir, out, train__families=["up"], train__eval_every=100))
     ck = torch.load(out / ".globe_fit" / "up.ckpt.pt", weights_only=False)
     assert ck["step"] == 10 and torch.isfinite(ck["bank"]).all()  # 1 init eval call + steps 1..11 good
-    assert not (out / "globe.safetensors").exists()
+    assert not (out / "globe.safetensors.index.json").exists()
 
 
 def test_activation_aware_objective_runs_and_is_finite(model_dir, tmp_path):

@@ -115,7 +115,8 @@ def test_offline_run_logs_metrics_histograms_config(model_dir, tmp_path, wb_env)
     summ = run(cfg_for(model_dir, out))
     rd = one_run_dir(out / ".globe_fit")  # default: inside output_dir, nothing else added to output_dir
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".globe_fit", "globe.safetensors", "globe_config.json", "metrics.jsonl", "summary.json"])
+        [".globe_fit", "globe-gate.safetensors", "globe-up.safetensors", "globe.safetensors.index.json",
+         "globe_config.json", "metrics.jsonl", "summary.json"])
     wf = list(rd.glob("run-*.wandb"))
     assert len(wf) == 1 and wf[0].stat().st_size > 0
     recs = finished_records(wf[0])

@@ -12,8 +12,9 @@ from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.models import fixture_path, save_model, tiny_model
 from globe.runtime import patch_model
-from globe.runtime.export import export, is_globe_dir, load_model
+from globe.runtime.export import export, is_globe_dir
 from globe.runtime.generate import generate
+from globe.runtime.load import load_model
 from globe.runtime.testing import random_artifacts
 
 IDS = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -48,7 +49,10 @@ def test_globe_export_reload_identical(setup, dtype, save_mixed):
     out = root / f"g_{dtype}_{save_mixed}"
     assert export(_cfg(src, root / "arts", out, format="globe", dtype=dtype, save_mixed=save_mixed)) == out
     assert is_globe_dir(out) and not is_globe_dir(src)
-    assert (out / "tokenizer_config.json").is_file() and not (out / "model.safetensors").exists()
+    assert (out / "tokenizer_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+    with pytest.raises((ValueError, KeyError, OSError)):  # loud refusal, never experts filled at random
+        AutoModelForCausalLM.from_pretrained(str(out))
     meta = json.loads((out / "config.json").read_text())["globe"]
     assert meta["save_mixed"] == save_mixed and meta["dtype"] == dtype
     mem = compat.load_pretrained(src, compat.DTYPES[dtype])
@@ -63,7 +67,8 @@ def test_globe_export_reload_identical(setup, dtype, save_mixed):
         assert torch.equal(_logits(other), a)
     if dtype == "fp32" and not save_mixed:  # compressed experts: smaller than the original on disk
         assert meta["bytes_on_disk"] < meta["original_bytes"]
-        assert meta["bytes_on_disk"] == (out / "globe_model.safetensors").stat().st_size
+        weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        assert meta["bytes_on_disk"] <= weights < meta["bytes_on_disk"] + 64 * 1024  # + headers
 
 
 def test_dense_export_loads_with_plain_transformers(setup):
@@ -108,11 +113,16 @@ def test_mismatched_or_broken_artifacts(setup, tmp_path):
     trunc = tmp_path / "trunc"
     trunc.mkdir()
     (trunc / "globe_config.json").write_bytes((root / "arts" / "globe_config.json").read_bytes())
-    data = (root / "arts" / "globe.safetensors").read_bytes()
-    (trunc / "globe.safetensors").write_bytes(data[: len(data) // 2])
+    for f in ("globe.safetensors.index.json", "globe-gate.safetensors"):
+        (trunc / f).write_bytes((root / "arts" / f).read_bytes())
+    data = (root / "arts" / "globe-up.safetensors").read_bytes()
+    (trunc / "globe-up.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(GlobeError, match="truncated"):
         export(_cfg(src, trunc, tmp_path / "o3", format="globe"))
-    (trunc / "globe.safetensors").unlink()
+    (trunc / "globe-up.safetensors").unlink()
+    with pytest.raises(GlobeError, match="missing file globe-up"):
+        export(_cfg(src, trunc, tmp_path / "o3b", format="globe"))
+    (trunc / "globe_config.json").unlink()
     with pytest.raises(GlobeError, match="missing artifact file"):
         export(_cfg(src, trunc, tmp_path / "o4", format="globe"))
     with pytest.raises(GlobeError, match="artifacts"):
@@ -123,7 +133,7 @@ def test_mismatched_or_broken_artifacts(setup, tmp_path):
 def test_truncated_globe_weights_fail_to_load(setup, tmp_path):
     root, src, _ = setup
     out = export(_cfg(src, root / "arts", tmp_path / "g", format="globe", dtype="fp32"))
-    w = out / "globe_model.safetensors"
+    w = out / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) - 100])
     with pytest.raises(GlobeError, match="truncated"):

@@ -74,7 +74,7 @@ def test_bf16_model_patches_in_its_dtype():
     arts = random_artifacts(model, m=4, r=8)
     patch_model(model, arts)
     mod = compat.get_experts(model, 0)
-    assert mod.A_up.dtype == torch.bfloat16 and mod.cache.table.dtype == torch.bfloat16
+    assert mod.A("up").dtype == torch.bfloat16 and mod.table.dtype == torch.bfloat16
     assert _logits(model).dtype == torch.bfloat16
     ref = _logits(to_dense_model(copy.deepcopy(model)))  # same weights, one dense GEMM per family
     torch.testing.assert_close(_logits(model).float(), ref.float(), rtol=0.05, atol=0.05)

@@ -12,6 +12,13 @@ user's overrides, turns the result into a typed `GlobeConfig` and calls the libr
     globe demo     [--out DIR] [--fast]
 
 Bad input prints one line `error: ...` and exits 2 (`--debug` shows the traceback).
+
+Values that are data, not configuration (`DATA_KEYS`: the prompt, paths, names) never go through
+Hydra's override grammar, where `prompt=def f(x):` is a syntax error and `$`, `,`, brackets and
+quotes mean something: they are taken verbatim after the first `=` and set on the composed config.
+One pair of matching outer quotes is removed (the Hydra quoting of older commands, e.g.
+'artifacts="DIR_UP,DIR_GATE"'), so a value that must keep outer quotes doubles them; `null` unsets
+every key but `prompt`. `-m` sweeps never split them on commas.
 """
 
 from __future__ import annotations
@@ -29,6 +36,23 @@ from ..config import GlobeConfig
 from ..errors import GlobeError
 
 VERBS_WITH_OVERRIDES = ("fit", "export", "eval", "generate")
+DATA_KEYS = ("prompt", "model.path", "model.revision", "output_dir", "artifacts", "output", "eval.text",
+             "train.calib_text", "wandb.project", "wandb.entity", "wandb.run_name")
+
+
+def split_data(overrides: list[str]) -> tuple[dict[str, str | None], list[str]]:
+    """({data key: verbatim value}, the Hydra overrides left) from `key=value` arguments."""
+    data: dict[str, str | None] = {}
+    rest = []
+    for o in overrides:
+        key, eq, val = o.partition("=")
+        if not eq or key not in DATA_KEYS:
+            rest.append(o)
+            continue
+        if len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
+            val = val[1:-1]
+        data[key] = None if val == "null" and key != "prompt" else val
+    return data, rest
 
 
 def compose(overrides: list[str]) -> GlobeConfig:
@@ -42,12 +66,19 @@ def compose(overrides: list[str]) -> GlobeConfig:
     for o in overrides:
         if "=" not in o:
             raise GlobeError(f"bad argument {o!r}: expected key=value (Hydra override syntax)")
+    verbatim, overrides = split_data(overrides)
     try:
         with initialize_config_module(config_module="globe.conf", version_base=None):
             cfg = h_compose(config_name="default", overrides=list(overrides))
         data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except (HydraException, OmegaConfBaseException) as e:
         raise GlobeError(f"bad override: {str(e).splitlines()[0]}") from None
+    for key, val in verbatim.items():  # after Hydra: an explicit value beats a group's default
+        *sec, leaf = key.split(".")
+        node = data
+        for part in sec:
+            node = node.setdefault(part, {})
+        node[leaf] = val
     try:
         conf = GlobeConfig.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -72,7 +103,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     choices = []
     for o in overrides:
         k, _, v = o.partition("=")
-        if "," in v and not v.startswith("["):
+        if "," in v and not v.startswith("[") and k not in DATA_KEYS:
             choices.append([f"{k}={x}" for x in v.split(",")])
         else:
             choices.append([o])

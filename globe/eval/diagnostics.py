@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import Artifacts, FamilyArtifact
+from ..artifacts import Artifacts, Family
 from ..errors import GlobeError
 
 ENERGY = 0.95
@@ -79,13 +79,13 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def code_stats(fa: FamilyArtifact) -> dict[str, Any]:
+def code_stats(fa: Family) -> dict[str, Any]:
     """Support histogram, atom popularity and pairwise atom coherence (artifact only)."""
     codes = fa.codes.float()
     nz = codes != 0
     support = nz.sum(1)
     sizes, counts = torch.unique(support, return_counts=True)
-    atoms = fa.bank.float().reshape(fa.bank.shape[0], -1)
+    atoms = fa.bank.float().reshape(-1, fa.bank.shape[-2] * fa.bank.shape[-1])  # every atom of every bank
     unit = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
     coh = (unit @ unit.T).abs()
     m = coh.shape[0]
@@ -104,7 +104,7 @@ def code_stats(fa: FamilyArtifact) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def recon_stats(fa: FamilyArtifact, arts: Artifacts, ckpt, family: str, n_spectra: int = 3,
+def recon_stats(fa: Family, arts: Artifacts, ckpt, family: str, n_spectra: int = 3,
                 max_rank_experts: int = 64) -> dict[str, Any]:
     """Relative errors per layer/expert, spectra and effective ranks against the original experts."""
     E = arts.num_experts
@@ -116,7 +116,7 @@ def recon_stats(fa: FamilyArtifact, arts: Artifacts, ckpt, family: str, n_spectr
     spectra: dict[str, list] = {"experts": [], "orig": [], "recon": []}
     ranks: dict[str, list] = {"experts": [], "orig": [], "recon": []}
     for li, L in enumerate(arts.moe_layers):
-        W = torch.stack([ckpt.expert(L, e, family).float() for e in range(E)])  # (E, p, d)
+        W = torch.stack([ckpt.expert(L, e, family, torch.float32) for e in range(E)])  # (E, p, d)
         idx = torch.arange(li * E, (li + 1) * E)
         Wh = fa.reconstruct(idx)  # (E, p, d)
         r2 = ((W - Wh) ** 2).sum((1, 2)).double()

@@ -240,6 +240,10 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None, checkp
     if not run.is_dir():
         raise GlobeError(f"run directory not found: {run}")
     out = Path(out_dir).expanduser() if out_dir else run / "report"
+    from ..io.outputs import check_writable
+
+    check_writable(out, what="report directory")  # a file in the way, read-only: before any work
+    check_writable(out.parent, what="report directory")  # the temporary dir is made beside it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)

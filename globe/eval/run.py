@@ -50,7 +50,7 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
     except Exception as e:
         raise GlobeError(f"cannot load a tokenizer from {path}: {type(e).__name__}") from None
     if _is_globe_dir(path):
-        from ..runtime.export import load_model
+        from ..runtime.load import load_model
 
         model = load_model(str(path), device=device, dtype=dtype, cache=cfg.cache, collect_stats=collect_stats)
         kind = "globe"
@@ -108,8 +108,10 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     if not (ev.text or ev.dataset or ev.speed or ev.hit_rate or ev.tasks):
         raise GlobeError("nothing to evaluate: give eval.text=FILE, eval.dataset=wikitext2, eval.speed=true "
                          "or eval.tasks=[...]")
-    if cfg.output and not Path(cfg.output).expanduser().parent.is_dir():
-        raise GlobeError(f"output directory does not exist: {Path(cfg.output).expanduser().parent}")
+    if cfg.output:
+        from ..io.outputs import check_file_writable
+
+        check_file_writable(cfg.output, what="output")  # missing dir, read-only, a directory in the way
     text = _text(cfg)  # bad text/dataset/tasks fail before the model loads
     manager = None
     if ev.tasks:

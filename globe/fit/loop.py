@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import FamilyArtifact
+from ..artifacts import Family
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..progress import Progress
@@ -42,7 +42,7 @@ Rows = Callable[[torch.Tensor], torch.Tensor] | None  # expert idx (n,) -> row w
 
 @dataclass
 class FamilyFit:
-    artifact: FamilyArtifact
+    artifact: Family
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -164,7 +164,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
                progress: bool | None = False, interrupt_at: int | None = None,
                on_codes: Callable[[int, torch.Tensor], None] | None = None,
-               scales: torch.Tensor | None = None) -> FamilyFit:
+               experts_per_layer: int | None = None, scales: torch.Tensor | None = None) -> FamilyFit:
     """Fit one family's GloBE model to experts W (N, p, d); resumable from `ckpt_path`.
 
     log(record) gets each metrics record; on_codes(step, codes (N, m) cpu) the codes at each evaluation.
@@ -278,11 +278,11 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     if best["params"] is None:  # never on target at an evaluation: keep the final state
         best = {"step": step, "T": ctrl.T, "params": copy.deepcopy(prm.state_dict())}
     return _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, stopped_early, resumed, t0,
-                   progress)
+                   experts_per_layer or N, progress)
 
 
 def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, early, resumed, t0,
-            progress=None) -> FamilyFit:
+            E, progress=None) -> FamilyFit:
     tr, sp = cfg.train, cfg.sparsity
     N, p, d = W.shape
     prm.load_state_dict(best["params"])
@@ -301,11 +301,10 @@ def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step,
     sv = state["sv"]
     r = prm.bank_raw.shape[1]
     floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))
-    art = FamilyArtifact(bank=_unit(prm.bank_raw.detach().cpu()), codes=pruned.cpu(), A=A,
-                         gain=float(prm.gain.detach()),
-                         activation=cfg.bank.activation,
-                         meta={"map": sp.map, "alpha": sp.alpha, "temperature": T, "eps_prune": sp.eps_prune,
-                               "target_support": sp.target_support})
+    art = Family.from_fit(_unit(prm.bank_raw.detach().cpu()), pruned.cpu(), A, float(prm.gain.detach()), E,
+                          activation=cfg.bank.activation,
+                          meta={"map": sp.map, "alpha": sp.alpha, "temperature": T, "eps_prune": sp.eps_prune,
+                                "target_support": sp.target_support})
     metrics = {
         "rel_fro_error": post["rel_fro_error"], "rel_fro_error_before_prune": pre["rel_fro_error"],
         "prune_error_cost": post["rel_fro_error"] - pre["rel_fro_error"], "objective": post["objective"],

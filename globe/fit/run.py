@@ -1,6 +1,8 @@
 """The `globe fit` driver: config checks, resumable per-family fits, baselines, outputs.
 
-Writes into cfg.output_dir exactly: globe.safetensors + globe_config.json (Artifacts.save),
+Writes into cfg.output_dir exactly: globe-{f}.safetensors per family + globe.safetensors.index.json +
+globe_config.json (the format of globe/artifacts.py; each family's file is written when that family
+finishes, so two families' adapters are never in memory together),
 metrics.jsonl (one JSON line per log step), summary.json; plus the private resume state under
 `.globe_fit/` (run fingerprint, per-family checkpoints and finished results). A re-run with the same
 output_dir and the same run resumes; a directory holding anything else is refused.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -19,10 +22,11 @@ from typing import Any
 
 import torch
 
-from ..artifacts import Artifacts, atomic_write
+from ..artifacts import Artifacts, atomic_write, family_file, finish_fit_dir, write_family_file
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
+from ..io.outputs import check_writable
 from ..progress import Progress
 from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
@@ -32,7 +36,7 @@ from .loop import FamilyFit, fit_family
 from .tracking import WandbRun, require_wandb, wandb_on
 
 STATE = ".globe_fit"
-OUTPUTS = ("globe.safetensors", "globe_config.json", "metrics.jsonl", "summary.json")
+OUTPUTS = ("globe.safetensors.index.json", "globe_config.json", "metrics.jsonl", "summary.json")  # + globe-{f}...
 _NOT_RESULT = {"checkpoint_every", "log_every", "device", "max_memory_gb", "eval_chunk"}
 
 
@@ -56,6 +60,7 @@ def _validate(cfg: GlobeConfig) -> None:
         raise GlobeError(str(e)) from None
     if not cfg.output_dir:
         raise GlobeError("output_dir: required for fit")
+    check_writable(cfg.output_dir, what="output_dir")  # read-only, not ours, a file in the way: before any work
     if cfg.train.objective == "activation" and not Path(str(cfg.train.calib_text)).is_file():
         raise GlobeError(f"train.calib_text: file not found: {cfg.train.calib_text}")
     if wandb_on(cfg):
@@ -203,27 +208,29 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
     _check_calib_memory(cfg, ck, N)
     dev = pick_device(cfg.train.device)
     out = Path(cfg.output_dir)
+    r = cfg.bank.rank(ck.p)  # room for the final globe-{f}.safetensors: A (N, p, r), bank, codes, fp32
+    check_writable(out, 4 * sum(N * ck.p * r + cfg.bank.m(f) * (r * ck.hidden_size + N) for f in cfg.train.families),
+                   what="output_dir")
     fp = fingerprint(cfg, ck)
     _claim(out, fp)
     torch.manual_seed(cfg.train.seed)
     log = _Log(out, cfg)  # opens the wandb run, if any: closed in the finally below, also on error
     progress = sys.stderr.isatty() if progress is None else progress
-    fams: dict[str, Any] = {}
     results: dict[str, dict] = {}
     ok = False
     try:
         whiten_for, rows_for = _whitening(cfg, ck, progress)
         for fam in cfg.train.families:
-            done = out / STATE / f"{fam}.done.pt"
-            if done.is_file():
-                results[fam] = None  # loaded at the end: never two families' adapters next to experts
-                continue
+            done = out / STATE / f"{fam}.done.json"
+            staged = out / STATE / f"{fam}.safetensors"
+            if done.is_file() and (staged.is_file() or (out / family_file(fam)).is_file()):
+                continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
             ckpt = out / STATE / f"{fam}.ckpt.pt"
             log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if ckpt.is_file() else 0)
             W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress)
             rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
             fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt, log=log,
-                             progress=progress, scales=sc,
+                             progress=progress, experts_per_layer=ck.num_experts, scales=sc,
                              interrupt_at=(interrupt_at or {}).get(fam), on_codes=log.codes_hook(fam))
             # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
             sv = torch.load(ckpt, weights_only=False, mmap=True)["sv"].clone() if whiten_for is None else None
@@ -233,18 +240,20 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
                                                         for k, b in base.items()))
             if not math.isfinite(fit.metrics["rel_fro_error"]):
                 raise GlobeError(f"fit of family {fam} produced a non-finite error")
-            res = {"artifact": fit.artifact, "metrics": fit.metrics, "baselines": base}
-            atomic_write(done, lambda p, res=res: torch.save(res, p))
+            one = _artifacts(ck, cfg, {fam: fit.artifact})
+            write_family_file(out / STATE, fam, one, name=f"{fam}.safetensors")
+            res = {"metrics": fit.metrics, "baselines": base, "family_meta": fit.artifact.family_meta()}
+            atomic_write(done, lambda p, res=res: Path(p).write_text(json.dumps(res, indent=1)))
             log.family_done(fam, fit)
-            results[fam] = None
-            del W, fit, res
-        for fam in results:
-            results[fam] = torch.load(out / STATE / f"{fam}.done.pt", weights_only=False)
-            fams[fam] = results[fam]["artifact"]
-        arts = Artifacts(families=fams, model_type=ck.model_type, moe_layers=list(ck.moe_layers),
-                         num_experts=ck.num_experts, hidden_size=ck.hidden_size, expert_intermediate_size=ck.p,
-                         source=str(ck.dir), config=cfg.to_dict())
-        arts.save(out)
+            del W, fit, res, one
+        for fam in cfg.train.families:
+            results[fam] = json.loads((out / STATE / f"{fam}.done.json").read_text())
+            staged = out / STATE / f"{fam}.safetensors"
+            if staged.is_file():
+                os.replace(staged, out / family_file(fam))
+        meta = _artifacts(ck, cfg, {}).meta()
+        meta["families"] = {f: results[f]["family_meta"] for f in cfg.train.families}
+        finish_fit_dir(out, meta, list(cfg.train.families))
         summary = _summary(results, cfg, ck, dev, time.time() - t0)
         atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
         if not (out / "metrics.jsonl").exists():
@@ -256,9 +265,15 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
     return summary
 
 
+def _artifacts(ck: Checkpoint, cfg: GlobeConfig, families: dict) -> Artifacts:
+    return Artifacts(families=families, model_type=ck.model_type, moe_layers=list(ck.moe_layers),
+                     num_experts=ck.num_experts, hidden_size=ck.hidden_size, expert_intermediate_size=ck.p,
+                     source=str(ck.dir), config=cfg.to_dict())
+
+
 def _svdvals(W: torch.Tensor, sc: torch.Tensor, chunk: int = 8, progress: bool | None = None,
              desc: str = "spectra") -> torch.Tensor:
-    """Singular values (N, min(p, d)) of the RMS-normalised experts (exact, via fp64 Gram eigenvalues)."""
+    """Singular values (N, min(p, d)) of the RMS-normalised experts (`init.spectra`, Gram eigenvectors)."""
     inv = inv_scales(sc, sc > 0)
     out = []
     with Progress(W.shape[0], desc, "experts", bar=progress, quiet=quiet(W.numel())) as pg:

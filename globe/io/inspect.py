@@ -2,7 +2,9 @@
 
 JSON keys (DESIGN.md §4): model_type, moe_layers, num_experts, top_k, hidden_size,
 expert_intermediate_size, shared_expert_intermediate_size, params{routed_up, routed_gate,
-routed_down, shared, total}; extras: dense_layers, num_layers, layout, dtypes, bytes_on_disk, path.
+routed_down, shared, total}; extras: dense_layers, num_layers, layout, dtypes (stored dtype code ->
+parameter count; FP8 scale tensors are not counted as parameters), quantization (null or a short
+description), bytes_on_disk, path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from .checkpoint import Checkpoint
 
 
 def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
+    """Summary of an MoE checkpoint, or of a globe export (format "globe", see `inspect_export`)."""
+    from .checkpoint import resolve_path
+
+    d = resolve_path(str(path), revision)
+    if _is_export(d):
+        return inspect_export(d)
     ck = Checkpoint(path, revision)
     E, p, d, L = ck.num_experts, ck.p, ck.hidden_size, len(ck.moe_layers)
     routed = L * E * p * d  # each of up, gate, down
@@ -22,7 +30,7 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
     numel = {k: math.prod(ck.shape(k)) for k in ck.keys()}
     dtypes = Counter()
     for k, n in numel.items():
-        dtypes[ck.dtype_str(k)] += n
+        dtypes[ck.stored_dtype_str(k)] += n
     n_layers = int(ck.config["num_hidden_layers"])
     return {
         "model_type": ck.model_type,
@@ -37,10 +45,58 @@ def inspect(path: str, revision: str | None = None) -> dict[str, Any]:
         "num_layers": n_layers,
         "dense_layers": [i for i in range(n_layers) if i not in set(ck.moe_layers)],
         "layout": ck.layout,
+        "quantization": ck.quantization,
         "dtypes": dict(dtypes),
         "bytes_on_disk": ck.bytes_on_disk(),
         "path": str(ck.dir),
     }
+
+
+def _is_export(d) -> bool:
+    import json
+
+    cfg = d / "config.json"
+    try:
+        return cfg.is_file() and "globe" in json.loads(cfg.read_text())
+    except (ValueError, OSError):
+        return False
+
+
+def inspect_export(d) -> dict[str, Any]:
+    """A globe export: the base model's MoE facts, the families (atoms, banks, rank, codes, stored
+    parameters) and sizes, from config.json and the tensor headers alone."""
+    import json
+
+    from ..errors import GlobeError
+    from .tensors import TensorDir
+
+    conf = json.loads((d / "config.json").read_text())
+    g = conf["globe"]
+    if g.get("format") != "globe":
+        raise GlobeError(f"{d}: a globe export of format {g.get('format')!r} version {g.get('version')}; "
+                         "export it again from its fit directory with this globe")
+    src = TensorDir(d, g.get("weights_prefix", "model"))
+    E, p, dd, L = int(g["num_experts"]), int(g["expert_intermediate_size"]), int(g["hidden_size"]), len(g["moe_layers"])
+    fams = {}
+    for f, fm in g["families"].items():
+        m, r, G = int(fm["m"]), int(fm["r"]), int(fm.get("banks", 1))
+        stored = G * (m * r * dd + 1) + L * E * p * r + int(fm["nnz"]) + (dd if fm.get("col_scale") else 0)
+        fams[f] = {"m": m, "r": r, "banks": G, "nnz": int(fm["nnz"]), "stored_params": stored,
+                   "original_params": L * E * p * dd, "stored_fraction": stored / (L * E * p * dd)}
+    return {"format": "globe", "model_type": g.get("base_model_type"), "moe_layers": list(g["moe_layers"]),
+            "num_experts": E, "top_k": conf.get("num_experts_per_tok"), "hidden_size": dd,
+            "expert_intermediate_size": p, "families": fams, "dtype": g.get("dtype"),
+            "save_mixed": g.get("save_mixed"), "cache": g.get("cache"),
+            "params": {"total": sum(math.prod(src.shape(k)) for k in src.keys())},
+            "bytes_on_disk": src.nbytes(), "original_bytes": g.get("original_bytes"), "source": g.get("source"),
+            "path": str(d)}
+
+
+def _bytes(n: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def _fmt(n: float) -> str:
@@ -51,6 +107,8 @@ def _fmt(n: float) -> str:
 
 
 def format_table(info: dict[str, Any]) -> str:
+    if info.get("format") == "globe":
+        return _export_table(info)
     p = info["params"]
     total = p["total"]
     rows = [
@@ -64,7 +122,8 @@ def format_table(info: dict[str, Any]) -> str:
                           if info["shared_expert_intermediate_size"] else "none"),
         ("layout", info["layout"]),
         ("dtype", ", ".join(f"{k} ({v / total:.0%})" for k, v in info["dtypes"].items())),
-        ("bytes on disk", f"{_fmt(info['bytes_on_disk'])}B"),
+        ("quantization", info.get("quantization") or "none"),
+        ("bytes on disk", _bytes(info["bytes_on_disk"])),
     ]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
@@ -87,3 +146,21 @@ def _ranges(xs: list[int]) -> str:
         out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
         i = j + 1
     return ", ".join(out)
+
+
+def _export_table(info: dict[str, Any]) -> str:
+    rows = [("format", f"globe export of a {info['model_type']} model ({info['dtype']})"), ("path", info["path"]),
+            ("source", info.get("source") or "?"),
+            ("MoE layers", f"{len(info['moe_layers'])} ({_ranges(info['moe_layers'])}), {info['num_experts']} experts"),
+            ("expert shape", f"p={info['expert_intermediate_size']} x d={info['hidden_size']}"),
+            ("bytes on disk", f"{_bytes(info['bytes_on_disk'])}" + (
+                f" (source {_bytes(info['original_bytes'])}, {info['bytes_on_disk'] / info['original_bytes']:.1%})"
+                if info.get("original_bytes") else "")),
+            ("cache", str((info.get("cache") or {}).get("mode")))]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{w}}  {v}" for k, v in rows] + ["", f"{'family':<8}{'m':>6}{'banks':>7}{'r':>7}{'codes':>9}"
+                                                   f"{'stored':>10}{'of routed':>11}"]
+    for f, fm in info["families"].items():
+        lines.append(f"{f:<8}{fm['m']:>6}{fm['banks']:>7}{fm['r']:>7}{fm['nnz']:>9}{_fmt(fm['stored_params']):>10}"
+                     f"{fm['stored_fraction']:>11.1%}")
+    return "\n".join(lines)

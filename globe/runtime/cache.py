@@ -1,180 +1,286 @@
-"""Precomposition of tilde_B_i and the per-layer expert cache (full | lru | none).
+"""Composition of tilde_B blocks and the per-layer block cache (`lru`, `none`; `full` is a table).
 
-Why: an expert's Up/Gate is A_i (tilde_B_i x) with tilde_B_i = phi(g * sum_j alpha_ij B_j) * col_scale.
+Why: an expert's Up/Gate is A_i (tilde_B_i x) with tilde_B_i = phi(g_b * sum_j alpha_ij B_bj) * col_scale.
 Composing tilde_B_i costs nnz(alpha_i) * r * d multiply-adds, more than the expert's own GEMV, so it is
-done once and kept. `FamilyRuntime` holds one family's global bank and sparse codes (CSR over all N
-experts, layer-major i = li * E + e) and composes one expert at a time, always with the same kernel and
-shapes so that every cache mode produces bit-identical blocks.
+done once and kept. There is ONE composition kernel, `compose_many`, used by every cache mode, the
+export (save_mixed) and the loader, so every mode produces bit-identical blocks: fp32 accumulation in
+code order, then phi and col_scale in fp32, then one cast. Each expert's bits do not depend on which
+other experts are in the batch: on the CPU in row chunks of fixed size, elsewhere batched elementwise
+ops over a prefix of experts sorted by nnz; never a GEMM whose blocking depends on the batch.
 
-`ExpertCache` keeps, per MoE layer, one block per expert: (R, d) with R = sum of the fitted families'
-ranks (rows [gate; up]), or (P, d) = A_i tilde_B_i rows when compose_full is on.
-  full  all E blocks composed at construction into one (E, R, d) table
-  lru   OrderedDict of at most `capacity` blocks; miss -> compose, insert, evict least recently used
-  none  compose on every call
-Hit/miss counters exist only with collect_stats=True (a None check in the hot path, nothing more).
+`SlabCache` keeps at most S composed blocks of one layer in a preallocated slab (S, R, d) with an
+expert -> slot map and composes misses in one `compose_blocks` call straight into their slots
+(S = 0: compose every call, mode `none`). `simulate_lru` replays a routing trace through the same
+policy, so the hit rates `globe eval` reports are the runtime's.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..artifacts import FamilyArtifact, activation_fn
 from ..errors import GlobeError
+from .kernels import Blocks, LayerWeights
 
 MODES = ("full", "lru", "none")
 
 
-class FamilyRuntime:
-    """One fitted family, shared by every MoE layer: bank (m, r*d), CSR codes, gain, phi, col_scale."""
+@dataclass
+class BankCodes:
+    """One family's banks and sparse codes (host CSR over all N experts), as composition reads them.
 
-    def __init__(self, name: str, bank: torch.Tensor | None, indptr: torch.Tensor | None,
-                 indices: torch.Tensor | None, values: torch.Tensor | None, r: int, d: int, gain: float,
-                 activation: str, col_scale: torch.Tensor | None = None):
-        self.name, self.r, self.d, self.gain, self.activation = name, r, d, float(gain), activation
-        self.act = activation_fn(activation)
-        self.bank = None if bank is None else bank.reshape(bank.shape[0], r * d)  # (m, r*d) compute dtype
-        self.indptr = None if indptr is None else [int(v) for v in indptr.tolist()]  # N + 1
-        self.indices = indices  # (nnz,) int64
-        self.values = values  # (nnz,) fp32
-        # Host copies: composing reads them without a device sync.
-        self._idx = [] if indices is None else [int(v) for v in indices.tolist()]
-        self._val = [] if values is None else [float(v) for v in values.float().tolist()]
-        self.col_scale = None if col_scale is None else col_scale.float()  # (d,)
+    bank (m, r*d) is one bank; (G, m, r*d) are G banks, expert i using bank_of[i] with gain[bank_of[i]].
+    """
+
+    bank: torch.Tensor  # (m, r*d) or (G, m, r*d), in the dtype the atoms are stored in
+    indptr: list[int]  # N + 1
+    indices: list[int]  # nnz atom ids (within the expert's bank)
+    values: list[float]  # nnz code values (pruned zeros absent)
+    r: int
+    d: int
+    gain: float | Sequence[float] = 1.0  # one per bank
+    activation: str = "silu"
+    col_scale: torch.Tensor | None = None  # (d,) fp32
+    bank_of: Sequence[int] | None = None  # (N,) bank of each expert; None: one bank
+
+    def atoms(self, i: int) -> tuple[torch.Tensor, float]:
+        """(the (m, r*d) bank of expert i, its gain)."""
+        if self.bank.ndim == 2:
+            return self.bank, float(self.gain if not isinstance(self.gain, Sequence) else self.gain[0])
+        b = self.bank_of[i] if self.bank_of is not None else 0
+        return self.bank[b], float(self.gain[b] if isinstance(self.gain, Sequence) else self.gain)
 
     @classmethod
-    def from_artifact(cls, name: str, fa: FamilyArtifact, dtype: torch.dtype, device: torch.device) -> FamilyRuntime:
-        """Cast the bank to the compute dtype; codes become CSR (zeros = pruned) in fp32."""
-        n, m, p, r, d = fa.shape
-        indptr, indices, values = sparse_codes(fa.codes)
-        return cls(name, fa.bank.detach().to(device=device, dtype=dtype), indptr, indices.to(device),
-                   values.to(device), r, d, fa.gain, fa.activation,
-                   None if fa.col_scale is None else fa.col_scale.detach().to(device))
+    def from_dense(cls, bank: torch.Tensor, codes: torch.Tensor, gain: float = 1.0, activation: str = "silu",
+                   col_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> BankCodes:
+        """bank (m, r, d), codes (N, m) with zeros = pruned."""
+        m, r, d = bank.shape
+        mask = codes != 0
+        indptr = [0] + mask.sum(1).cumsum(0).tolist()
+        rows, cols = mask.nonzero(as_tuple=True)
+        return cls(bank.reshape(m, r * d).to(dtype or bank.dtype), indptr, cols.tolist(),
+                   codes[rows, cols].float().tolist(), r, d, float(gain), activation,
+                   None if col_scale is None else col_scale.float())
 
-    @property
-    def has_bank(self) -> bool:
-        return self.bank is not None
 
-    def nnz(self, i: int) -> int:
-        assert self.indptr is not None
-        return self.indptr[i + 1] - self.indptr[i]
+def _activate(x: torch.Tensor, activation: str) -> None:
+    if activation == "silu":
+        F.silu(x, inplace=True)
+    elif activation == "tanh":
+        x.tanh_()
+    elif activation != "identity":
+        raise GlobeError(f"unknown activation {activation!r}")
 
-    def compose(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """tilde_B for global expert i: (r, d) in dtype. Mixing and phi in fp32."""
-        if self.bank is None or self.indptr is None:
-            raise GlobeError(f"family {self.name}: no bank loaded (save_mixed checkpoint); cannot compose")
-        lo, hi = self.indptr[i], self.indptr[i + 1]
-        g = self.gain
-        if hi == lo:
-            mix = self.bank.new_zeros(self.r * self.d, dtype=torch.float32)
-        else:  # fp32 accumulation straight from the stored atoms: no gathered copy of the k atoms
-            mix = self.bank[self._idx[lo]].to(torch.float32, copy=True).mul_(g * self._val[lo])  # (r*d,)
-            for j in range(lo + 1, hi):
-                mix.add_(self.bank[self._idx[j]], alpha=g * self._val[j])
-        if self.activation == "silu":
-            torch.nn.functional.silu(mix, inplace=True)
-        elif self.activation == "tanh":
-            mix.tanh_()
+
+def compose_many(fam: BankCodes, ids: Sequence[int], dtype: torch.dtype,
+                 out: torch.Tensor | Sequence[torch.Tensor] | None = None, chunk: int = 65536,
+                 max_batch: int = 16) -> torch.Tensor | Sequence[torch.Tensor]:
+    """tilde_B_i = phi(g * sum_j alpha_ij B_j) * col_scale for global experts `ids`: (B, r, d) in dtype.
+
+    Mixing, phi and col_scale in fp32 (DESIGN.md section 1), then one cast. Each expert's bits do not
+    depend on the other ids (see the module docstring). out: a (B, r, d) tensor or B views (r, d) to
+    write into (e.g. slab slots); returned. chunk: CPU working-set size in elements; max_batch: experts
+    per batched step elsewhere (bounds the (max_batch, r*d) fp32 scratch). Raises GlobeError on ids
+    outside the codes.
+    """
+    r, d, N = fam.r, fam.d, len(fam.indptr) - 1
+    if any(not 0 <= i < N for i in ids):
+        raise GlobeError(f"compose: expert ids must lie in [0, {N}), got {list(ids)}")
+    if out is None:
+        out = torch.empty((len(ids), r, d), dtype=dtype, device=fam.bank.device)
+    if fam.bank.device.type == "cpu":
+        _compose_cpu(fam, ids, out, max(d, chunk // d * d))
+    else:
+        for s in range(0, len(ids), max_batch):
+            _compose_batched(fam, ids[s:s + max_batch], out, s)
+    return out
+
+
+def _compose_cpu(fam: BankCodes, ids, out, C: int) -> None:
+    """Row-aligned chunks of C elements, chunk-major so the atoms' chunk stays in cache across experts.
+
+    Every expert sees the same ops on the same chunk sizes whatever the batch, so its bits do not
+    depend on it; no full-size fp32 temporaries.
+    """
+    rd, d = fam.r * fam.d, fam.d
+    acc_buf = torch.empty(C, dtype=torch.float32)
+    tmp_buf = torch.empty(C, dtype=torch.float32)
+    banks = [fam.atoms(i) for i in ids]
+    for s in range(0, rd, C):
+        t = min(rd, s + C)
+        acc, tmp = acc_buf[:t - s], tmp_buf[:t - s]
+        for b, i in enumerate(ids):
+            bank, g = banks[b]
+            lo, hi = fam.indptr[i], fam.indptr[i + 1]
+            if hi == lo:
+                acc.zero_()
+            else:
+                acc.copy_(bank[fam.indices[lo], s:t]).mul_(g * fam.values[lo])
+                for j in range(lo + 1, hi):
+                    acc.add_(tmp.copy_(bank[fam.indices[j], s:t]), alpha=g * fam.values[j])
+            _activate(acc, fam.activation)
+            if fam.col_scale is not None:
+                acc.view(-1, d).mul_(fam.col_scale)
+            out[b][s // d:t // d].copy_(acc.view(-1, d))
+
+
+def _compose_batched(fam: BankCodes, ids, out, base: int) -> None:
+    """Experts sorted by nnz (descending): slot j updates the prefix of experts with nnz > j."""
+    dev, rd = fam.bank.device, fam.r * fam.d
+    m = fam.bank.shape[-2]
+    flat_bank = fam.bank.reshape(-1, rd)  # (G*m, r*d): atom j of bank b is row b*m + j
+    nnz = [fam.indptr[i + 1] - fam.indptr[i] for i in ids]
+    perm = sorted(range(len(ids)), key=lambda b: -nnz[b])  # stable
+    width = max(nnz, default=0)
+    idx = [[0] * len(ids) for _ in range(width)]
+    coef = [[0.0] * len(ids) for _ in range(width)]
+    for q, b in enumerate(perm):
+        lo = fam.indptr[ids[b]]
+        bank_id = fam.bank_of[ids[b]] if (fam.bank.ndim == 3 and fam.bank_of is not None) else 0
+        g = fam.atoms(ids[b])[1]
+        for j in range(nnz[b]):
+            idx[j][q], coef[j][q] = bank_id * m + fam.indices[lo + j], g * fam.values[lo + j]
+    idx_t = torch.tensor(idx, dtype=torch.int64).to(dev)  # one small copy each
+    coef_t = torch.tensor(coef, dtype=torch.float32).to(dev)
+    mix = torch.empty((len(ids), rd), dtype=torch.float32, device=dev)
+    mix[sum(1 for c in nnz if c):].zero_()  # experts without codes: phi(0)
+    for j in range(width):
+        nb = sum(1 for b in perm if nnz[b] > j)
+        rows = flat_bank.index_select(0, idx_t[j, :nb])  # (nb, r*d)
+        if j == 0:
+            torch.mul(rows, coef_t[0, :nb, None], out=mix[:nb])
         else:
-            mix = self.act(mix)
-        out = mix.view(self.r, self.d)
-        if self.col_scale is not None:
-            out.mul_(self.col_scale)
-        return out.to(dtype)
-
-    def release_bank(self) -> None:
-        """Drop the bank once every block is precomposed (full cache): saves m * r * d numbers."""
-        self.bank = None
+            mix[:nb].addcmul_(rows, coef_t[j, :nb, None])
+    _activate(mix, fam.activation)
+    mix = mix.view(len(ids), fam.r, fam.d)
+    if fam.col_scale is not None:
+        mix.mul_(fam.col_scale)
+    for q, b in enumerate(perm):
+        out[base + b].copy_(mix[q])
 
 
-def sparse_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense (N, m) codes -> CSR: indptr (N+1,) int64, indices (nnz,) int64, values (nnz,) fp32."""
-    mask = codes != 0
-    indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64)
-    indptr[1:] = mask.sum(1).cumsum(0)
-    rows, cols = mask.nonzero(as_tuple=True)
-    return indptr, cols.to(torch.int64), codes[rows, cols].float()
+def compose_blocks(families: dict[str, BankCodes], lw: LayerWeights, base: int, experts: Sequence[int],
+                   out: torch.Tensor | Sequence[torch.Tensor], mixed: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the (R, d) block of each local expert into out[b]: rows of family f at lw.rows[f].
+
+    base: global index of the layer's expert 0 in the codes. mixed: stored tilde_B (E, r, d) per family,
+    used instead of composing. With compose_full the rows hold A_f[e] @ tilde_B_f (one mm per expert).
+    """
+    dtype = lw.compute_dtype
+    for f, (lo, hi) in lw.rows.items():
+        if lw.compose_full:
+            src = (mixed[f].index_select(0, torch.tensor(list(experts), device=mixed[f].device))
+                   if mixed and f in mixed else compose_many(families[f], [base + e for e in experts], dtype))
+            A = lw.A.get(f) if lw.A else None
+            if A is None:
+                raise GlobeError(f"compose_full: no adapters for family {f}")
+            for b, e in enumerate(experts):
+                torch.mm(A[e], src[b], out=out[b][lo:hi])
+        elif mixed and f in mixed:
+            for b, e in enumerate(experts):
+                out[b][lo:hi].copy_(mixed[f][e])
+        else:
+            compose_many(families[f], [base + e for e in experts], dtype, out=[o[lo:hi] for o in out])
 
 
-class ExpertCache:
-    """Per-layer store of composed expert blocks; `get_many(experts)` returns one block per id."""
+def build_table(compose: Callable[[list[int], Any], None], num_experts: int, shape: tuple[int, int],
+                dtype: torch.dtype, device: torch.device | str, chunk: int = 8) -> torch.Tensor:
+    """The `full` table (E, R, d): compose(experts, out) called on chunks of experts."""
+    table = torch.empty((num_experts, *shape), dtype=dtype, device=device)
+    for s in range(0, num_experts, chunk):
+        ids = list(range(s, min(num_experts, s + chunk)))
+        compose(ids, table[s:s + len(ids)])
+    return table
 
-    def __init__(self, mode: str, num_experts: int, compose: Callable[[int], torch.Tensor],
-                 capacity: int = 16, collect_stats: bool = False):
-        if mode not in MODES:
-            raise GlobeError(f"unknown cache mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "lru" and capacity < 1:
-            raise GlobeError(f"cache capacity must be >= 1, got {capacity}")
-        self.mode, self.num_experts, self.compose, self.capacity = mode, num_experts, compose, int(capacity)
-        self.lru: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self.table: torch.Tensor | None = None  # (E, R, d) in full mode
+
+class SlabCache:
+    """At most S composed blocks of one layer in a preallocated slab (S, R, d), least recently used out.
+
+    lookup(active, counts): the active experts' blocks as `Blocks`. Hits stay in their slots; misses are
+    composed in one compose(experts, out) call, straight into free or evicted slots (never a slot of
+    this call's own active experts); misses beyond S go to a temporary part. Recency: this call's
+    experts become the most recent, touched in ascending (tokens, id), so when more than S are active
+    the slab keeps the hits, then the misses with the most tokens. capacity 0 composes every call
+    (mode `none`).
+    """
+
+    def __init__(self, capacity: int, num_experts: int, shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device | str, compose: Callable[[list[int], Any], None], collect_stats: bool = False):
+        if capacity < 0:
+            raise GlobeError(f"cache capacity must be >= 0, got {capacity}")
+        self.capacity, self.num_experts, self.shape, self.compose = int(capacity), num_experts, tuple(shape), compose
+        self.dtype, self.device = dtype, torch.device(device)
+        self.slab = torch.empty((self.capacity, *self.shape), dtype=dtype, device=device) if capacity else None
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recent first
+        self.free = list(range(self.capacity))
         self.stats: dict[str, int] | None = {"hits": 0, "misses": 0} if collect_stats else None
-        if mode == "full":
-            first = compose(0)
-            self.table = first.new_empty((num_experts, *first.shape))
-            self.table[0] = first
-            for e in range(1, num_experts):
-                self.table[e] = compose(e)
 
-    def get(self, e: int) -> torch.Tensor:
-        if self.table is not None:
-            if self.stats is not None:
-                self.stats["hits"] += 1
-            return self.table[e]
-        if self.mode == "none":
-            if self.stats is not None:
-                self.stats["misses"] += 1
-            return self.compose(e)
-        blk = self.lru.get(e)
-        if blk is not None:
-            self.lru.move_to_end(e)
-            if self.stats is not None:
-                self.stats["hits"] += 1
-            return blk
+    def lookup(self, active: Sequence[int], counts: Sequence[int] | None = None) -> Blocks:
+        """Blocks of the active expert ids; counts (per expert, optional) rank them by tokens."""
+        active = sorted(set(int(e) for e in active), key=lambda e: (counts[e] if counts else 0, e))
+        act = set(active)
+        misses = [e for e in active if e not in self.slot_of]
+        evictable = [e for e in self.slot_of if e not in act]
+        n_slab = min(len(misses), len(self.free) + len(evictable))
+        to_temp, to_slab = misses[:len(misses) - n_slab], misses[len(misses) - n_slab:]
+        slots = []
+        for e in to_slab:
+            s = self.free.pop(0) if self.free else self.slot_of.pop(evictable.pop(0))
+            self.slot_of[e] = s
+            slots.append(s)
+        for e in active:
+            if e in self.slot_of:
+                self.slot_of.move_to_end(e)
         if self.stats is not None:
-            self.stats["misses"] += 1
-        blk = self.compose(e)
-        self.lru[e] = blk
-        if len(self.lru) > self.capacity:
-            self.lru.popitem(last=False)
-        return blk
-
-    def get_many(self, experts: Sequence[int]) -> list[torch.Tensor]:
-        return [self.get(e) for e in experts]
+            self.stats["hits"] += len(active) - len(misses)
+            self.stats["misses"] += len(misses)
+        if to_slab:
+            self.compose(to_slab, [self.slab[s] for s in slots])
+        parts = [self.slab] if self.slab is not None else []
+        groups = [0] * self.num_experts
+        for e in active:
+            if e in self.slot_of:
+                groups[e] = self.slot_of[e]
+        if to_temp:
+            temp = torch.empty((len(to_temp), *self.shape), dtype=self.dtype, device=self.device)
+            self.compose(to_temp, temp)
+            for j, e in enumerate(to_temp):
+                groups[e] = self.capacity + j
+            parts.append(temp)
+        if not parts:  # no active expert and no slab
+            parts = [torch.empty((0, *self.shape), dtype=self.dtype, device=self.device)]
+        return Blocks(parts, torch.tensor(groups, dtype=torch.int64).to(self.device), groups)
 
     def keys(self) -> list[int]:
-        """Cached expert ids, least recently used first (all ids in full mode)."""
-        if self.table is not None:
-            return list(range(self.num_experts))
-        return list(self.lru)
+        """Resident expert ids, least recently used first."""
+        return list(self.slot_of)
+
+    def clear(self) -> None:
+        self.slot_of.clear()
+        self.free = list(range(self.capacity))
 
     def reset_stats(self) -> None:
         if self.stats is not None:
             self.stats.update(hits=0, misses=0)
 
-    def clear(self) -> None:
-        self.lru.clear()
-
     def nbytes(self) -> int:
-        t = [self.table] if self.table is not None else list(self.lru.values())
-        return sum(x.numel() * x.element_size() for x in t)
+        return 0 if self.slab is None else self.slab.numel() * self.slab.element_size()
 
 
 def simulate_lru(trace: Sequence[Sequence[int]], capacity: int, warmup: int = 0) -> dict[str, float]:
-    """Replay a per-token routing trace (each item: the token's expert ids) through one LRU.
-
-    The first `warmup` tokens fill the cache without being counted. Returns hits, misses, hit_rate.
-    """
-    cache = ExpertCache("lru", 0, compose=lambda e: _EMPTY, capacity=capacity, collect_stats=True)
+    """Replay a per-token routing trace (each item: the token's expert ids) through the runtime's slab
+    policy (`SlabCache`, one lookup per token). The first `warmup` tokens fill the cache without being
+    counted. Returns hits, misses, hit_rate."""
+    n = 1 + max((int(e) for ids in trace for e in ids), default=0)
+    cache = SlabCache(int(capacity), n, (1, 1), torch.float32, "cpu", lambda ids, out: None, collect_stats=True)
     for t, ids in enumerate(trace):
         if t == warmup:
             cache.reset_stats()
-        cache.get_many([int(i) for i in ids])
-    assert cache.stats is not None
+        cache.lookup([int(i) for i in ids])
     h, m = cache.stats["hits"], cache.stats["misses"]
     return {"hits": h, "misses": m, "hit_rate": h / max(1, h + m)}
-
-
-_EMPTY = torch.empty(0)

@@ -1,61 +1,63 @@
-"""Export a GloBE-compressed model (format=globe) or a dense reconstruction (format=dense); reload it.
+"""Export straight from the source shards and the fit artifacts, tensor by tensor: no model is built.
 
-Why two formats: `globe` is the small one and needs `globe.load_model`; `dense` is a standard
-transformers checkpoint with W_hat written into the expert weights, for runtimes that cannot import
-globe (vLLM, SGLang, plain `AutoModelForCausalLM.from_pretrained`).
+Why model-free: the prototype is 28.6 GB in bf16, more than a 24 GB machine holds. Both formats are
+planned from the source's tensor headers and the artifacts' metadata, then written by the streaming
+`ShardedWriter` (<= 5 GB shards + index.json, Hugging Face conventions) while each tensor is read,
+cast or reconstructed: peak memory is about one MoE layer (the largest: a fused (E, 2p, d) W_hat).
 
-globe directory:
-  config.json              the model's config plus a `globe` section (families, dtype, save_mixed, cache, sizes)
-  globe_model.safetensors  (not model.safetensors, so plain transformers fails loudly instead of
-                           loading random experts)
-      <name>                              every non-expert tensor, in-memory transformers names
-      globe.layers.{L}.down_proj          (E, d, p)   Down, dense
-      globe.layers.{L}.{f}.A              (E, p, r)   fitted family f, scales folded
-      globe.layers.{L}.{f}_proj           (E, p, d)   family f when it was not fitted (dense)
-      globe.layers.{L}.{f}.mixed          (E, r, d)   save_mixed=true: precomposed tilde_B
-      globe.{f}.bank                      (m, r, d)   save_mixed=false: bank ...
-      globe.{f}.indptr/indices/values     CSR codes (N+1,) int64, (nnz,) int32, (nnz,) fp32
-      globe.{f}.col_scale                 (d,) fp32, optional
-  tokenizer files, generation_config.json copied from the source.
-Reload composes with the same kernels from the same cast tensors, so its logits equal those of
-`patch_model(from_pretrained(src, dtype), artifacts)` exactly.
+format=dense: the source checkpoint with the routed experts' gate/up tensors replaced by W_hat
+(fp32 from the artifacts, cast to export.dtype), under the source's own on-disk names and layout
+(per-expert or fused), so plain `AutoModelForCausalLM.from_pretrained` and vLLM load it.
+
+format=globe: the family tensors of the artifacts (see globe/artifacts.py, bank and A cast to
+export.dtype; `export.save_mixed` adds each expert's tilde_B) plus every tensor GloBE leaves
+untouched, under the names the patched model holds in memory:
+    <name>                                    every non-expert tensor (transformers' in-memory names)
+    {layers}.{L}.{block}.experts.down_proj    (E, d, p)  Down, dense
+    {layers}.{L}.{block}.experts.W_{f}        (E, p, d)  a family that was not fitted
+    globe.{f}.*                               the fitted families
+config.json is the source config with `model_type` "globe_<base>", `auto_map` entries and a `globe`
+section (the artifacts' metadata plus dtype, save_mixed, cache, base_model_type, experts_paths).
+`globe.load_model(OUT)` rebuilds it; `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`
+does too without globe, through the generated `modeling_globe.py` (globe/runtime/remote.py); without
+trust_remote_code plain transformers refuses the unknown model_type instead of filling experts with
+random weights. README.md is a model card (source, budget, fit errors, how to load).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
+import math
+import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from .. import compat
-from ..artifacts import Artifacts
-from ..config import CacheCfg, GlobeConfig
+from ..artifacts import KEEP_FP32, Artifacts, Family
+from ..config import GlobeConfig
 from ..errors import GlobeError
-from ..io.checkpoint import Checkpoint, resolve_path
-from .cache import FamilyRuntime
+from ..io.checkpoint import Checkpoint
+from ..io.outputs import check_writable, staging_dir
+from ..io.writer import ShardedWriter
+from ..progress import Progress, log
+from .cache import BankCodes, compose_many
 from .experts import FAMILY_ORDER
-from .patch import LayerParts, check_artifacts, install, warmup
+from .remote import auto_map, write_remote_files
 
-log = logging.getLogger("globe")
-WEIGHTS = "globe_model.safetensors"
-FORMAT, VERSION = "globe-model", 1
+GLOBE_PREFIX = "globe_"  # model_type of a globe export: globe_<base model_type>
 COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "*.tiktoken",
                  "added_tokens.json", "chat_template*", "generation_config.json")
 
+Plan = list[tuple[str, torch.dtype, tuple[int, ...]]]
+Producer = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
-def is_globe_dir(path: str | os.PathLike) -> bool:
+
+def is_globe_dir(path: Any) -> bool:
     """True when `path` holds a GloBE export (config.json with a `globe` section)."""
     cfg = Path(path) / "config.json"
     try:
@@ -70,21 +72,37 @@ def export(cfg: GlobeConfig) -> Path:
     out = _check_out(cfg.output_dir)
     if not cfg.artifacts:
         raise GlobeError("artifacts: give the fit output directory (artifacts=DIR)")
-    ckpt = Checkpoint(cfg.model.path, cfg.model.revision)
+    log("export %s: reading the headers of %s and %s", cfg.export.format, cfg.model.path, cfg.artifacts)
+    ck = Checkpoint(cfg.model.path, cfg.model.revision)
     arts = Artifacts.load(cfg.artifacts)
-    _check_ckpt(ckpt, arts)  # model-free, before any weight is read
+    check_ckpt(ck, arts)  # model-free, before any weight is read
+    check_complete(ck)
     dtype = compat.DTYPES[cfg.export.dtype]
-    model = compat.load_pretrained(ckpt.dir, dtype)
-    check_artifacts(model, arts)
-    with _staging(out) as tmp:
-        if cfg.export.format == "dense":
-            _write_dense(model, arts, tmp)
-        else:
-            _write_globe(model, arts, cfg, tmp, ckpt)
-        _copy_side_files(ckpt.dir, tmp)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    log.info("exported %s model to %s: %d bytes of weights (original %d, ratio %.3f)", cfg.export.format, out,
-             size, ckpt.bytes_on_disk(), size / max(1, ckpt.bytes_on_disk()))
+    if cfg.export.format == "dense":
+        plan, produce = dense_plan(ck, arts, dtype)
+        prefix = "model"
+    else:
+        plan, produce = globe_plan(ck, arts, dtype, cfg.export.save_mixed)
+        prefix = "model"
+    total = sum(math.prod(s) * torch.empty(0, dtype=dt).element_size() for _, dt, s in plan)
+    check_writable(out, need_bytes=total, what="output_dir")
+    max_shard = int(float(cfg.export.max_shard_gb) * 1e9)
+    log("export %s: %s + %s -> %s (%.2f GB of weights in %s)", cfg.export.format, ck.dir, cfg.artifacts, out,
+        total / 1e9, cfg.export.dtype)
+    with staging_dir(out) as tmp:
+        with ShardedWriter(tmp, plan, prefix=prefix, max_shard_bytes=max_shard) as w, \
+                Progress(total, f"export {cfg.export.format}", unit="GB", scale=1e-9) as bar:
+            for name, t in produce():
+                w.write(name, t)
+                bar.update(t.numel() * t.element_size())
+            w.close()
+        conf = _dense_config(ck, cfg) if cfg.export.format == "dense" else _globe_config(ck, arts, cfg, total)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        if cfg.export.format == "globe":
+            write_remote_files(tmp, conf, cfg.artifacts)
+        _copy_side_files(ck.dir, tmp)
+    log("exported %s model to %s: %.2f GB of weights (source %.2f GB, ratio %.3f)", cfg.export.format, out,
+        total / 1e9, ck.bytes_on_disk() / 1e9, total / max(1, ck.bytes_on_disk()))
     return out
 
 
@@ -94,34 +112,192 @@ def _check_out(output_dir: str | None) -> Path:
     out = Path(output_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GlobeError(f"output_dir {out} exists and is not empty; choose a new directory")
+    check_writable(out, what="output_dir")
     return out
 
 
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary directory next to `out`, renamed onto it only when everything was written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the export should look like any directory
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked), so the rename can take its place
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _check_ckpt(ckpt: Checkpoint, arts: Artifacts) -> None:
-    got = (ckpt.model_type, list(ckpt.moe_layers), ckpt.num_experts, ckpt.hidden_size, ckpt.p)
+def check_ckpt(ck: Checkpoint, arts: Artifacts) -> None:
+    """The artifacts were fitted on this checkpoint's architecture and shapes (one line otherwise)."""
+    got = (ck.model_type, list(ck.moe_layers), ck.num_experts, ck.hidden_size, ck.p)
     want = (arts.model_type, list(arts.moe_layers), arts.num_experts, arts.hidden_size, arts.expert_intermediate_size)
     names = ("model_type", "MoE layers", "experts per layer", "hidden size", "expert width")
     for n, g, w in zip(names, got, want):
         if g != w:
-            raise GlobeError(f"artifacts do not match the model: {n} {w} in the artifacts, {g} in {ckpt.dir}")
+            raise GlobeError(f"artifacts do not match the model: {n} {w} in the artifacts, {g} in {ck.dir}")
+
+
+def model_names(ck: Checkpoint) -> tuple[set[str], bool]:
+    """(state_dict names of the transformers model this config builds, tie_word_embeddings); no weights."""
+    config = compat.load_config(ck.dir)
+    model = compat.empty_model(config, torch.float32)
+    tied = bool(getattr(compat.text_config(config), "tie_word_embeddings", False))
+    return set(model.state_dict()), tied
+
+
+def covered_names(ck: Checkpoint) -> dict[str, str]:
+    """{in-memory name: on-disk name} of every non-expert tensor on disk (experts are fused, see compat)."""
+    experts = ck.expert_tensor_names()
+    return {compat.memory_name(ck.spec, k): k for k in ck.keys() if k not in experts}
+
+
+def check_complete(ck: Checkpoint) -> None:
+    """Refuse a checkpoint that lacks a tensor the model needs: an export or load must never fill one
+    with a fresh random initialisation."""
+    names, tied = model_names(ck)
+    have = set(covered_names(ck))
+    for L in ck.moe_layers:
+        fp = compat.experts_prefix(ck.spec, L)
+        have |= {f"{fp}.gate_up_proj", f"{fp}.down_proj"}
+    missing = sorted(n for n in names - have if not (tied and n.endswith("lm_head.weight")))
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise GlobeError(f"{ck.dir}: checkpoint lacks tensor {missing[0]}{more}, which the model needs; "
+                         "refusing to fill it with a random initialisation")
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _layer_of(name: str, ck: Checkpoint) -> int:
+    m = re.match(rf"^{re.escape(ck.spec.layers_prefix)}\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def _ordered_keys(ck: Checkpoint, keys: list[str]) -> list[str]:
+    """Non-layer tensors first, then layer by layer (so a layer's artifacts are loaded once)."""
+    return sorted(keys, key=lambda k: (_layer_of(k, ck), k))
+
+
+def _float_dtype(ck: Checkpoint, name: str, dtype: torch.dtype) -> torch.dtype:
+    from ..io.stfile import DTYPES
+
+    dt = DTYPES.get(ck.dtype_str(name), (torch.float32, 4))[0]
+    return dtype if dt.is_floating_point else dt
+
+
+class _LayerRecon:
+    """W_hat (E, p, d) fp32 of one layer and family, computed once per layer (Family.reconstruct)."""
+
+    def __init__(self, arts: Artifacts):
+        self.arts, self.key, self.val = arts, None, None
+
+    def get(self, f: str, L: int) -> torch.Tensor:
+        if self.key != (f, L):
+            sl = self.arts.layer_slice(L)
+            self.val = None
+            self.val = self.arts.families[f].reconstruct(torch.arange(sl.start, sl.stop))
+            self.key = (f, L)
+        return self.val
+
+
+def dense_plan(ck: Checkpoint, arts: Artifacts, dtype: torch.dtype) -> tuple[Plan, Producer]:
+    """The source's tensors under its own names; fitted gate/up experts replaced by W_hat."""
+    fam_of = {}  # on-disk name -> (family, layer, expert or None for fused)
+    fused_gu = {}
+    for L in ck.moe_layers:
+        for f in arts.families:
+            if ck.layout == "per_expert":
+                for e in range(ck.num_experts):
+                    fam_of[ck.expert_name(L, e, f)] = (f, L, e)
+        if ck.layout == "fused":
+            fused_gu[f"{ck._fused_prefix(L)}.gate_up_proj"] = L
+    keys = _ordered_keys(ck, ck.keys())
+    plan = [(k, _float_dtype(ck, k, dtype), tuple(ck.shape(k))) for k in keys]
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        rec = _LayerRecon(arts)
+        for k in keys:
+            if k in fam_of:
+                f, L, e = fam_of[k]
+                yield k, rec.get(f, L)[e].to(dtype)
+            elif k in fused_gu:
+                L, p = fused_gu[k], ck.p
+                gu = _cast(ck.tensor(k), dtype)
+                for i, f in enumerate(FAMILY_ORDER):
+                    if f in arts.families:
+                        gu[:, i * p:(i + 1) * p] = rec.get(f, L).to(dtype)
+                yield k, gu
+            else:
+                yield k, _cast(ck.tensor(k), dtype)
+    return plan, produce
+
+
+def globe_plan(ck: Checkpoint, arts: Artifacts, dtype: torch.dtype, save_mixed: bool) -> tuple[Plan, Producer]:
+    """Untouched tensors under in-memory names + the families (see the module docstring)."""
+    names, _ = model_names(ck)
+    cover = covered_names(ck)
+    unused = sorted(k for m, k in cover.items() if m not in names)
+    if unused:
+        log("export globe: %d tensor(s) on disk are not part of the model and are left out, e.g. %s",
+            len(unused), unused[0])
+    keep = {m: k for m, k in cover.items() if m in names}
+    E, p, d = ck.num_experts, ck.p, ck.hidden_size
+    items: list[tuple[int, str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]] = []
+    for m, k in keep.items():
+        items.append((_layer_of(k, ck), m, _float_dtype(ck, k, dtype), tuple(ck.shape(k)),
+                      lambda k=k: _cast(ck.tensor(k), dtype)))
+    for L in ck.moe_layers:
+        fp = compat.experts_prefix(ck.spec, L)
+        items.append((L, f"{fp}.down_proj", dtype, (E, d, p), lambda L=L: _stack(ck, L, "down", dtype)))
+        for f in FAMILY_ORDER:
+            if f not in arts.families:
+                items.append((L, f"{fp}.W_{f}", dtype, (E, p, d), lambda L=L, f=f: _stack(ck, L, f, dtype)))
+    items.sort(key=lambda x: (x[0], x[1]))
+    plan: Plan = [(n, dt, s) for _, n, dt, s, _ in items]
+    for f, fam in arts.families.items():
+        plan += fam.plan(f, arts.moe_layers, dtype, mixed=save_mixed)
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for _, n, _, _, fn in items:
+            yield n, fn()
+        for f, fam in arts.families.items():
+            yield from fam.tensors(f, arts.moe_layers, dtype, compose=_composer(fam, dtype) if save_mixed else None)
+    return plan, produce
+
+
+def _stack(ck: Checkpoint, L: int, family: str, dtype: torch.dtype) -> torch.Tensor:
+    """(E, p, d) gate/up or (E, d, p) down of layer L in dtype, one expert read at a time."""
+    first = ck.expert(L, 0, family)
+    out = torch.empty((ck.num_experts, *first.shape), dtype=dtype)
+    out[0] = first
+    for e in range(1, ck.num_experts):
+        out[e] = ck.expert(L, e, family)
+    return out
+
+
+def _composer(fam: Family, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
+    """compose(i) -> tilde_B (r, d) with the runtime's kernel on the bank cast to dtype (bit-identical to
+    what a loaded model composes)."""
+    from ..artifacts import sparse_codes
+
+    G, m, r, d = fam.bank.shape
+    indptr, indices, values = sparse_codes(fam.codes.cpu())
+    bc = BankCodes(fam.bank.to(dtype).reshape(G, m, r * d), indptr.tolist(), indices.tolist(), values.tolist(), r, d,
+                   fam.gain.float().tolist(), fam.activation,
+                   None if fam.col_scale is None else fam.col_scale.float(),
+                   [b for b in fam.layer_bank for _ in range(fam.num_experts)])
+    return lambda i: compose_many(bc, [i], dtype)[0]
+
+
+def _dense_config(ck: Checkpoint, cfg: GlobeConfig) -> dict[str, Any]:
+    conf = dict(ck.export_config() if hasattr(ck, "export_config") else ck.config)
+    conf["torch_dtype"] = conf["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.export.dtype]
+    return conf
+
+
+def _globe_config(ck: Checkpoint, arts: Artifacts, cfg: GlobeConfig, total: int) -> dict[str, Any]:
+    conf = _dense_config(ck, cfg)
+    base = conf["model_type"]
+    conf["model_type"] = GLOBE_PREFIX + base
+    conf["architectures"] = ["GlobeForCausalLM"]
+    conf["auto_map"] = auto_map()
+    conf["globe"] = {**arts.meta(), "dtype": cfg.export.dtype, "save_mixed": bool(cfg.export.save_mixed),
+                     "experts_paths": {str(L): compat.experts_prefix(ck.spec, L) for L in ck.moe_layers},
+                     "cache": asdict(cfg.cache), "base_model_type": base, "weights_prefix": "model",
+                     "source": str(ck.dir), "artifacts": str(cfg.artifacts), "bytes_on_disk": total,
+                     "original_bytes": ck.bytes_on_disk(), "keep_fp32": list(KEEP_FP32)}
+    return conf
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -129,160 +305,3 @@ def _copy_side_files(src: Path, dst: Path) -> None:
         for f in src.glob(pat):
             if f.is_file() and not (dst / f.name).exists():
                 shutil.copy2(f, dst / f.name)
-
-
-@torch.no_grad()
-def _write_dense(model: nn.Module, arts: Artifacts, tmp: Path) -> None:
-    """W_hat (fp32 from the artifacts, cast to the export dtype) into gate_up_proj; save_pretrained."""
-    for L in arts.moe_layers:
-        mod = compat.get_experts(model, L)
-        p, sl = compat.experts_info(mod).p, arts.layer_slice(L)
-        idx = torch.arange(sl.start, sl.stop)
-        for i, f in enumerate(FAMILY_ORDER):
-            if f in arts.families:
-                mod.gate_up_proj[:, i * p:(i + 1) * p] = arts.families[f].reconstruct(idx).to(mod.gate_up_proj)
-    model.save_pretrained(str(tmp))
-
-
-def globe_tensors(model: nn.Module, arts: Artifacts, dtype: torch.dtype, save_mixed: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of a globe export (see the module docstring), built from an unpatched model."""
-    layers = compat.moe_layer_ids(model)
-    prefixes = tuple(compat.experts_path(model, L) + "." for L in layers)
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape))
-        if name.startswith(prefixes) or key in seen:  # experts, or a tied alias (re-tied at load)
-            continue
-        seen.add(key)
-        out[name] = t.detach().contiguous()
-    dev = torch.device("cpu")
-    fams = {f: FamilyRuntime.from_artifact(f, fa, dtype, dev) for f, fa in arts.families.items()}
-    for li, L in enumerate(layers):
-        mod = compat.get_experts(model, L)
-        info = compat.experts_info(mod)
-        E, p, sl = info.num_experts, info.p, arts.layer_slice(L)
-        out[f"globe.layers.{L}.down_proj"] = mod.down_proj.detach().cpu().contiguous()
-        for i, f in enumerate(FAMILY_ORDER):
-            if f in arts.families:
-                out[f"globe.layers.{L}.{f}.A"] = arts.families[f].A[sl].to(dtype).contiguous()
-                if save_mixed:
-                    out[f"globe.layers.{L}.{f}.mixed"] = torch.stack([fams[f].compose(li * E + e, dtype)
-                                                                       for e in range(E)])
-            else:
-                out[f"globe.layers.{L}.{f}_proj"] = mod.gate_up_proj.detach()[:, i * p:(i + 1) * p].cpu().contiguous()
-    if not save_mixed:
-        for f, fr in fams.items():
-            m = fr.bank.shape[0]
-            out[f"globe.{f}.bank"] = fr.bank.view(m, fr.r, fr.d).contiguous()
-            out[f"globe.{f}.indptr"] = torch.tensor(fr.indptr, dtype=torch.int64)
-            out[f"globe.{f}.indices"] = fr.indices.to(torch.int32)
-            out[f"globe.{f}.values"] = fr.values.float()
-            if fr.col_scale is not None:
-                out[f"globe.{f}.col_scale"] = fr.col_scale
-    return out
-
-
-def _write_globe(model: nn.Module, arts: Artifacts, cfg: GlobeConfig, tmp: Path, ckpt: Checkpoint) -> None:
-    dtype = compat.DTYPES[cfg.export.dtype]
-    tensors = globe_tensors(model, arts, dtype, cfg.export.save_mixed)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    model.config.save_pretrained(str(tmp))
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(str(tmp))
-    conf = json.loads((tmp / "config.json").read_text())
-    fams = {}
-    for f, fa in arts.families.items():
-        n, m, p, r, d = fa.shape
-        fams[f] = {"m": m, "r": r, "activation": fa.activation, "gain": float(fa.gain),
-                   "nnz": int((fa.codes != 0).sum()), "col_scale": fa.col_scale is not None, **fa.meta}
-    conf["globe"] = {
-        "format": FORMAT, "version": VERSION, "dtype": cfg.export.dtype, "save_mixed": bool(cfg.export.save_mixed),
-        "weights": WEIGHTS, "moe_layers": list(arts.moe_layers), "num_experts": arts.num_experts,
-        "hidden_size": arts.hidden_size, "expert_intermediate_size": arts.expert_intermediate_size,
-        "families": fams, "cache": asdict(cfg.cache), "source": str(ckpt.dir), "artifacts": str(cfg.artifacts),
-        "bytes_on_disk": (tmp / WEIGHTS).stat().st_size, "original_bytes": ckpt.bytes_on_disk(),
-    }
-    (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-
-
-# ---- load --------------------------------------------------------------------------------------------
-def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, cache: CacheCfg | None = None,
-               collect_stats: bool = False) -> nn.Module:
-    """Load a model for inference: a GloBE export is rebuilt patched; any other directory loads plainly.
-
-    device: default cpu. dtype: 'bf16'|'fp16'|'fp32'|torch.dtype, default as exported/stored.
-    cache: overrides the cache settings saved at export (a save_mixed export always has every tilde_B).
-    """
-    p = resolve_path(str(path))
-    dev = torch.device(device or "cpu")
-    if not is_globe_dir(p):
-        return compat.load_pretrained(p, compat.to_dtype(dtype), dev)
-    meta = json.loads((p / "config.json").read_text())["globe"]
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-        raise GlobeError(f"{p}: unsupported globe export format {meta.get('format')!r} v{meta.get('version')}")
-    dt = compat.to_dtype(dtype, compat.DTYPES[meta["dtype"]])
-    cache = cache or CacheCfg(**meta.get("cache", {}))
-    config = compat.load_config(p)
-    if hasattr(config, "globe"):
-        delattr(config, "globe")
-    wfile = p / meta.get("weights", WEIGHTS)
-    if not wfile.is_file():
-        raise GlobeError(f"{p}: missing weights file {wfile.name}")
-    try:
-        t = load_file(str(wfile), device=str(dev))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise GlobeError(f"corrupt or truncated weights file {wfile}: {str(e).splitlines()[0]}") from None
-    t = {k: v.to(dt) if v.is_floating_point() and not k.endswith((".values", ".col_scale")) else v
-         for k, v in t.items()}
-    model = compat.empty_model(config, dt)
-    families = _families(t, meta, p)
-    parts = _parts(model, t, meta, p)
-    install(model, parts, families, replace(cache, warmup_tokens=0), collect_stats, keep_original=False)
-    compat.assign_weights(model, t, str(wfile))
-    model._globe["cache"] = cache
-    model.to(dev)
-    if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
-        warmup(model, None, int(cache.warmup_tokens))
-    return model.eval()
-
-
-def _take(t: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:
-    if key not in t:
-        raise GlobeError(f"{where}: weights file lacks tensor {key} (truncated or from another export)")
-    return t.pop(key)
-
-
-def _families(t: dict[str, torch.Tensor], meta: dict[str, Any], where: Path) -> dict[str, FamilyRuntime]:
-    out = {}
-    for f, fm in meta["families"].items():
-        if meta["save_mixed"]:
-            out[f] = FamilyRuntime(f, None, None, None, None, int(fm["r"]), int(meta["hidden_size"]), fm["gain"],
-                                   fm["activation"])
-            continue
-        cs = _take(t, f"globe.{f}.col_scale", where) if fm.get("col_scale") else None
-        out[f] = FamilyRuntime(f, _take(t, f"globe.{f}.bank", where), _take(t, f"globe.{f}.indptr", where),
-                               _take(t, f"globe.{f}.indices", where).long(), _take(t, f"globe.{f}.values", where),
-                               int(fm["r"]), int(meta["hidden_size"]), fm["gain"], fm["activation"], cs)
-    return out
-
-
-def _parts(model: nn.Module, t: dict[str, torch.Tensor], meta: dict[str, Any], where: Path) -> dict[int, LayerParts]:
-    layers = compat.moe_layer_ids(model)
-    if layers != list(meta["moe_layers"]):
-        raise GlobeError(f"{where}: config.json MoE layers {layers} differ from the globe section's "
-                         f"{meta['moe_layers']}")
-    parts = {}
-    for L in layers:
-        pre = f"globe.layers.{L}"
-        lp = LayerParts(down=nn.Parameter(_take(t, f"{pre}.down_proj", where), requires_grad=False))
-        for f in FAMILY_ORDER:
-            if f in meta["families"]:
-                lp.A[f] = _take(t, f"{pre}.{f}.A", where)
-                if meta["save_mixed"]:
-                    lp.mixed[f] = _take(t, f"{pre}.{f}.mixed", where)
-            else:
-                lp.dense[f] = _take(t, f"{pre}.{f}_proj", where)
-        parts[L] = lp
-    return parts

@@ -10,7 +10,7 @@ import torch
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
-from .export import load_model
+from .load import load_model
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -1,39 +1,31 @@
 """Swap the routed experts of every MoE layer for GloBEExperts, in place, and back.
 
 Why in place: the router, shared expert, attention and KV cache of the transformers model keep
-working unchanged; only `layers[L].<block>.experts` changes. The model's device and dtype are kept
-(compute dtype = cache.dtype, 'auto' follows the model). `unpatch_model` puts the original modules
-back (the very same objects, so outputs are bit-identical); with keep_original=False it rebuilds plain
-modules from the reconstructed weights instead.
+working unchanged; only `layers[L].<block>.experts` changes, and the fitted families are registered
+once as `model.globe` (a GlobeStore whose buffers carry the format's names, `globe.{f}.bank`, ...).
+The model's device and dtype are kept (compute dtype = cache.dtype, 'auto' follows the model); a
+patched model follows `.to()`, `.half()`, `.float()` and device moves like any module.
+`unpatch_model` puts the original modules back (the very same objects, so outputs are bit-identical);
+with keep_original=False it rebuilds plain modules from the reconstructed weights instead.
 
-State lives on the model as `model._globe` (a dict): originals, shared FamilyRuntime objects, cache cfg.
+State lives on the model as `model._globe` (a dict): originals, cache cfg, collect_stats.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import compat
-from ..artifacts import Artifacts
+from ..artifacts import Artifacts, Family, sparse_codes
 from ..config import CacheCfg
 from ..errors import GlobeError
-from .cache import FamilyRuntime
-from .experts import FAMILY_ORDER, GloBEExperts
-
-
-@dataclass
-class LayerParts:
-    """Tensors of one layer's GloBEExperts: fitted A (E, p, r), dense (E, p, d), Down (E, d, p)."""
-
-    down: nn.Parameter
-    A: dict[str, torch.Tensor] = field(default_factory=dict)
-    dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    mixed: dict[str, torch.Tensor] = field(default_factory=dict)  # stored tilde_B (E, r, d), optional
+from .experts import FAMILY_ORDER, GloBEExperts, GlobeStore
+from .skeleton import swap_experts
+from .store import FamilyStore
 
 
 def check_artifacts(model: nn.Module, arts: Artifacts) -> None:
@@ -74,32 +66,69 @@ def globe_layers(model: nn.Module) -> dict[int, GloBEExperts]:
     return out
 
 
-def install(model: nn.Module, parts: dict[int, LayerParts], families: dict[str, FamilyRuntime],
-            cache: CacheCfg, collect_stats: bool = False, keep_original: bool = True,
-            warmup_ids: torch.Tensor | None = None) -> nn.Module:
-    """Build one GloBEExperts per MoE layer from `parts` and swap it in (shared families, one cache each)."""
-    layers = compat.moe_layer_ids(model)
-    originals: dict[int, nn.Module] = {}
-    E = None
-    for li, L in enumerate(layers):
-        orig = compat.get_experts(model, L)
-        info = compat.experts_info(orig)
-        E = info.num_experts
-        cd = compute_dtype(cache, parts[L].down.dtype)
-        new = GloBEExperts(info, parts[L].down, parts[L].A, parts[L].dense, families, li * E, cd,
-                           mode=cache.mode, capacity=int(cache.S_per_layer), compose_full=cache.compose_full,
-                           collect_stats=collect_stats, mixed=parts[L].mixed or None, layer=L)
-        compat.set_experts(model, L, new)
-        if keep_original:
-            originals[L] = orig
-    if cache.mode == "full" and all(m.cache.table is not None for m in globe_layers(model).values()):
-        for fam in families.values():
-            fam.release_bank()  # every block is precomposed: the bank is no longer read
-    model._globe = {"originals": originals if keep_original else None, "families": families,
-                    "cache": cache, "collect_stats": collect_stats}
-    if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
-        warmup(model, warmup_ids, int(cache.warmup_tokens))
+def experts_paths(model: nn.Module) -> dict[int, str]:
+    """{MoE layer: module path of its experts}, by the registry."""
+    return {L: compat.experts_path(model, L) for L in compat.moe_layer_ids(model)}
+
+
+def install(model: nn.Module, store: GlobeStore, dense: dict[int, dict[str, torch.Tensor]], cache: CacheCfg,
+            collect_stats: bool = False, keep_original: bool = True, build: bool = True,
+            paths: dict[int, str] | None = None) -> nn.Module:
+    """Register `store` as model.globe and swap every MoE layer's experts for a GloBEExperts.
+
+    dense[L]: weights (E, p, d) of the families that were not fitted. build=False leaves the `full`
+    tables empty (the loader fills the tensors first, then calls `build_caches`).
+    """
+    originals = swap_experts(model, store, paths or experts_paths(model), dense, cache.mode, int(cache.S_per_layer),
+                             cache.compose_full, collect_stats, build=False)
+    model._globe = {"originals": originals if keep_original else None, "cache": cache,
+                    "collect_stats": collect_stats}
+    if build:
+        build_caches(model)
     return model
+
+
+def store_from_family(name: str, fam: Family, moe_layers: list[int], dtype: torch.dtype,
+                      device: torch.device | str) -> FamilyStore:
+    """A FamilyStore holding `fam`: bank and A cast to `dtype` (the compute dtype), codes as CSR fp32."""
+    n, m, p, r, d = fam.shape
+    st = FamilyStore(name, moe_layers, fam.num_experts, p, r, d, m, fam.n_banks, fam.layer_bank, fam.activation,
+                     fam.nnz(), fam.col_scale is not None, device=device, dtype=dtype)
+    indptr, indices, values = sparse_codes(fam.codes.cpu())
+    st.bank = fam.bank.detach().to(device, dtype).contiguous()
+    st.gain = fam.gain.detach().to(device, torch.float32)
+    st.indptr, st.indices, st.values = indptr.to(device), indices.to(device), values.to(device)
+    if fam.col_scale is not None:
+        st.col_scale = fam.col_scale.detach().to(device, torch.float32)
+    for li, L in enumerate(st.layers):
+        setattr(st, f"A_{L}", fam.A_layer(li).detach().to(device, dtype).contiguous())
+    return st
+
+
+@torch.no_grad()
+def dense_experts(mod: GloBEExperts) -> nn.Module:
+    """A plain transformers experts module with the reconstructed gate_up_proj (E, 2p, d)."""
+    E, p, d = mod.num_experts, mod.intermediate_dim, mod.hidden_dim
+    gu = torch.empty((E, 2 * p, d), dtype=mod.down_proj.dtype, device=mod.down_proj.device)
+    for e in range(E):
+        for i, f in enumerate(FAMILY_ORDER):
+            gu[e, i * p:(i + 1) * p] = mod.weight(f, e)
+    return compat.plain_experts(mod.info, gu, mod.down_proj)
+
+
+def build_caches(model: nn.Module, progress: bool = False) -> None:
+    """Compose the `full` tables of every layer, then release the banks (no longer read)."""
+    layers = globe_layers(model)
+    items = list(layers.values())
+    if progress:
+        from ..progress import track
+        items = track(items, "compose full cache", unit="layers")
+    for mod in items:
+        mod.build_cache()
+    if layers and all(m.mode == "full" and m.table is not None for m in layers.values()) and \
+            not any(m.store[f].has_mixed for m in layers.values() for f in m.fitted):
+        for fam in model.globe.values():
+            fam.release_bank()
 
 
 def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cache: CacheCfg | None = None,
@@ -111,7 +140,7 @@ def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cach
     collect_stats: count cache hits/misses (see `cache_stats`). keep_original: keep the replaced modules
     so `unpatch_model` restores them exactly (costs their memory). warmup_ids: (B, T) token ids for the
     LRU calibration pass (default: cache.warmup_tokens pseudo-random tokens, seed 0).
-    Returns the same model object.
+    Returns the same model object. Raises GlobeError on mismatched artifacts or a patched model.
     """
     if is_patched(model):
         raise GlobeError("model is already patched with GloBE experts; call unpatch_model first")
@@ -121,17 +150,16 @@ def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cach
     layers = compat.moe_layer_ids(model)
     info = compat.experts_info(compat.get_experts(model, layers[0]))
     cd, dev = compute_dtype(cache, info.dtype), info.device
-    families = {f: FamilyRuntime.from_artifact(f, fa, cd, dev) for f, fa in arts.families.items()}
-    parts: dict[int, LayerParts] = {}
+    store = GlobeStore({f: store_from_family(f, fa, layers, cd, dev) for f, fa in arts.families.items()})
+    dense: dict[int, dict[str, torch.Tensor]] = {}
     for L in layers:
-        orig = compat.get_experts(model, L)
-        sl = arts.layer_slice(L)
-        A = {f: fa.A[sl].detach().to(device=dev, dtype=cd) for f, fa in arts.families.items()}
-        gu = orig.gate_up_proj.detach()
+        gu = compat.get_experts(model, L).gate_up_proj.detach()
         p = info.p
-        dense = {f: gu[:, i * p:(i + 1) * p].clone() for i, f in enumerate(FAMILY_ORDER) if f not in A}
-        parts[L] = LayerParts(down=orig.down_proj, A=A, dense=dense)
-    return install(model, parts, families, cache, collect_stats, keep_original, warmup_ids)
+        dense[L] = {f: gu[:, i * p:(i + 1) * p].clone() for i, f in enumerate(FAMILY_ORDER) if f not in store}
+    install(model, store, dense, cache, collect_stats, keep_original)
+    if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
+        warmup(model, warmup_ids, int(cache.warmup_tokens))
+    return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -141,7 +169,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         raise GlobeError("model is not patched with GloBE experts")
     originals = state["originals"]
     for L, mod in globe_layers(model).items():
-        compat.set_experts(model, L, originals[L] if originals is not None else mod.to_dense())
+        compat.set_experts(model, L, originals[L] if originals is not None else dense_experts(mod))
+    del model._modules["globe"]
     model._globe = None
     return model
 
@@ -149,7 +178,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 def to_dense_model(model: nn.Module) -> nn.Module:
     """Replace every GloBEExperts by a plain experts module holding the reconstructed weights, in place."""
     for L, mod in globe_layers(model).items():
-        compat.set_experts(model, L, mod.to_dense())
+        compat.set_experts(model, L, dense_experts(mod))
+    model._modules.pop("globe", None)
     model._globe = None
     return model
 
@@ -172,8 +202,8 @@ def cache_stats(model: nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": {}}
     hits = misses = 0
     for L, mod in globe_layers(model).items():
-        st = mod.cache.stats or {"hits": 0, "misses": 0}
-        out["layers"][L] = {**st, "cached": len(mod.cache.keys()), "bytes": mod.cache.nbytes()}
+        st = mod.cache_stats()
+        out["layers"][L] = {**st, "cached": len(mod.cached_experts()), "bytes": mod.cache_nbytes()}
         hits, misses = hits + st["hits"], misses + st["misses"]
     out.update(hits=hits, misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None)
     return out
@@ -181,4 +211,4 @@ def cache_stats(model: nn.Module) -> dict[str, Any]:
 
 def reset_cache_stats(model: nn.Module) -> None:
     for mod in globe_layers(model).values():
-        mod.cache.reset_stats()
+        mod.reset_stats()

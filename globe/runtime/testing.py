@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..artifacts import Artifacts, FamilyArtifact
+from ..artifacts import Artifacts, Family
 
 
 def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"), m: int = 8, r: int | None = None,
                      support: int = 3, seed: int = 0, activation: str = "silu", gain: float = 0.8,
-                     col_scale: bool = False) -> Artifacts:
-    """Artifacts for every MoE layer of `model`: bank (m, r, d), codes with `support` nonzeros per
-    expert (positive, summing to 1), A (N, p, r) scaled so W_hat matches the experts' RMS. r defaults to p/2."""
+                     col_scale: bool = False, banks: int = 1) -> Artifacts:
+    """Artifacts for every MoE layer of `model`: `banks` banks (G, m, r, d) (MoE layer li uses bank
+    li % banks), codes with `support` nonzeros per expert (positive, summing to 1), A (N, p, r) scaled
+    so W_hat matches the experts' RMS. r defaults to p/2."""
     g = torch.Generator().manual_seed(seed)
     layers = compat.moe_layer_ids(model)
     first = compat.get_experts(model, layers[0])
@@ -31,18 +32,20 @@ def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"),
     w_rms = float(first.gate_up_proj.detach().float().pow(2).mean().sqrt()) if not first.gate_up_proj.is_meta else 0.02
     fams = {}
     for f in families:
-        bank = torch.randn(m, r, d, generator=g)
+        bank = torch.randn(banks, m, r, d, generator=g)
         codes = torch.zeros(N, m)
         k = min(support, m)
         for i in range(N):
             idx = torch.randperm(m, generator=g)[:k]
             v = torch.rand(k, generator=g) + 0.1
             codes[i, idx] = v / v.sum()
-        fa = FamilyArtifact(bank=bank, codes=codes, A=torch.zeros(N, p, r), gain=gain, activation=activation,
-                            col_scale=(torch.rand(d, generator=g) + 0.5) if col_scale else None,
-                            meta={"map": "random", "seed": seed})
+        gains = torch.tensor([gain * (1 + 0.25 * b) for b in range(banks)])
+        fa = Family.from_fit(bank, codes, torch.zeros(N, p, r), gains, E, activation=activation,
+                             layer_bank=[li % banks for li in range(len(layers))],
+                             col_scale=(torch.rand(d, generator=g) + 0.5) if col_scale else None,
+                             meta={"map": "random", "seed": seed})
         mixed_rms = float(fa.mixed(torch.arange(min(N, 8))).pow(2).mean().sqrt())
-        fa.A = torch.randn(N, p, r, generator=g) * (w_rms / (mixed_rms * r**0.5))
+        fa.A_layers = list((torch.randn(N, p, r, generator=g) * (w_rms / (mixed_rms * r**0.5))).split(E))
         fams[f] = fa
     return Artifacts(families=fams, model_type=compat.text_config(model.config).model_type, moe_layers=layers,
                      num_experts=E, hidden_size=d, expert_intermediate_size=p, source="random")

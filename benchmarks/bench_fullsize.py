@@ -1,0 +1,164 @@
+"""Full-size run of every phase on a Qwen1.5-MoE-A2.7B-shaped checkpoint: time, peak memory, bytes, silence.
+
+Why: the prototype (14.3B parameters, 28.6 GB in bf16) must go through inspect, fit, export and
+load + evaluate on a 24 GB machine. Each phase runs as its own `globe` process; the driver reaps it
+with os.wait4 (that process's own peak RSS, not the driver's), counts the bytes it wrote, and
+timestamps every line it prints to find its longest silence (target: <= 30 s; GLOBE_PROGRESS_EVERY_S
+sets the log period). Results go to benchmarks/results/fullsize_cpu.json (or --json).
+
+    python benchmarks/make_fullsize_checkpoint.py --out /work/big/qwen15-fullsize
+    python benchmarks/bench_fullsize.py --ckpt /work/big/qwen15-fullsize --work /work/big/bench \
+        --phases inspect,fit,export_globe,export_dense,eval_lru8,eval_lru16,eval_lru32,eval_none,eval_full
+
+The fit runs the README's recipe (m = 128, r = 704, target support 12, batch 16) for --fit-steps steps
+(default 4) with the SVD baseline only: warm start and full evaluations are timed whole, the
+optimisation steps are timed and extrapolated to 1000 steps (labelled `extrapolated`). --random-artifacts
+writes artifacts of the same shapes without fitting (to measure export/load alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TEXT = ROOT / "globe" / "fixture" / "qwen2moe-tiny" / "eval.txt"
+
+
+def run_phase(name: str, cmd: list[str], env: dict, out_dir: Path | None) -> dict:
+    """Run cmd, stream its output with timestamps, reap it with wait4; wall, peak RSS, silence, bytes."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    last, silence, lines = t0, 0.0, []
+    buf = b""
+    while True:
+        if not sel.select(timeout=5):
+            silence = max(silence, time.monotonic() - last)
+            if proc.poll() is not None:
+                break
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        now = time.monotonic()
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        for ln in done:
+            silence = max(silence, now - last)
+            last = now
+            text = ln.decode(errors="replace").split("\r")[-1]
+            lines.append(f"[{now - t0:8.1f}s] {text}")
+            print(f"  {name} | {text}", flush=True)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    silence = max(silence, time.monotonic() - last)
+    written = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) if out_dir and out_dir.exists() else 0
+    return {"phase": name, "cmd": " ".join(cmd), "rc": os.waitstatus_to_exitcode(status), "wall_s": round(wall, 1),
+            "peak_rss_bytes": ru.ru_maxrss * 1024, "bytes_written": written, "max_silence_s": round(silence, 1),
+            "log_tail": lines[-12:]}
+
+
+def random_artifacts_fullsize(ck_path: str, out: Path, m: int, r: int, support: int, seed: int = 0) -> None:
+    """Artifacts of the fit's shapes with random values, one layer's A at a time (no fit)."""
+    from globe.artifacts import Artifacts, Family
+    from globe.io.checkpoint import Checkpoint
+
+    ck = Checkpoint(ck_path)
+    E, p, d, Lc = ck.num_experts, ck.p, ck.hidden_size, len(ck.moe_layers)
+    N = Lc * E
+    g = torch.Generator().manual_seed(seed)
+    fams = {}
+    for f in ("up", "gate"):
+        codes = torch.zeros(N, m)
+        for i in range(N):
+            idx = torch.randperm(m, generator=g)[:support]
+            codes[i, idx] = torch.rand(support, generator=g) + 0.1
+        bank = torch.randn(1, m, r, d, generator=g)
+
+        def load_A(li, f=f):
+            gl = torch.Generator().manual_seed(seed * 1000 + li * 2 + (f == "gate"))
+            return torch.randn(E, p, r, generator=gl) * (0.02 / r**0.5)
+        fams[f] = Family(bank=bank, codes=codes, gain=torch.tensor([0.8]), layer_bank=[0] * Lc, num_experts=E,
+                         activation="silu", meta={"map": "random"}, load_A=load_A, p=p)
+    Artifacts(families=fams, model_type=ck.model_type, moe_layers=list(ck.moe_layers), num_experts=E,
+              hidden_size=d, expert_intermediate_size=p, source=str(ck.dir)).save(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--work", required=True, help="scratch directory for runs and exports (tens of GB)")
+    ap.add_argument("--phases", default="inspect,fit,export_globe,export_dense,eval_lru16,eval_none")
+    ap.add_argument("--fit-steps", type=int, default=4)
+    ap.add_argument("--random-artifacts", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep exports (default: the dense export is deleted)")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fullsize_cpu.json"))
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "GLOBE_PROGRESS_EVERY_S": "20", "PYTHONUNBUFFERED": "1"}
+    globe = [sys.executable, "-m", "globe.cli.main"]
+    run, gexp, dexp = work / "fit", work / "export-globe", work / "export-dense"
+    res_path = Path(a.json)
+    results = json.loads(res_path.read_text()) if res_path.exists() else {"phases": {}}
+    results.update(machine={"cpus": os.cpu_count(), "torch_threads": a.threads, "torch": torch.__version__},
+                   checkpoint=a.ckpt)
+    for ph in a.phases.split(","):
+        print(f"== {ph}", flush=True)
+        if ph == "inspect":
+            r = run_phase(ph, [*globe, "inspect", a.ckpt, "--json"], env, None)
+        elif ph == "fit":
+            if a.random_artifacts:
+                t0 = time.time()
+                random_artifacts_fullsize(a.ckpt, run, 128, 704, 12)
+                r = {"phase": ph, "random_artifacts": True, "wall_s": time.time() - t0}
+            else:
+                s = a.fit_steps
+                r = run_phase(ph, [*globe, "fit", f"model.path={a.ckpt}", f"output_dir={run}", "bank.m_up=128",
+                                   "bank.m_gate=128", "bank.r_frac=0.5", "sparsity.target_support=12",
+                                   f"train.steps={s}", "train.batch_size=16", f"train.eval_every={s}",
+                                   f"train.checkpoint_every={s}", "train.log_every=1"], env, run)
+                summ = run / "summary.json"
+                if summ.exists():
+                    r["summary"] = json.loads(summ.read_text())
+        elif ph in ("export_globe", "export_dense"):
+            out = gexp if ph == "export_globe" else dexp
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_phase(ph, [*globe, "export", f"model.path={a.ckpt}", f"artifacts={run}", f"output_dir={out}",
+                               f"export.format={ph.split('_')[1]}", "export.dtype=bf16"], env, out)
+            if ph == "export_dense" and not a.keep:
+                shutil.rmtree(out, ignore_errors=True)
+        elif ph.startswith("eval_"):
+            mode = ph.removeprefix("eval_")
+            cache = ["cache.mode=full"] if mode == "full" else ["cache.mode=none"] if mode == "none" else \
+                ["cache.mode=lru", f"cache.S_per_layer={int(mode.removeprefix('lru'))}", "cache.warmup_tokens=256"]
+            out_json = work / f"{ph}.json"
+            r = run_phase(ph, [*globe, "eval", f"model.path={gexp}", f"eval.text={TEXT}", "eval.max_tokens=2048",
+                               "eval.context=512", "eval.speed=true", "eval.prefill_tokens=256",
+                               "eval.decode_tokens=16", "eval.dtype=bf16", f"eval.threads={a.threads}",
+                               f"output={out_json}", *cache], env, None)
+            if out_json.exists():
+                r["eval"] = json.loads(out_json.read_text())
+        else:
+            sys.exit(f"unknown phase {ph}")
+        results["phases"][ph] = r
+        res_path.parent.mkdir(parents=True, exist_ok=True)
+        res_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in r.items() if k not in ("log_tail", "summary", "eval")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

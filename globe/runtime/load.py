@@ -1,0 +1,176 @@
+"""Load a model for inference in bounded memory: a globe export is rebuilt patched, tensor by tensor.
+
+Why: the compressed prototype still holds 12-26 GB of weights depending on the cache mode. The
+loader builds the transformers skeleton and the GloBE modules on the meta device (no memory), then
+reads each tensor of the export's shards, casts it and assigns it in place, so the peak is the final
+model plus one tensor; `full` tables are composed layer by layer afterwards. Before reading anything
+it estimates the resident bytes of the requested cache mode and refuses (one line, with the figure
+and a mode that would fit) when the machine does not have them, instead of being killed by the OS.
+Any tensor the model needs that the files lack is refused by name: nothing is ever left randomly
+initialised.
+
+Resident bytes by mode (weights as loaded, dtype size s; per family R_f = r, or p with compose_full):
+    base   every tensor of the export (non-expert, Down, A, banks, codes)
+    full   base + sum over MoE layers of E * R * d * s     (the bank is freed once composed)
+    lru    base + layers * min(S, E) * R * d * s
+    none   base + a few blocks composed in flight (min(E, 8) * R * d * s)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import compat
+from ..artifacts import FORMAT, VERSION, _check_version
+from ..config import CacheCfg
+from ..errors import GlobeError
+from ..io.checkpoint import resolve_path
+from ..io.tensors import TensorDir
+from ..progress import Progress, log
+from .export import GLOBE_PREFIX, is_globe_dir
+from .patch import build_caches, globe_layers, install, warmup
+from .skeleton import skeleton_dense, skeleton_store
+
+OVERHEAD = 0.08  # activations, KV cache, allocator slack: added on top of the weights (fraction)
+OVERHEAD_MIN = 0.5e9
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, cache: CacheCfg | None = None,
+               collect_stats: bool = False, check_memory: bool = True) -> nn.Module:
+    """Load a model for inference: a GloBE export is rebuilt patched; any other directory loads plainly.
+
+    device: default cpu. dtype: 'bf16'|'fp16'|'fp32'|torch.dtype, default as exported/stored.
+    cache: overrides the cache settings saved at export (a save_mixed export always has every tilde_B).
+    check_memory: refuse (GlobeError) when the estimated resident size exceeds the available memory.
+    Raises GlobeError for a missing/corrupt/incomplete export or an unsupported format version.
+    """
+    p = resolve_path(str(path))
+    dev = torch.device(device or "cpu")
+    if not is_globe_dir(p):
+        return compat.load_pretrained(p, compat.to_dtype(dtype), dev)
+    conf = json.loads((p / "config.json").read_text())
+    meta = conf.pop("globe")
+    _check_version(meta, p / "config.json")
+    dt = compat.to_dtype(dtype, compat.DTYPES[meta["dtype"]])
+    cache = cache or CacheCfg(**meta.get("cache", {}))
+    src = TensorDir(p, meta.get("weights_prefix", "model"))
+    if check_memory:
+        check_memory_for(meta, src, cache, dt, dev)
+    base = meta.get("base_model_type") or conf["model_type"].removeprefix(GLOBE_PREFIX)
+    conf["model_type"] = base
+    config = compat.config_from_dict(conf)
+    model = compat.empty_model(config, dt)
+    store = skeleton_store(meta, dt, "meta")
+    dense = skeleton_dense(meta, dt, "meta")
+    if compat.moe_layer_ids(model) != list(meta["moe_layers"]):
+        raise GlobeError(f"{p}: config.json MoE layers {compat.moe_layer_ids(model)} differ from the globe "
+                         f"section's {meta['moe_layers']}")
+    install(model, store, dense, replace(cache, warmup_tokens=0), collect_stats, keep_original=False, build=False)
+    assign_all(model, src, dev, str(p))
+    build_caches(model, progress=len(meta["moe_layers"]) > 4)
+    model._globe["cache"] = cache
+    if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
+        warmup(model, None, int(cache.warmup_tokens))
+    return model.eval()
+
+
+def assign_all(model: nn.Module, src: TensorDir, device: torch.device, where: str) -> None:
+    """Read every tensor of `src`, cast it to its slot's dtype and assign it (peak: one tensor extra)."""
+    slots = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    keys = src.keys()
+    unknown = [k for k in keys if k not in slots]
+    if unknown:
+        raise GlobeError(f"{where}: tensor {unknown[0]} does not belong to this model ({len(unknown)} unexpected)")
+    total = sum(math.prod(src.shape(k)) for k in keys)
+    with Progress(total, "load", unit="params", scale=1e-9, unit_name="G params",
+                  quiet=total < 2e9) as bar:
+        for k in keys:
+            slot = slots[k]
+            t = src.tensor(k)
+            if tuple(t.shape) != tuple(slot.shape):
+                raise GlobeError(f"{where}: tensor {k} has shape {list(t.shape)}, the model expects {list(slot.shape)}")
+            t = t.to(device=device, dtype=slot.dtype if slot.is_floating_point() else t.dtype)
+            _set(model, k, t)
+            bar.update(t.numel())
+    cfg = compat.text_config(model.config)
+    if getattr(cfg, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise GlobeError(f"{where}: missing tensor {left[0]} ({len(left)} missing): files truncated or incomplete; "
+                         "refusing to leave it randomly initialised")
+    for n, b in list(model.named_buffers()):  # real buffers of the skeleton (rotary inv_freq) follow the device
+        if b.device != device:
+            _set(model, n, b.to(device))
+
+
+def _set(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = t
+    else:
+        raise GlobeError(f"tensor {name}: no such parameter or buffer")
+
+
+# ---- memory ------------------------------------------------------------------------------------------
+def estimate_bytes(meta: dict[str, Any], src: TensorDir, cache: CacheCfg, dtype: torch.dtype) -> dict[str, Any]:
+    """Estimated resident bytes of the loaded model per cache mode (see the module docstring)."""
+    s = torch.empty(0, dtype=dtype).element_size()
+    keep = set(meta.get("keep_fp32", ()))
+    base = 0
+    for k in src.keys():
+        n = math.prod(src.shape(k))
+        dt = src.dtype(k)
+        part = k.rsplit(".", 1)[-1]
+        base += n * (dt.itemsize if (not dt.is_floating_point or part in keep) else s)
+    L, E, d, p = len(meta["moe_layers"]), int(meta["num_experts"]), int(meta["hidden_size"]), \
+        int(meta["expert_intermediate_size"])
+    R = sum(p if cache.compose_full else int(fm["r"]) for fm in meta["families"].values())
+    bank = sum(int(fm.get("banks", 1)) * int(fm["m"]) * int(fm["r"]) * d * s for fm in meta["families"].values())
+    blk = R * d * s  # one composed block
+    modes = {"full": base + L * E * blk, "lru": base + L * min(int(cache.S_per_layer), E) * blk,
+             "none": base + min(E, 8) * blk}
+    return {"base": base, "bank": bank, "modes": modes}
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory_for(meta: dict[str, Any], src: TensorDir, cache: CacheCfg, dtype: torch.dtype,
+                     device: torch.device) -> None:
+    """One-line GlobeError when the requested cache mode will not fit the available memory."""
+    if device.type == "meta":
+        return
+    est = estimate_bytes(meta, src, cache, dtype)
+    need = est["modes"][cache.mode]
+    need = need + max(OVERHEAD * need, OVERHEAD_MIN)
+    avail = available_bytes(device)
+    if need <= avail:
+        log("load: about %.1f GB resident with cache.mode=%s (%.1f GB available)", need / 1e9, cache.mode, avail / 1e9)
+        return
+    fits = [m for m in ("full", "lru", "none") if est["modes"][m] * (1 + OVERHEAD) <= avail]
+    hint = (f"; cache.mode={fits[0]}" + (f" cache.S_per_layer={cache.S_per_layer}" if fits[0] == "lru" else "") +
+            f" needs about {est['modes'][fits[0]] * (1 + OVERHEAD) / 1e9:.1f} GB") if fits else \
+        "; no cache mode fits: use a machine with more memory, or dtype=bf16"
+    raise GlobeError(f"loading {src.dir} with cache.mode={cache.mode} needs about {need / 1e9:.1f} GB, only "
+                     f"{avail / 1e9:.1f} GB available on {device.type}{hint}")
+
+
+__all__ = ["FORMAT", "VERSION", "estimate_bytes", "globe_layers", "load_model"]
