@@ -150,12 +150,12 @@ def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = No
     any fitting work on the family. Progress: one line per GLOBE_PROGRESS_EVERY_S seconds (or tqdm).
     """
     N, p, d = len(ck.moe_layers) * ck.num_experts, ck.p, ck.hidden_size
-    first = ck.expert(ck.moe_layers[0], 0, fam)
-    dt = torch.float32 if N * p * d * 4 / 1e9 <= max_gb else first.dtype
+    want = torch.float32 if N * p * d * 4 / 1e9 <= max_gb else None  # None: stored dtype (FP8 sources: bf16)
+    dt = want or ck.expert(ck.moe_layers[0], 0, fam).dtype
     W = torch.empty((N, p, d), dtype=dt)
     sc = torch.empty(N)
     with Progress(N, f"read {fam} experts", "experts", bar=progress, quiet=quiet(N * p * d)) as pg:
-        for i, (L, e, w) in enumerate(ck.iter_experts(fam)):
+        for i, (L, e, w) in enumerate(ck.iter_experts(fam, want)):
             sc[i] = expert_scales(w[None])[0]
             if not math.isfinite(float(sc[i])):
                 bad = int((~torch.isfinite(w)).sum())
