@@ -67,3 +67,20 @@ def test_quiet_for_small_families(tmp_path, monkeypatch, caplog):
     got = [r.getMessage() for r in caplog.records if r.name == "globe"]
     assert any(ln.startswith("fit up: 4/4 steps") or ln.startswith("fit up: done") for ln in got), got
     assert not any(ln.startswith(("read up", "warm start", "evaluation", "final evaluation")) for ln in got), got
+
+
+def test_cli_fit_prints_progress_lines_to_a_pipe(tmp_path):
+    """`globe fit` with stderr a pipe (CI, nohup): log lines on stderr, as configured by the environment."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GLOBE_PROGRESS_EVERY_S": "0"}
+    cmd = [sys.executable, "-m", "globe.cli.main", "fit", f"model.path={fixture_path()}",
+           f"output_dir={tmp_path / 'o'}", "bank.m_up=4", "bank.r=8", "sparsity.target_support=2", "train.steps=3",
+           "train.batch_size=8", "train.families=[up]", "train.device=cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if " globe: fit up: " in ln]
+    assert any(re.search(r"fit up: [123]/3 steps .* steps/s, ETA .*loss=.*sup=.*T=", ln) for ln in lines), run.stderr
+    assert "\r" not in run.stderr.split("globe: fit up")[1]  # no tqdm carriage returns in a pipe
