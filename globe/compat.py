@@ -352,11 +352,12 @@ def load_layer(model: nn.Module, ck: Any, layer: int, dtype: torch.dtype = torch
     pre = f"{model_spec(model).layers_prefix}.{layer}."
     sd = {k[len(pre):]: v for k, v in layer_state(ck, layer, dtype).items()}
     for k, v in sd.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            where = ""
-            if v.ndim == 3 and k.endswith(("gate_up_proj", "down_proj")):
-                bad = (~torch.isfinite(v)).flatten(1).any(1).nonzero().flatten()
-                where = f", expert {int(bad[0])}"
+        if not v.is_floating_point():
+            continue
+        rows = v if v.ndim == 3 else v[None]  # per expert for fused experts: small temporaries
+        bad = [i for i, x in enumerate(rows) if not bool(torch.isfinite(x).all())]
+        if bad:
+            where = f", expert {bad[0]}" if v.ndim == 3 and k.endswith(("gate_up_proj", "down_proj")) else ""
             raise GlobeError(f"tensor {pre}{k} (layer {layer}{where}) holds non-finite values (NaN/inf)")
     own = set(mod.state_dict())
     missing = sorted(own - set(sd))
