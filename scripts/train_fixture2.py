@@ -8,7 +8,8 @@ Compression results on a from-scratch model with 64 experts say little about tha
 Stages (all on CPU, seed 0, each bounded by a fixed step count):
   1. dense   Qwen2MoeForCausalLM with every layer dense (FFN width h = 4p, so the dense FFN holds
              exactly 4 fine-grained experts), trained `--dense-steps` steps.
-  2. upcycle Qwen2 technical report (arXiv 2407.10671, sec. 2.2.3) on Qwen1.5-MoE: for n = 60 routed
+  2. upcycle as the Qwen2 technical report (arXiv 2407.10671, sec. 2.2.3, "expert initialization")
+             describes Qwen's fine-grained upcycling (Qwen1.5-MoE blog: "upcycling"): for n = 60 routed
              + 4 shared fine-grained experts of width p, replicate each dense FFN ceil(n p / h) = 16
              times, shuffle each copy's intermediate neurons with its own permutation, cut each copy
              into h / p = 4 segments; segments 0-3 (one whole shuffled copy) form the shared expert
@@ -32,12 +33,15 @@ sources from Debian's python3.11-doc (PSF License), every 20th file held out, ev
 `--smoke` runs every stage on 2 layers for a few steps, training on the bundled eval text instead of
 the corpus (no apt package needed), in well under a minute.
 
-Shapes (full): vocab 4096, d = 64, 24 layers, 4 heads, p = 44 (p/d = 0.6875 = 1408/2048), 60 routed
-experts top-4, shared 176, dense FFN 176, context 256; 14.0M parameters, 28 MB in bf16.
-Time: step counts chosen so the whole run takes about 50 minutes on 2 idle cores (see README);
+Shapes (full): vocab 4096, d = 56, 24 layers, 4 heads, p = 40 (p/d = 0.714; Qwen1.5-MoE 1408/2048 =
+0.6875), 60 routed experts top-4, shared 160, dense FFN 160, context 256, batch 16; 11.17M parameters,
+22.3 MB in bf16 (23.3 MB with tokenizer and eval text).
+Time: one torch thread by default (predictable, and two OpenMP threads spin badly when anything else
+runs). Measured single-thread CPU time per step on this machine, under load: dense 1.45 s, MoE 2.70 s,
+plus about 1 minute for data and evaluation; 600 + 750 steps -> about 50 minutes when run alone.
 `--max-minutes` is only a safety net that ends the MoE stage early and says so in training.json.
 
-Run (full):  python scripts/train_fixture2.py --out globe/fixture/qwen2moe-upcycled
+Run (full):  python scripts/train_fixture2.py --out globe/fixture/qwen2moe-upcycled --max-minutes 58
 Run (smoke): python scripts/train_fixture2.py --smoke --out /tmp/fx2 --stages-dir /tmp/fx2-stages
 """
 
@@ -66,7 +70,7 @@ SEED = 0
 # fits 30 MB (Qwen1.5-MoE: 1408/2048 = 0.6875).
 PREFIX_TOKENS = 8192  # eval prefix (32 windows of 256) that tests re-measure quickly
 FULL = dict(layers=24, d=56, heads=4, p=40, experts=60, top_k=4, shared_mult=4, dense_mult=4, ctx=256,
-            dense_steps=1000, moe_steps=1400, batch=16, warmup=50)
+            dense_steps=600, moe_steps=750, batch=16, warmup=50)
 SMOKE = dict(layers=2, d=56, heads=4, p=40, experts=60, top_k=4, shared_mult=4, dense_mult=4, ctx=64,
              dense_steps=12, moe_steps=12, batch=4, warmup=2)
 
@@ -233,7 +237,8 @@ def load_texts(smoke: bool) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "globe" / "fixture" / "qwen2moe-upcycled"))
+    ap.add_argument("--out", default=None,
+                    help="default globe/fixture/qwen2moe-upcycled (with --smoke: runs/fixture2-smoke)")
     ap.add_argument("--smoke", action="store_true", help="2 layers, a few steps per stage, bundled text")
     ap.add_argument("--stages-dir", default=None, help="also save the dense and upcycled (fp32) stages here")
     ap.add_argument("--dense-steps", type=int, default=None)
@@ -243,10 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dense-lr", type=float, default=3e-3)
     ap.add_argument("--moe-lr", type=float, default=2e-3)
     ap.add_argument("--reinit", type=float, default=0.5, help="fraction of each expert's neurons re-initialised")
-    ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: predictable time, see docstring)")
     ap.add_argument("--max-minutes", type=float, default=None, help="safety net: end the MoE stage at this wall time")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = "runs/fixture2-smoke" if a.smoke else str(ROOT / "globe" / "fixture" / "qwen2moe-upcycled")
     s = dict(SMOKE if a.smoke else FULL)
     for key in ("dense_steps", "moe_steps", "batch", "ctx"):
         if getattr(a, key) is not None:
@@ -331,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
             "command": "python scripts/train_fixture2.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "reproduce": (f"python scripts/train_fixture2.py{' --smoke' if a.smoke else ''} --out {a.out} "
                           f"--dense-steps {rec_dense['steps']} --moe-steps {rec_moe['steps']} --batch {a.batch} "
-                          f"--ctx {a.ctx} --dense-lr {a.dense_lr} --moe-lr {a.moe_lr} --reinit {a.reinit}"),
+                          f"--ctx {a.ctx} --dense-lr {a.dense_lr} --moe-lr {a.moe_lr} --reinit {a.reinit} "
+                          f"--threads {a.threads}"),
         }
         if rec_moe["stopped_by"]:
             info["reproduce"] += "  (note: the MoE cosine schedule was cut short; see stages.moe)"
@@ -378,11 +386,14 @@ Qwen1.5-MoE-A2.7B (`Qwen2MoeForCausalLM`) with its MoE layout and shape ratios:
 
 ## Recipe (upcycling as for Qwen1.5-MoE)
 
-1. **Dense model**: every layer a plain SwiGLU FFN of width {sh["dense_ffn_width"]} = 4p (Qwen-1.8B's FFN,
-   5504, is about 4 x 1408), trained {st["dense"]["steps"]} steps (lr {st["dense"]["lr"]}).
-2. **Split, replicate, shuffle** (Qwen2 technical report, arXiv 2407.10671, sec. 2.2.3, describing the
-   Qwen MoE initialisation; Qwen1.5-MoE blog, https://qwenlm.github.io/blog/qwen-moe/, "fine-grained
-   experts" and "upcycling"): {st["upcycle"]["fine_grained_experts"]} fine-grained experts of width p
+1. **Dense model**: every layer a plain SwiGLU FFN of width {sh["dense_ffn_width"]} = 4p, i.e. four
+   experts' worth (as the shared expert, 5632 = 4 x 1408), trained {st["dense"]["steps"]} steps
+   (lr {st["dense"]["lr"]}).
+2. **Split, replicate, shuffle**. The Qwen1.5-MoE blog ("Qwen1.5-MoE: Matching 7B Model Performance with
+   1/3 Activated Parameters", https://qwenlm.github.io/blog/qwen-moe/) says the fine-grained experts are
+   segments of a partitioned FFN and that the model was initialised by "upcycling" Qwen-1.8B; the Qwen2
+   technical report (arXiv 2407.10671, sec. 2.2.3, expert initialisation) gives the procedure:
+   {st["upcycle"]["fine_grained_experts"]} fine-grained experts of width p
    ({sh["experts"]} routed + 4 that form the shared expert), so each dense FFN is replicated
    ceil(64 p / 4p) = {st["upcycle"]["copies"]} times; each copy's intermediate neurons are shuffled with
    their own permutation and cut into 4 segments of p neurons. One whole shuffled copy becomes the shared
@@ -417,7 +428,7 @@ identity it implies).
 Whole eval text: loss {i["eval_loss_fp32"]} nats/token, perplexity {i["eval_ppl_fp32"]} (fp32 before the
 cast) and {i["eval_ppl_bf16"]} in the committed bf16 weights loaded with plain transformers, against a
 unigram entropy of the eval text of {i["unigram_entropy_eval_nats"]} nats (perplexity {i["unigram_ppl_eval"]}).
-Total wall time {i["seconds"] / 60:.1f} min on {i["threads"]} threads (torch {i["torch"]}, transformers
+Total wall time {i["seconds"] / 60:.1f} min with {i["threads"]} torch thread(s) (torch {i["torch"]}, transformers
 {i["transformers"]}, CPU). Command: `{i["command"]}`.
 """
 
