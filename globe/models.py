@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 FIXTURE_DIR = Path(__file__).parent / "fixture" / "qwen2moe-tiny"
+# 24 MoE layers x 60 experts, upcycled from a dense model (scripts/train_fixture2.py).
+FIXTURE2_DIR = Path(__file__).parent / "fixture" / "qwen2moe-upcycled"
 
 # Qwen1.5-MoE-A2.7B, from shared/reference/qwen1.5-moe-a2.7b-config.json.
 QWEN15_MOE_A27B: dict[str, Any] = {
