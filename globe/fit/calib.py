@@ -73,13 +73,15 @@ def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, m
 
     ids = calib_ids(ck, text, n_tokens)
     model = compat.empty_model(compat.load_config(ck.dir), torch.float32)
-    seqs = [ids[a:a + context] for a in range(0, ids.numel(), context)]
+    emb = compat.embed_inputs(model, ck, ids)  # (1, t, d): the embedding table is read once
+    seqs = [slice(a, a + context) for a in range(0, ids.numel(), context)]
     last = max(ck.moe_layers)
     hidden, calls = [], []
     for sq in seqs:
-        h0, rec = compat.layer_inputs(model, compat.embed_inputs(model, ck, sq), last)
+        h0, rec = compat.layer_inputs(model, emb[:, sq].clone(), last)
         hidden.append(h0)
         calls.append(rec)
+    del emb
 
     def wrap(fn):
         def pre(_mod, args, kwargs):

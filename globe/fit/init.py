@@ -99,7 +99,7 @@ def per_matrix(fn: Callable, batch: torch.Tensor) -> list:
     """[fn(batch[i]) for i] with ONE intra-op thread per call, calls spread over torch.get_num_threads()
     Python threads (torch releases the GIL): no OpenMP barriers inside LAPACK, all cores busy."""
     n = torch.get_num_threads()
-    if n == 1:
+    if n == 1 or batch.device.type != "cpu":
         return [fn(x) for x in batch]
     torch.set_num_threads(1)
     try:
