@@ -23,8 +23,10 @@ def test_lru_topk_trace():
     trace = [[0, 1], [2, 0], [1, 2], [0, 1]]
     # S=3 keeps everything after the first 3 compulsory misses: 8 accesses, 5 hits
     assert lru_replay(trace, 3) == (5, 8)
-    # S=2: [0,1] -> 2 evicts 0 -> 0 evicts 1 -> 1 evicts 2 -> 2 evicts 0 -> 0 evicts 1 -> 1 evicts 2: no hits
-    assert lru_replay(trace, 2) == (0, 8)
+    # S=2, the runtime's policy (a token's experts are looked up together; its hits are never evicted by
+    # its own misses): {0,1} 2 misses; {2,0}: 0 hit, 2 evicts 1; {1,2}: 2 hit, 1 evicts 0; {0,1}: 1 hit,
+    # 0 evicts 2 -> 3 hits. (A sequential per-access LRU would evict each token's own experts: 0 hits.)
+    assert lru_replay(trace, 2) == (3, 8)
     with pytest.raises(GlobeError):
         lru_replay(trace, 0)
 
