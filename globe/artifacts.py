@@ -98,16 +98,18 @@ class Family:
     p: int = 0  # expert width (needed when A is loaded lazily)
 
     @classmethod
-    def from_fit(cls, bank: torch.Tensor, codes: torch.Tensor, A: torch.Tensor, gain: float | torch.Tensor,
+    def from_fit(cls, bank: torch.Tensor, codes: torch.Tensor, A: torch.Tensor | None, gain: float | torch.Tensor,
                  num_experts: int, layer_bank: list[int] | None = None, activation: str = "silu",
-                 col_scale: torch.Tensor | None = None, meta: dict[str, Any] | None = None) -> Family:
-        """From a global bank (m, r, d) or banks (G, m, r, d), codes (N, m) and A (N, p, r)."""
+                 col_scale: torch.Tensor | None = None, meta: dict[str, Any] | None = None,
+                 p: int | None = None) -> Family:
+        """From a global bank (m, r, d) or banks (G, m, r, d), codes (N, m) and A (N, p, r) (or None with
+        the expert width p: adapters written later, e.g. by a FamilyWriter)."""
         bank = bank if bank.ndim == 4 else bank[None]
         n_layers = codes.shape[0] // num_experts
         g = torch.as_tensor(gain, dtype=torch.float32).reshape(-1).expand(bank.shape[0]).clone()
         return cls(bank=bank, codes=codes, gain=g, layer_bank=list(layer_bank or [0] * n_layers),
                    num_experts=num_experts, activation=activation, col_scale=col_scale, meta=dict(meta or {}),
-                   A_layers=list(A.split(num_experts)), p=A.shape[1])
+                   A_layers=None if A is None else list(A.split(num_experts)), p=A.shape[1] if A is not None else p)
 
     # ---- shapes ----------------------------------------------------------------------------------
     @property
@@ -213,7 +215,7 @@ class Family:
         if self.col_scale is not None:
             yield key(f, "col_scale"), self.col_scale.detach().float().cpu()
         E = self.num_experts
-        for li, L in enumerate(layers):
+        for li, L in enumerate(layers):  # layers=[] yields everything but A
             yield key(f, "A", L), self.A_layer(li).detach().to("cpu", dtype).contiguous()
             if compose is not None:
                 yield key(f, "mixed", L), torch.stack([compose(li * E + e) for e in range(E)]).to(dtype)
@@ -280,6 +282,54 @@ class Artifacts:
 
 def family_file(f: str) -> str:
     return f"{PREFIX}-{f}.safetensors"
+
+
+class FamilyWriter:
+    """Stream one family to `dest` (a safetensors file) while its adapters are computed.
+
+    Everything but A is written at once from `fam` (A may be absent); `write_A(idx, A)` writes the rows
+    of global experts idx (n,) as they come, e.g. chunk by chunk from the final evaluation, so the whole
+    (N, p, r) never sits in memory (5.7 GB per family at Qwen1.5-MoE's size in fp32). `close()` renames
+    the file into place and returns a loader li -> A (E, p, r) reading it back lazily.
+    """
+
+    def __init__(self, dest: str | os.PathLike, f: str, fam: Family, layers: list[int]):
+        self.dest, self.f, self.fam, self.layers = Path(dest), f, fam, list(layers)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".globe-write-", dir=self.dest.parent))
+        self.w = ShardedWriter(self.tmp, fam.plan(f, self.layers), prefix="family", max_shard_bytes=1 << 62)
+        try:
+            for k, t in fam.tensors(f, [], torch.float32):  # no layers: every tensor but A
+                self.w.write(k, t)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_A(self, idx: torch.Tensor, A: torch.Tensor) -> None:
+        """Rows A (n, p, r) of global experts idx (n,), ascending and consecutive within a layer."""
+        E = self.fam.num_experts
+        idx = idx.reshape(-1).tolist()
+        A = A.detach().to("cpu", torch.float32)
+        s = 0
+        while s < len(idx):
+            li, e0 = divmod(idx[s], E)
+            t = s + 1
+            while t < len(idx) and idx[t] == idx[t - 1] + 1 and idx[t] // E == li:
+                t += 1
+            self.w.write_rows(key(self.f, "A", self.layers[li]), e0, A[s:t].contiguous())
+            s = t
+
+    def close(self) -> Callable[[int], torch.Tensor]:
+        try:
+            self.w.close()
+            os.replace(self.tmp / "family.safetensors", self.dest)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        src = TensorDir(self.dest.parent, self.dest.name.removesuffix(".safetensors"))
+        return lambda li: src.tensor(key(self.f, "A", self.layers[li]))
+
+    def abort(self) -> None:
+        self.w.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def write_family_file(out: Path, f: str, arts: Artifacts, name: str | None = None) -> Path:

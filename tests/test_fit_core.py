@@ -148,3 +148,24 @@ def test_mobe_weights_match_reported_error():
     rel = ((W - out["W_hat"]).pow(2).sum() / W.pow(2).sum()).sqrt().item()
     assert abs(rel - out["rel_fro_error"]) < 1e-5
     assert "W_hat" not in mobe_fit(W, layers=3, m_l=2, r=3, steps=20, lr=1e-2, seed=0)
+
+
+def test_streamed_adapters_equal_in_memory_ones(tmp_path):
+    """The final A written chunk by chunk to disk (FamilyWriter) equals the in-memory fit's, bit for bit;
+    a family this small has its initial error measured on every expert."""
+    from globe.artifacts import FamilyWriter
+
+    W, _ = planted(N=48)
+    cfg = cfg_of(train__steps=40, train__eval_every=20, train__eval_chunk=7)  # chunks straddle layers
+    mem = fit_family(W, cfg, "up", experts_per_layer=12)
+
+    def sink(family):
+        return FamilyWriter(tmp_path / "up.safetensors", "up", family, [0, 1, 3, 5])
+    disk = fit_family(W, cfg, "up", experts_per_layer=12, sink=sink)
+    assert disk.artifact.A_layers is None and (tmp_path / "up.safetensors").is_file()
+    for li in range(4):
+        assert torch.equal(disk.artifact.A_layer(li), mem.artifact.A_layer(li))
+    assert torch.equal(disk.artifact.codes, mem.artifact.codes)
+    assert disk.metrics["rel_fro_error"] == mem.metrics["rel_fro_error"]
+    assert disk.metrics["init_eval_experts"] == 48
+    assert disk.metrics["rel_fro_error_before_prune"] == mem.metrics["rel_fro_error_before_prune"]

@@ -36,6 +36,7 @@ from .model import GlobeParams, support
 from .solve import ridge_A
 from .temperature import TempController, support_schedule
 
+INIT_EVAL_MAX = 512  # experts in the warm start's error estimate (all of them up to this many)
 Whiten = Callable[[torch.Tensor], torch.Tensor] | None  # expert idx (n,) -> L (n, d, d)
 Rows = Callable[[torch.Tensor], torch.Tensor] | None  # expert idx (n,) -> row weights (n, p)
 
@@ -106,35 +107,45 @@ def _refit(Wb, M, L, lam):
 def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: Rows = None, lam: float = 1e-4,
              chunk: int = 32,
              dev="cpu", codes: torch.Tensor | None = None, keep_A: bool = False,
-             desc: str = "evaluation", progress: bool | None = None) -> dict[str, Any]:
-    """Full pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r).
+             desc: str = "evaluation", progress: bool | None = None,
+             on_A: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+             experts: torch.Tensor | None = None) -> dict[str, Any]:
+    """Pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r).
 
     Dead experts are reconstructed as zero (A = 0): the objective is the mean over live experts, and
     the plain error counts each dead expert's whole energy ||W_i||^2 = s_i^2 p d as its residual.
     progress: tqdm (True), log lines (False) or auto (None), labelled `desc`; silent for small families.
+    on_A(idx (n,), A (n, p, r)): receives each chunk's adapters (normalised scale) instead of keeping them.
+    experts: evaluate only these (ascending) experts (default all); errors are over them.
     """
     N = W.shape[0]
-    dead = ~live_experts(s)
-    obj = torch.empty(N, dtype=torch.float64)
-    res_plain = torch.empty(N, dtype=torch.float64)
+    ids = torch.arange(N) if experts is None else experts.reshape(-1).cpu()
+    n = ids.numel()
+    dead = ~live_experts(s[ids])
+    obj = torch.empty(n, dtype=torch.float64)
+    res_plain = torch.empty(n, dtype=torch.float64)
     A_all = None
-    pg = Progress(N, desc, "experts", bar=progress, quiet=quiet(W.numel()))
-    for a in range(0, N, chunk):
-        idx = torch.arange(a, min(N, a + chunk))
+    pg = Progress(n, desc, "experts", bar=progress, quiet=quiet(W.numel() * n // max(N, 1)))
+    for a in range(0, n, chunk):
+        pos = torch.arange(a, min(n, a + chunk))
+        idx = ids[pos]
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         alpha = prm.codes(idx.to(dev), T) if codes is None else codes[idx].to(dev)
         M = prm.mix(alpha)
         A = _refit(Wb, M, L, lam)
         r2, n2 = _residual(Wb, A, M, L, False, Rw)
-        obj[idx] = (r2 / torch.where(n2 > 0, n2, torch.ones_like(n2))).double().cpu()
-        res_plain[idx] = (Wb - A @ M).pow(2).sum(dim=(1, 2)).double().cpu()
-        if keep_A:
+        obj[pos] = (r2 / torch.where(n2 > 0, n2, torch.ones_like(n2))).double().cpu()
+        res_plain[pos] = (Wb - A @ M).pow(2).sum(dim=(1, 2)).double().cpu()
+        if on_A is not None:
+            on_A(idx, A)
+        elif keep_A:
             if A_all is None:
-                A_all = torch.empty(N, *A.shape[1:])
-            A_all[idx] = A.cpu()
+                A_all = torch.empty(n, *A.shape[1:])
+            A_all[pos] = A.cpu()
         pg.update(len(idx))
     pg.close()
     p, d = W.shape[1:]
+    s = s[ids]
     res_plain[dead] = float(p * d)  # reconstructed as zero: the residual is the whole (normalised) expert
     s2 = s.double().pow(2)
     rel = math.sqrt(float((res_plain * s2).sum() / (s2 * p * d).sum().clamp_min(1e-300)))
@@ -164,12 +175,15 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
                progress: bool | None = False, interrupt_at: int | None = None,
                on_codes: Callable[[int, torch.Tensor], None] | None = None,
-               experts_per_layer: int | None = None, scales: torch.Tensor | None = None) -> FamilyFit:
+               experts_per_layer: int | None = None, scales: torch.Tensor | None = None,
+               sink: Callable[[Family], Any] | None = None) -> FamilyFit:
     """Fit one family's GloBE model to experts W (N, p, d); resumable from `ckpt_path`.
 
     log(record) gets each metrics record; on_codes(step, codes (N, m) cpu) the codes at each evaluation.
     progress: a tqdm bar (True), periodic log lines with step, loss, support, T, rate and ETA (False),
     or auto (None: a bar on a terminal). scales (N,): the experts' RMS if already known (else computed).
+    sink(family without A) -> a writer with write_A(idx, A) and close() -> A loader (artifacts.FamilyWriter):
+    the final adapters are streamed to it chunk by chunk instead of held as one (N, p, r) tensor.
     Raises GlobeError when an expert holds NaN/inf or every expert is zero.
     """
     t0 = time.time()
@@ -199,10 +213,11 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     if K > 1 and A_all is None:
         A_all = evaluate(W, s, prm, ctrl.T, keep_A=True, desc=f"initial A {fam}", **evkw)["A"]
     best, bad = state["best"], state["bad_evals"]
-    if best is None:
-        ev = evaluate(W, s, prm, ctrl.T, desc=f"initial evaluation {fam}", **evkw)
+    if best is None:  # the warm start's error: on every expert, or an evenly spaced sample of a large family
+        sample = None if N <= INIT_EVAL_MAX else torch.linspace(0, N - 1, INIT_EVAL_MAX).round().long().unique()
+        ev = evaluate(W, s, prm, ctrl.T, desc=f"initial evaluation {fam}", experts=sample, **evkw)
         best = {"obj": math.inf, "err": math.inf, "step": -1, "T": ctrl.T, "params": None}
-        state["init_err"] = ev["rel_fro_error"]
+        state["init_err"], state["init_eval_experts"] = ev["rel_fro_error"], N if sample is None else len(sample)
     init_err = state.get("init_err", float("nan"))
     bar = Progress(tr.steps, f"fit {fam}", "steps", bar=progress, initial=state["step"])
     step, last = state["step"], None
@@ -278,37 +293,53 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     if best["params"] is None:  # never on target at an evaluation: keep the final state
         best = {"step": step, "T": ctrl.T, "params": copy.deepcopy(prm.state_dict())}
     return _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, stopped_early, resumed, t0,
-                   experts_per_layer or N, progress)
+                   experts_per_layer or N, progress, sink)
 
 
 def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, early, resumed, t0,
-            E, progress=None) -> FamilyFit:
+            E, progress=None, sink=None) -> FamilyFit:
+    """Restore the best snapshot, epsilon-prune the codes, refit A once more (streamed to `sink` if
+    given), and gather the metrics. The best snapshot's error was measured when it was taken, so the
+    error before pruning needs no extra pass (a full evaluation costs ~17 min at Qwen1.5-MoE's size)."""
     tr, sp = cfg.train, cfg.sparsity
     N, p, d = W.shape
     prm.load_state_dict(best["params"])
     T = best["T"]
+    evkw = {"whiten": whiten, "rows": rows, "lam": tr.ridge, "chunk": tr.eval_chunk, "dev": dev, "progress": progress}
     with torch.no_grad():
         alpha = prm.codes(None, T)
-        pre = evaluate(W, s, prm, T, whiten=whiten, rows=rows, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev,
-                       desc=f"final evaluation {fam}", progress=progress)
+        pre_err = best.get("err", math.nan)
+        if not math.isfinite(pre_err):  # the final state was never evaluated on target
+            pre_err = evaluate(W, s, prm, T, desc=f"final evaluation {fam}", **evkw)["rel_fro_error"]
         mx = alpha.max(-1, keepdim=True).values
         live = live_experts(s).to(alpha.device)
         pruned = _dead_codes(torch.where(alpha >= sp.eps_prune * mx, alpha, torch.zeros_like(alpha)), live)
-        post = evaluate(W, s, prm, T, whiten=whiten, rows=rows, lam=tr.ridge, chunk=tr.eval_chunk, dev=dev,
-                        codes=pruned, keep_A=True, desc=f"prune and refit A {fam}", progress=progress)
-        A = post["A"].mul_(s[:, None, None])  # fold the per-expert scale in place (no second (N, p, r) copy)
+        art = Family.from_fit(_unit(prm.bank_raw.detach().cpu()), pruned.cpu(), None, float(prm.gain.detach()), E,
+                              activation=cfg.bank.activation, p=p,
+                              meta={"map": sp.map, "alpha": sp.alpha, "temperature": T, "eps_prune": sp.eps_prune,
+                                    "target_support": sp.target_support})
+        if sink is not None:  # A goes to disk chunk by chunk, scale folded in
+            writer = sink(art)
+            try:
+                post = evaluate(W, s, prm, T, codes=pruned, desc=f"prune and refit A {fam}",
+                                on_A=lambda idx, A: writer.write_A(idx, A * s[idx.cpu()].to(A)[:, None, None]),
+                                **evkw)
+            except BaseException:
+                writer.abort()
+                raise
+            art.load_A = writer.close()
+        else:
+            post = evaluate(W, s, prm, T, codes=pruned, keep_A=True, desc=f"prune and refit A {fam}", **evkw)
+            art.A_layers = list(post["A"].mul_(s[:, None, None]).split(E))  # scale folded in place
     sup = support(pruned[live]).float()
     sv = state["sv"]
     r = prm.bank_raw.shape[1]
     floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))
-    art = Family.from_fit(_unit(prm.bank_raw.detach().cpu()), pruned.cpu(), A, float(prm.gain.detach()), E,
-                          activation=cfg.bank.activation,
-                          meta={"map": sp.map, "alpha": sp.alpha, "temperature": T, "eps_prune": sp.eps_prune,
-                                "target_support": sp.target_support})
     metrics = {
-        "rel_fro_error": post["rel_fro_error"], "rel_fro_error_before_prune": pre["rel_fro_error"],
-        "prune_error_cost": post["rel_fro_error"] - pre["rel_fro_error"], "objective": post["objective"],
-        "init_rel_fro_error": init_err, "svd_floor_rank_r": floor, "median_support": float(sup.median()),
+        "rel_fro_error": post["rel_fro_error"], "rel_fro_error_before_prune": pre_err,
+        "prune_error_cost": post["rel_fro_error"] - pre_err, "objective": post["objective"],
+        "init_rel_fro_error": init_err, "init_eval_experts": state.get("init_eval_experts", N),
+        "svd_floor_rank_r": floor, "median_support": float(sup.median()),
         "p95_support": float(torch.quantile(sup, 0.95)), "min_support": int(sup.min()),
         "max_support": int(sup.max()), "temperature": T, "gain": float(prm.gain.detach()), "best_step": best["step"],
         "steps_run": step, "stopped_early": early, "resumed": resumed, "m": prm.bank_raw.shape[0], "r": r,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import Artifacts, atomic_write, family_file, finish_fit_dir, write_family_file
+from ..artifacts import Artifacts, FamilyWriter, atomic_write, family_file, finish_fit_dir
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
@@ -229,8 +229,10 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
             log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if ckpt.is_file() else 0)
             W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress)
             rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
+            def sink(family, fam=fam):  # the final adapters stream into the family's file, chunk by chunk
+                return FamilyWriter(out / STATE / f"{fam}.safetensors", fam, family, list(ck.moe_layers))
             fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt, log=log,
-                             progress=progress, experts_per_layer=ck.num_experts, scales=sc,
+                             progress=progress, experts_per_layer=ck.num_experts, scales=sc, sink=sink,
                              interrupt_at=(interrupt_at or {}).get(fam), on_codes=log.codes_hook(fam))
             # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
             sv = torch.load(ckpt, weights_only=False, mmap=True)["sv"].clone() if whiten_for is None else None
@@ -240,12 +242,10 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
                                                         for k, b in base.items()))
             if not math.isfinite(fit.metrics["rel_fro_error"]):
                 raise GlobeError(f"fit of family {fam} produced a non-finite error")
-            one = _artifacts(ck, cfg, {fam: fit.artifact})
-            write_family_file(out / STATE, fam, one, name=f"{fam}.safetensors")
             res = {"metrics": fit.metrics, "baselines": base, "family_meta": fit.artifact.family_meta()}
             atomic_write(done, lambda p, res=res: Path(p).write_text(json.dumps(res, indent=1)))
             log.family_done(fam, fit)
-            del W, fit, res, one
+            del W, fit, res
         for fam in cfg.train.families:
             results[fam] = json.loads((out / STATE / f"{fam}.done.json").read_text())
             staged = out / STATE / f"{fam}.safetensors"
