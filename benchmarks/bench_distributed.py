@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 PRESETS = {  # cpu: experts dominate memory (2 x 268 MB fp32 per family); cuda: the real Qwen1.5-MoE expert shape
     "cpu": {"layers": 8, "experts": 32, "p": 512, "d": 1024, "m": 32, "r": 128, "batch": 8, "chunk": 8,
             "steps": 20, "threads": 1},
-    "cuda": {"layers": 2, "experts": 32, "p": 1408, "d": 2048, "m": 64, "r": 704, "batch": 32, "chunk": 32,
+    "cuda": {"layers": 2, "experts": 16, "p": 1408, "d": 2048, "m": 64, "r": 704, "batch": 32, "chunk": 32,
              "steps": 30, "threads": 8},
 }
 
@@ -110,6 +110,27 @@ def run_one(kind: str, ranks: int, a, model: Path, work: Path) -> dict:
     return res
 
 
+EXAMPLES = {  # dist.rank_memory at real shapes (formula only, not measured): name -> (L, E, p, d, m, r, world sizes)
+    "Qwen1.5-MoE-A2.7B, m=128, r=704": (24, 60, 1408, 2048, 128, 704, [1, 2, 4, 8]),
+    "DeepSeek-V3, m=128, r=1024": (58, 256, 2048, 7168, 128, 1024, [8, 16, 29, 58]),
+}
+
+
+def formula_examples(max_gb: float = 16.0, batch: int = 16) -> list[dict]:
+    """Per-rank memory of the largest rank (ceil(L / R) layers) by `dist.rank_memory`, on cuda."""
+    from globe.fit.dist import rank_memory
+    rows = []
+    for name, (L, E, p, d, m, r, worlds) in EXAMPLES.items():
+        for R in worlds:
+            n_k = -(-L // R) * E
+            eb = 4 if n_k * p * d * 4 / 1e9 <= max_gb else 2  # run._experts: fp32 if the shard fits max_memory_gb
+            mem = rank_memory(L * E, n_k, p, d, m, r, batch=-(-batch // R), device="cuda", expert_bytes=eb)
+            rows.append({"model": name, "ranks": R, "expert_bytes": eb, "host_GB": round(mem["host_bytes"] / 1e9, 2),
+                         "gpu_GB": round(mem["device_bytes"] / 1e9, 2), "experts_GB": round(mem["experts"] / 1e9, 2),
+                         "bank_GB": round(mem["bank"] / 1e9, 2)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -163,6 +184,7 @@ def main() -> None:
         "expert_bytes_per_family_fp32": N * a.p * a.d * 4, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "runs": runs,
+        "formula_examples": formula_examples(),
     }
     if one:
         for res in runs:
