@@ -185,6 +185,7 @@ def test_one_rank_group_is_bitwise_one_process(runs, tmp_path):
         "rel_fro_error"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_rank_is_killed(runs, tmp_path):
     base, _ = runs
     out = tmp_path / "killed"
@@ -201,6 +202,7 @@ def test_resume_after_a_rank_is_killed(runs, tmp_path):
     assert all(p.name.endswith(".s12") for p in (out / ".globe_fit").glob("*.ckpt.pt.A*"))  # older steps removed
 
 
+@pytest.mark.slow
 def test_torchrun_cli_is_the_same_fit(runs, tmp_path):
     base, _ = runs
     out = tmp_path / "cli"
@@ -216,6 +218,7 @@ def test_torchrun_cli_is_the_same_fit(runs, tmp_path):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_three_ranks_unequal_shards(runs, tmp_path):
     base, _ = runs
     recs = spawn(3, tmp_path / "three", {"families": ["up"]})
@@ -251,3 +254,24 @@ def test_distributed_setting_errors(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         td.destroy_process_group()
+
+
+def test_shard_indexing_and_single_process_noop():
+    from globe.fit.dist import Dist, Shard
+    W = Shard(torch.arange(12.0).reshape(4, 3), lo=8, N=16)  # rows 8..11 of 16
+    assert W.shape == (16, 3) and W.numel() == 48
+    assert torch.equal(W[torch.tensor([9, 8])], torch.tensor([[3.0, 4, 5], [0, 1, 2]]))
+    assert torch.equal(W[10:12], torch.tensor([[6.0, 7, 8], [9, 10, 11]])) and W[3:3].shape == (0, 3)
+    W[torch.tensor([11])] = torch.zeros(1, 3)
+    assert W.local[3].abs().sum() == 0
+    for bad in (torch.tensor([7]), torch.tensor([12]), slice(6, 9)):
+        with pytest.raises(GlobeError):
+            W[bad]
+    one = Dist()  # a single process: every helper is the identity, nothing is communicated
+    idx = torch.tensor([5, 1, 9])
+    assert one.own(idx) is idx and one.sum64([1.5, 2]) == [1.5, 2.0]
+    x = torch.randn(3, 2)
+    assert one.gather_rows(x) is x and one.broadcast("a") == "a" and one.on_rank0(lambda: 7) == 7
+    two = Dist(1, 2, True, 5, 4)  # rank 1 of 2 on 5 layers of 4 experts: layers 2..4, experts 8..19
+    assert list(two.layers) == [2, 3, 4] and two.span == (8, 20) and two.layer_bounds == [0, 2, 5]
+    assert torch.equal(two.own(torch.tensor([19, 3, 8, 20, 7])), torch.tensor([19, 8]))

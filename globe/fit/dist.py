@@ -92,9 +92,10 @@ class Shard:
         n = self.local.shape[0]
         if isinstance(idx, slice):
             a, b, st = idx.indices(self.N)
-            if st != 1 or not (self.lo <= a and b <= self.lo + n) and b > a:
+            b = max(a, b)
+            if st != 1 or (b > a and not (self.lo <= a and b <= self.lo + n)):
                 raise GlobeError(f"rows [{a}, {b}) are not all held by this rank ([{self.lo}, {self.lo + n}))")
-            return slice(a - self.lo, max(a, b) - self.lo)
+            return slice(a - self.lo, b - self.lo)
         loc = torch.as_tensor(idx).long() - self.lo
         if loc.numel() and (int(loc.min()) < 0 or int(loc.max()) >= n):
             raise GlobeError(f"experts outside this rank's [{self.lo}, {self.lo + n}) were asked for")
@@ -304,9 +305,7 @@ class Dist:
         """Checkpoint: local A per MoE layer (if any), barrier, then rank 0 commits the replicated state."""
         from ..artifacts import atomic_write
         A = state.get("A_all")
-        if not self.on:
-            if isinstance(A, Shard):
-                state = {**state, "A_all": A.local}
+        if not self.on:  # what loop._save does
             atomic_write(path, lambda tmp: torch.save(state, tmp))
             return
         step = int(state["step"])
@@ -331,9 +330,10 @@ class Dist:
         st = torch.load(path, weights_only=False)
         A = st.get("A_all")
         if isinstance(A, dict):  # written by a sharded fit: one file per MoE layer
-            if int(A["layers"]) != (self.n_layers if self.on else int(A["layers"])):
-                raise GlobeError(f"checkpoint {path} has {A['layers']} MoE layers, this model {self.n_layers}")
-            lis = self.layers if self.on else range(int(A["layers"]))
+            n = int(A["layers"])
+            if self.on and n != self.n_layers:
+                raise GlobeError(f"checkpoint {path} has {n} MoE layers, this model {self.n_layers}")
+            lis = self.layers if self.on else range(n)
             try:
                 parts = [torch.load(_a_file(path, li, int(A["step"])), weights_only=False) for li in lis]
             except FileNotFoundError as e:
