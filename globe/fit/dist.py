@@ -125,13 +125,18 @@ class Dist:
     @classmethod
     def setup(cls, dev: str, n_layers: int, E: int) -> Dist:
         """Join (or reuse) the default process group: NCCL for cuda, gloo otherwise; cuda ranks use the
-        GPU LOCAL_RANK. Raises GlobeError when there are more ranks than MoE layers."""
+        GPU LOCAL_RANK. Raises GlobeError when there are more ranks than MoE layers, or more processes
+        on a node than GPUs."""
         import torch.distributed as td
         if not td.is_available():
             raise GlobeError("train.distributed: this torch build has no torch.distributed")
         backend = "nccl" if dev == "cuda" else "gloo"
         if dev == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if per_node > gpus:  # NCCL cannot put two ranks on one GPU
+                raise GlobeError(f"train.distributed: {per_node} processes per node but {gpus} GPU(s); use "
+                                 f"--nproc_per_node={gpus} or train.device=cpu (gloo)")
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not td.is_initialized():
             secs = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
             td.init_process_group(backend, timeout=datetime.timedelta(seconds=secs))
@@ -429,7 +434,8 @@ def rank_memory(N: int, n_k: int, p: int, d: int, m: int, r: int, *, batch: int,
                                                         unit-RMS atoms and their gradients
       step        4 batch (6 p d + 5 r d + p r)         one minibatch's forward and backward
       eval        4 chunk (5 p d + 2 r d + p r)         one chunk of a full evaluation
-      warm_start  16 d^2 + 4 x 8 (3 p d + 3 p^2)        the Gram of all experts, one chunk of spectra
+      warm_start  16 d^2 + 4 x 8 (6 p d + 3 p^2)        the Gram of all experts, one chunk of 8 experts'
+                                                        spectra (copies of the chunk, Gram eigenvectors)
     The three working sets (step, eval, warm_start) never coexist, but freed memory stays with the
     process (glibc's heap), so on the CPU the host peak is about the sum of ALL terms (measured within
     about 10% by benchmarks/bench_distributed.py). device "cuda": the bank, logits and step/eval work
@@ -440,7 +446,7 @@ def rank_memory(N: int, n_k: int, p: int, d: int, m: int, r: int, *, batch: int,
     parts = {"experts": n_k * p * d * expert_bytes, "adapters": 4 * n_k * p * r if refit_every > 1 else 0,
              "spectra": 4 * N * k, "logits": 4 * N * 8 * m, "bank": 4 * m * r * d * 9,
              "step": 4 * batch * (6 * p * d + 5 * r * d + p * r), "eval": 4 * chunk * (5 * p * d + 2 * r * d + p * r),
-             "warm_start": 16 * d * d + 4 * 8 * (3 * p * d + 3 * p * p)}
+             "warm_start": 16 * d * d + 4 * 8 * (6 * p * d + 3 * p * p)}
     if device == "cuda":
         dev = parts["bank"] + parts["logits"] + max(parts["step"], parts["eval"])
         host = parts["experts"] + parts["adapters"] + parts["spectra"] + parts["warm_start"]
