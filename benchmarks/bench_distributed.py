@@ -55,6 +55,10 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     from globe.config import GlobeConfig
     from globe.fit.run import run_fit
+    if spec.get("reverse"):  # the same minibatches, experts in reverse order: only the order of sums changes
+        from globe.fit import loop
+        orig = loop.batch_indices
+        loop.batch_indices = lambda *x: orig(*x).flip(0)
     base = rss_now()
     rank = int(os.environ.get("RANK", "0"))
     summ = run_fit(GlobeConfig.from_dict(spec["cfg"]), progress=False)
@@ -77,16 +81,11 @@ def make_model(dst: Path, a) -> dict:
     return write_checkpoint(dst, conf, seed=0)
 
 
-def run_one(kind: str, ranks: int, a, model: Path, work: Path) -> dict:
-    out, rec = work / f"out_{kind}_{ranks}", work / f"rec_{kind}_{ranks}"
-    rec.mkdir()
-    cfg = {"model": {"path": str(model)}, "output_dir": str(out),
-           "bank": {"m_up": a.m, "r": a.r}, "sparsity": {"target_support": 4},
-           "train": {"steps": a.steps, "batch_size": a.batch, "families": ["up"], "device": a.device,
-                     "eval_every": a.steps, "checkpoint_every": a.steps, "eval_chunk": a.chunk, "log_every": 1,
-                     "baselines": False, "distributed": kind != "plain"}}
-    spec = json.dumps({"cfg": cfg, "threads": a.threads, "records": str(rec)})
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(ROOT)}
+def launch(kind: str, ranks: int, cfg: dict, threads: int, rec: Path, reverse: bool = False) -> float:
+    """Run the worker as one plain process or under torchrun with `ranks` processes; returns the wall time."""
+    rec.mkdir(parents=True)
+    spec = json.dumps({"cfg": cfg, "threads": threads, "records": str(rec), "reverse": reverse})
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     me = [str(Path(__file__).resolve()), "--worker", spec]
@@ -96,7 +95,17 @@ def run_one(kind: str, ranks: int, a, model: Path, work: Path) -> dict:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{kind} {ranks} ranks failed:\n{p.stderr[-4000:]}")
-    wall = time.time() - t
+    return time.time() - t
+
+
+def run_one(kind: str, ranks: int, a, model: Path, work: Path) -> dict:
+    out, rec = work / f"out_{kind}_{ranks}", work / f"rec_{kind}_{ranks}"
+    cfg = {"model": {"path": str(model)}, "output_dir": str(out),
+           "bank": {"m_up": a.m, "r": a.r}, "sparsity": {"target_support": 4},
+           "train": {"steps": a.steps, "batch_size": a.batch, "families": ["up"], "device": a.device,
+                     "eval_every": a.steps, "checkpoint_every": a.steps, "eval_chunk": a.chunk, "log_every": 1,
+                     "baselines": False, "distributed": kind != "plain"}}
+    wall = launch(kind, ranks, cfg, a.threads, rec)
     recs = sorted((json.loads(f.read_text()) for f in rec.glob("rank*.json")), key=lambda x: x["rank"])
     summ = json.loads((rec / "summary.json").read_text())
     steps = [json.loads(x)["step_time"] for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -131,12 +140,55 @@ def formula_examples(max_gb: float = 16.0, batch: int = 16) -> list[dict]:
     return rows
 
 
+FIXTURE_CFG = {  # the config of tests/test_fit_distributed.py
+    "bank": {"m_up": 8, "m_gate": 8, "r": 24}, "sparsity": {"target_support": 4, "support0": 4},
+    "train": {"steps": 12, "batch_size": 16, "lr": 0.01, "lr_codes": 0.01, "refit_every": 2, "eval_every": 4,
+              "checkpoint_every": 2, "log_every": 1, "baseline_mobe": True, "baseline_steps": 5, "device": "cpu"}}
+
+
+def fixture_equality(work: Path) -> dict:
+    """The fixture fitted by one process, by one process with every minibatch reversed (only the order of
+    sums changes) and by 2 gloo ranks: max |difference| / max |value| per artifact tensor."""
+    import torch
+    from safetensors.torch import load_file
+
+    from globe.artifacts import dense_codes
+
+    def tensors(out: Path) -> dict:
+        idx = json.loads((out / "globe.safetensors.index.json").read_text())["weight_map"]
+        t = {}
+        for f in sorted(set(idx.values())):
+            t.update(load_file(str(out / f)))
+        for f in {k.split(".")[1] for k in t}:
+            t[f"globe.{f}.codes"] = dense_codes(t.pop(f"globe.{f}.indptr"), t.pop(f"globe.{f}.indices"),
+                                                t.pop(f"globe.{f}.values"), t[f"globe.{f}.bank"].shape[1])
+        return t
+
+    dirs = {}
+    for name, kind, ranks, rev in (("one", "plain", 1, False), ("reversed", "plain", 1, True),
+                                   ("two", "dist", 2, False)):
+        dirs[name] = work / f"fx_{name}"
+        cfg = {"model": {"path": str(ROOT / "globe" / "fixture" / "qwen2moe-tiny")}, "output_dir": str(dirs[name]),
+               **json.loads(json.dumps(FIXTURE_CFG))}
+        cfg["train"]["distributed"] = kind != "plain"
+        launch(kind, ranks, cfg, 1, work / f"fxrec_{name}", reverse=rev)
+    one = tensors(dirs["one"])
+    res = {"config": FIXTURE_CFG}
+    for name in ("reversed", "two"):
+        other = tensors(dirs[name])
+        per = {k: float((one[k] - other[k]).abs().max() / one[k].abs().max().clamp_min(1e-30)) for k in sorted(one)}
+        res[f"{name}_vs_one"] = {"max": max(per.values()), "per_tensor": per,
+                                 "bitwise_equal_tensors": sum(torch.equal(one[k], other[k]) for k in one)}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--ranks", type=int, nargs="+", default=None, help="world sizes (default: cpu 1 2, cuda 1)")
     ap.add_argument("--no-plain", action="store_true", help="skip the one-process run without a process group")
+    ap.add_argument("--rounds", type=int, default=None, help="repetitions, interleaved (default: cpu 2, cuda 1)")
     for k, v in PRESETS["cpu"].items():
         ap.add_argument(f"--{k}", type=int, default=None, help=f"default: cpu {v}, cuda {PRESETS['cuda'][k]}")
     ap.add_argument("--out", default=None)
@@ -147,6 +199,7 @@ def main() -> None:
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.ranks = a.ranks or ([1] if a.device == "cuda" else [1, 2])
+    a.rounds = a.rounds or (1 if a.device == "cuda" else 2)
     import torch
 
     from globe.fit.dist import Dist, rank_memory
@@ -155,8 +208,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="globe-bench-dist-"))
     try:
         made = make_model(work / "model", a)
-        runs = [] if a.no_plain else [run_one("plain", 1, a, work / "model", work)]
-        runs += [run_one("dist", R, a, work / "model", work) for R in a.ranks]
+        runs = []
+        for rnd in range(a.rounds):  # interleaved: plain, 1 rank, 2 ranks, plain, ... (load drifts)
+            todo = ([] if a.no_plain else [("plain", 1)]) + [("dist", R) for R in a.ranks]
+            for kind, R in todo:
+                runs.append({"round": rnd, **run_one(kind, R, a, work / "model", work / f"r{rnd}")})
+        equal = fixture_equality(work) if a.device == "cpu" else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     N = a.layers * a.experts
@@ -175,7 +232,7 @@ def main() -> None:
             rec["growth_over_predicted_host"] = rec["measured_growth_bytes"] / mem["host_bytes"]
             if "peak_cuda_bytes" in rec:
                 rec["cuda_over_predicted_device"] = rec["peak_cuda_bytes"] / mem["device_bytes"]
-    one = next(r for r in runs if r["mode"] == "dist" and r["ranks"] == 1) if 1 in a.ranks else None
+    one = [r for r in runs if r["mode"] == "dist" and r["ranks"] == 1]
     out = {
         "what": "family up fitted with --steps steps, batch --batch; plain = no process group; dist = torchrun",
         "command": "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]),
@@ -184,17 +241,29 @@ def main() -> None:
         "expert_bytes_per_family_fp32": N * a.p * a.d * 4, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "runs": runs,
-        "formula_examples": formula_examples(),
+        "formula_examples": formula_examples(), "fixture_equality": equal,
     }
     if one:
-        for res in runs:
-            res["step_s_over_1_rank"] = res["step_s_median"] / one["step_s_median"]
-            res["rel_fro_error_minus_1_rank"] = res["rel_fro_error"] - one["rel_fro_error"]
+        for res in runs:  # against the 1-rank run of the same round
+            ref = next(r for r in one if r["round"] == res["round"])
+            res["step_s_over_1_rank"] = res["step_s_median"] / ref["step_s_median"]
+            res["rel_fro_error_minus_1_rank"] = res["rel_fro_error"] - ref["rel_fro_error"]
     name = f"distributed_{'gpu' if a.device == 'cuda' else 'cpu'}.json"
     dest = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / name
+    table = {}
+    for res in runs:  # per configuration: medians over rounds, per-rank worst peak
+        t = table.setdefault(f"{res['mode']} x{res['ranks']}", {"step_s": [], "peak_rss_MiB": [], "growth_MiB": [],
+                                                                   "experts_held_MiB": []})
+        t["step_s"].append(res["step_s_median"])
+        t["peak_rss_MiB"].append([round(x["peak_rss_bytes"] / 2**20) for x in res["per_rank"]])
+        t["growth_MiB"].append([round(x["measured_growth_bytes"] / 2**20) for x in res["per_rank"]])
+        t["experts_held_MiB"] = [round(x["expert_bytes_held"] / 2**20) for x in res["per_rank"]]
+    for t in table.values():
+        t["step_s_median_of_rounds"] = sorted(t["step_s"])[len(t["step_s"]) // 2]
+    out["table"] = table
     dest.write_text(json.dumps(out, indent=1) + "\n")
     for res in runs:
-        print(f"{res['mode']:5s} ranks={res['ranks']} step {res['step_s_median']:.3f} s  peak RSS per rank "
+        print(f"round {res['round']} {res['mode']:5s} ranks={res['ranks']} step {res['step_s_median']:.3f} s  peak RSS "
               f"{[round(x['peak_rss_bytes'] / 2**20) for x in res['per_rank']]} MiB, growth "
               f"{[round(x['measured_growth_bytes'] / 2**20) for x in res['per_rank']]} MiB, predicted "
               f"{[round(x['predicted']['host_bytes'] / 2**20) for x in res['per_rank']]} MiB, experts held "
