@@ -440,7 +440,8 @@ def rank_memory(N: int, n_k: int, p: int, d: int, m: int, r: int, *, batch: int,
     process (glibc's heap), so on the CPU the host peak is about the sum of ALL terms (measured within
     about 10% by benchmarks/bench_distributed.py). device "cuda": the bank, logits and step/eval work
     live on the GPU (device_bytes, allocated, counting only the larger of step and eval), the rest on the
-    host. The process itself (torch: ~0.22 GB here; a CUDA context) comes on top.
+    host, plus 2 x 4 m r d there for checkpoints. The process itself (torch: ~0.22 GB here; a CUDA
+    context) comes on top.
     """
     k = min(p, d)
     parts = {"experts": n_k * p * d * expert_bytes, "adapters": 4 * n_k * p * r if refit_every > 1 else 0,
@@ -449,7 +450,8 @@ def rank_memory(N: int, n_k: int, p: int, d: int, m: int, r: int, *, batch: int,
              "warm_start": 16 * d * d + 4 * 8 * (6 * p * d + 3 * p * p)}
     if device == "cuda":
         dev = parts["bank"] + parts["logits"] + max(parts["step"], parts["eval"])
-        host = parts["experts"] + parts["adapters"] + parts["spectra"] + parts["warm_start"]
+        host = (parts["experts"] + parts["adapters"] + parts["spectra"] + parts["warm_start"]
+                + 2 * 4 * m * r * d)  # the checkpoint's host copy of the bank, and one more while it is saved
     else:
         dev, host = 0, sum(parts.values())
     return {**parts, "host_bytes": host, "device_bytes": dev}
