@@ -3,7 +3,8 @@
 A Qwen2-MoE checkpoint with random bf16 weights (`make_fullsize_checkpoint.write_checkpoint`, no model
 is instantiated) of --layers MoE layers x --experts experts of p x d is fitted (family up, fixed steps,
 one evaluation at the end, no baselines) by:
-  plain   one process, no process group (the ordinary `globe fit`)
+  plain   one process, no process group (the ordinary `globe fit`), with the threads of one rank and
+          with those of all ranks (the same cores as R ranks)
   R ranks torchrun --standalone --nproc_per_node=R running this script's worker, which calls
           globe.fit.run.run_fit: the path of `torchrun -m globe fit` (gloo on CPU, NCCL on cuda)
 Each rank records its resident memory after imports (its base) and at its peak (ru_maxrss; on cuda also
@@ -98,19 +99,19 @@ def launch(kind: str, ranks: int, cfg: dict, threads: int, rec: Path, reverse: b
     return time.time() - t
 
 
-def run_one(kind: str, ranks: int, a, model: Path, work: Path) -> dict:
-    out, rec = work / f"out_{kind}_{ranks}", work / f"rec_{kind}_{ranks}"
+def run_one(kind: str, ranks: int, a, model: Path, work: Path, threads: int) -> dict:
+    out, rec = work / f"out_{kind}_{ranks}_{threads}", work / f"rec_{kind}_{ranks}_{threads}"
     cfg = {"model": {"path": str(model)}, "output_dir": str(out),
            "bank": {"m_up": a.m, "r": a.r}, "sparsity": {"target_support": 4},
            "train": {"steps": a.steps, "batch_size": a.batch, "families": ["up"], "device": a.device,
                      "eval_every": a.steps, "checkpoint_every": a.steps, "eval_chunk": a.chunk, "log_every": 1,
                      "baselines": False, "distributed": kind != "plain"}}
-    wall = launch(kind, ranks, cfg, a.threads, rec)
+    wall = launch(kind, ranks, cfg, threads, rec)
     recs = sorted((json.loads(f.read_text()) for f in rec.glob("rank*.json")), key=lambda x: x["rank"])
     summ = json.loads((rec / "summary.json").read_text())
     steps = [json.loads(x)["step_time"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     warm = sorted(steps[2:])
-    res = {"ranks": ranks, "mode": kind, "wall_s": wall, "fit_time_s": summ["fit_time_s"],
+    res = {"ranks": ranks, "mode": kind, "threads_per_rank": threads, "wall_s": wall, "fit_time_s": summ["fit_time_s"],
            "step_s_median": warm[len(warm) // 2], "step_s_all": steps,
            "rel_fro_error": summ["families"]["up"]["rel_fro_error"], "per_rank": recs}
     if "distributed" in summ:
@@ -210,9 +211,9 @@ def main() -> None:
         made = make_model(work / "model", a)
         runs = []
         for rnd in range(a.rounds):  # interleaved: plain, 1 rank, 2 ranks, plain, ... (load drifts)
-            todo = ([] if a.no_plain else [("plain", 1)]) + [("dist", R) for R in a.ranks]
-            for kind, R in todo:
-                runs.append({"round": rnd, **run_one(kind, R, a, work / "model", work / f"r{rnd}")})
+            plain = [] if a.no_plain else [("plain", 1, t) for t in sorted({a.threads, a.threads * max(a.ranks)})]
+            for kind, R, t in plain + [("dist", R, a.threads) for R in a.ranks]:
+                runs.append({"round": rnd, **run_one(kind, R, a, work / "model", work / f"r{rnd}", t)})
         equal = fixture_equality(work) if a.device == "cpu" else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -232,7 +233,7 @@ def main() -> None:
             rec["growth_over_predicted_host"] = rec["measured_growth_bytes"] / mem["host_bytes"]
             if "peak_cuda_bytes" in rec:
                 rec["cuda_over_predicted_device"] = rec["peak_cuda_bytes"] / mem["device_bytes"]
-    one = [r for r in runs if r["mode"] == "dist" and r["ranks"] == 1]
+    one = [r for r in runs if r["mode"] == "dist" and r["ranks"] == 1]  # the reference of each round
     out = {
         "what": "family up fitted with --steps steps, batch --batch; plain = no process group; dist = torchrun",
         "command": "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]),
@@ -252,8 +253,8 @@ def main() -> None:
     dest = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / name
     table = {}
     for res in runs:  # per configuration: medians over rounds, per-rank worst peak
-        t = table.setdefault(f"{res['mode']} x{res['ranks']}", {"step_s": [], "peak_rss_MiB": [], "growth_MiB": [],
-                                                                   "experts_held_MiB": []})
+        key = f"{res['mode']} {res['ranks']} rank(s) x {res['threads_per_rank']} thread(s)"
+        t = table.setdefault(key, {"step_s": [], "peak_rss_MiB": [], "growth_MiB": [], "experts_held_MiB": []})
         t["step_s"].append(res["step_s_median"])
         t["peak_rss_MiB"].append([round(x["peak_rss_bytes"] / 2**20) for x in res["per_rank"]])
         t["growth_MiB"].append([round(x["measured_growth_bytes"] / 2**20) for x in res["per_rank"]])
@@ -263,7 +264,8 @@ def main() -> None:
     out["table"] = table
     dest.write_text(json.dumps(out, indent=1) + "\n")
     for res in runs:
-        print(f"round {res['round']} {res['mode']:5s} ranks={res['ranks']} step {res['step_s_median']:.3f} s  peak RSS "
+        print(f"round {res['round']} {res['mode']:5s} ranks={res['ranks']} threads={res['threads_per_rank']} "
+              f"step {res['step_s_median']:.3f} s  peak RSS "
               f"{[round(x['peak_rss_bytes'] / 2**20) for x in res['per_rank']]} MiB, growth "
               f"{[round(x['measured_growth_bytes'] / 2**20) for x in res['per_rank']]} MiB, predicted "
               f"{[round(x['predicted']['host_bytes'] / 2**20) for x in res['per_rank']]} MiB, experts held "
