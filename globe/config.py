@@ -127,6 +127,7 @@ class TrainCfg:
     lr_codes: float | None = None  # Adam lr of the logits (None -> 5 * lr)
     eval_chunk: int = 32  # experts per chunk in full evaluations and A refits
     baseline_steps: int | None = None  # Adam steps of the MoBE-style baseline (None -> steps)
+    distributed: Any = "auto"  # sharded over torch.distributed: auto (when launched by torchrun) | true | false
 
     def __post_init__(self) -> None:
         _need(int(self.steps) >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -154,6 +155,8 @@ class TrainCfg:
         _need(int(self.log_every) >= 1, "train.log_every", "must be >= 1")
         _need(int(self.patience) >= 0, "train.patience", "must be >= 0")
         _need(self.baseline_steps is None or int(self.baseline_steps) >= 1, "train.baseline_steps", "must be >= 1")
+        _need(self.distributed in ("auto", True, False), "train.distributed",
+              f"must be auto, true or false, got {self.distributed!r}")
 
 
 @dataclass

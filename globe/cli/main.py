@@ -5,6 +5,7 @@ user's overrides, turns the result into a typed `GlobeConfig` and calls the libr
 
     globe inspect PATH [--json]
     globe fit      model.path=PATH output_dir=DIR [overrides]      [-m: sweep comma lists]
+    torchrun --nproc_per_node=N -m globe fit ...                    (sharded fit, globe/fit/dist.py)
     globe export   model.path=PATH artifacts=DIR output_dir=OUT export.format=globe|dense
     globe eval     model.path=PATH_OR_OUT [eval.text=FILE | eval.dataset=wikitext2] [output=FILE]
     globe generate model.path=PATH prompt="..." [max_new_tokens=N]
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import sys
 import traceback
@@ -139,7 +141,8 @@ def cmd_fit(overrides: list[str], multirun: bool) -> int:
     from ..fit.run import run_fit
 
     results = [{"output_dir": c.output_dir, "summary": run_fit(c)} for c in confs]
-    _print_json(results if multirun else results[0]["summary"])
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary: print it once
+        _print_json(results if multirun else results[0]["summary"])
     return 0
 
 
