@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from globe import GlobeConfig, export, load_model
 from globe.config import ExportCfg, ModelCfg
-from globe.models import FIXTURE_DIR
+from globe.testing.models import FIXTURE_DIR
 
 
 def main() -> None:

@@ -247,7 +247,7 @@ class GlobeConfig:
     wandb: WandbCfg = field(default_factory=WandbCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     output_dir: str | None = None
-    artifacts: str | None = None
+    artifacts: str | list[str] | None = None  # a fit directory, or several holding different families
     output: str | None = None
     prompt: str | None = None
     max_new_tokens: int = 32

@@ -62,8 +62,8 @@ def run_demo(out_dir: str | None = None, fast: bool = False) -> dict[str, Any]:
     from .eval.report import render_report
     from .eval.run import run_eval
     from .fit.run import run_fit
+    from .fixtures import fixture_path
     from .io.inspect import format_table, inspect
-    from .models import fixture_path
     from .runtime.export import export
 
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.eval.perplexity import perplexity, tokenize
 from globe.eval.run import KEYS, run_eval
-from globe.models import save_model, tiny_model
+from globe.testing.models import save_model, tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 6
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from globe.artifacts import dense_codes
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
-from globe.models import FIXTURE_DIR
+from globe.testing.models import FIXTURE_DIR
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
@@ -81,9 +81,15 @@ def _worker(rank: int, world: int, port: int, out: str, train: dict, kill: tuple
         shards.append([W.lo, *W.local.shape, sc.numel()])
         return W, sc
     Checkpoint.expert, R._experts = expert, experts
+    if kill and kill[0] == rank:
+        import globe.fit.loop as loop
+
+        def before_step(fam, step, where=kill[1]):  # a kill at {family: step}
+            if where.get(fam) == step:
+                raise KeyboardInterrupt(f"interrupted at {fam} step {step}")
+        loop.before_step = before_step
     try:
-        R.run_fit(make_cfg(out, **train), progress=False,
-                  interrupt_at=kill[1] if kill and kill[0] == rank else None)
+        R.run_fit(make_cfg(out, **train), progress=False)
     except KeyboardInterrupt:
         os.kill(os.getpid(), signal.SIGKILL)  # a hard kill: no cleanup, no goodbye to the other rank
     Path(log_dir, f"rank{rank}.json").write_text(json.dumps({"layers_read": sorted(reads), "shards": shards}))

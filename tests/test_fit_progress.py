@@ -8,7 +8,7 @@ import re
 import pytest
 
 from globe.config import GlobeConfig
-from globe.models import fixture_path
+from globe.testing.models import fixture_path
 
 
 @pytest.fixture

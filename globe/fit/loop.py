@@ -179,10 +179,15 @@ def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten, progress: bool 
             "opt": None, "best": None, "bad_evals": 0, "A_all": None, "init_T": T}
 
 
+def before_step(family: str, step: int) -> None:
+    """Called before every optimisation step; does nothing. Tests replace it (monkeypatch) to simulate a
+    kill at a given step and check that resuming gives the uninterrupted result."""
+
+
 def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, rows: Rows = None,
                dev: str = "cpu",
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
-               progress: bool | None = False, interrupt_at: int | None = None,
+               progress: bool | None = False,
                on_codes: Callable[[int, torch.Tensor], None] | None = None,
                experts_per_layer: int | None = None, scales: torch.Tensor | None = None,
                sink: Callable[[Family], Any] | None = None, dist: Dist | None = None) -> FamilyFit:
@@ -239,8 +244,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     stopped_early = False
     last_ev = None  # (step, objective, error) of the latest full evaluation
     while step < tr.steps:
-        if interrupt_at is not None and step == interrupt_at:
-            raise KeyboardInterrupt(f"interrupted at step {step}")
+        before_step(fam, step)
         ts = time.time()
         f = lr_factor(step, tr.steps, sp.anneal_frac, tr.lr_schedule)
         for grp, base in zip(opt.param_groups, (tr.lr, lr_codes, tr.lr)):

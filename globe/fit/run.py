@@ -205,10 +205,8 @@ def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, 
     return out
 
 
-def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, progress: bool | None = None) -> dict:
+def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     """Fit GloBE banks for cfg.train.families of cfg.model.path; write outputs; return the summary.
-
-    interrupt_at {family: step} simulates a kill (KeyboardInterrupt) at that step (tests of resume).
     """
     t0 = time.time()
     _validate(cfg)
@@ -253,7 +251,7 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
                 return FamilyWriter(out / STATE / f"{fam}.safetensors", fam, family, list(ck.moe_layers))
             fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt,
                              log=log if lead else None, progress=progress, experts_per_layer=ck.num_experts,
-                             scales=sc, sink=sink, interrupt_at=(interrupt_at or {}).get(fam),
+                             scales=sc, sink=sink,
                              on_codes=log.codes_hook(fam), dist=dist)
             # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
             sv = torch.load(ckpt, weights_only=False, mmap=True)["sv"].clone() if whiten_for is None else None

@@ -1,4 +1,5 @@
-"""Random GloBE artifacts matching a model, for tests and speed benchmarks (no fit needed).
+"""Test and benchmark helper (not the compression API).
+Random GloBE artifacts matching a model, for tests and speed benchmarks (no fit needed).
 
 Why: runtime correctness (parity, caching, export) and speed do not depend on how well the bank fits,
 so artifacts with the right shapes and realistic sparsity are enough. W_hat's RMS is set to the
