@@ -40,22 +40,12 @@ import torch
 from .errors import GlobeError
 from .io.tensors import DictSource, TensorDir
 from .io.writer import ShardedWriter
+from .maps import get_activation
 
 FORMAT, VERSION = "globe", 2
 CONFIG = "globe_config.json"
 PREFIX = "globe"
 KEEP_FP32 = ("gain", "values", "col_scale")  # family tensors that stay fp32 whatever the export dtype
-
-
-def activation_fn(name: str):
-    """phi by name: silu | tanh | identity."""
-    if name == "silu":
-        return torch.nn.functional.silu
-    if name == "tanh":
-        return torch.tanh
-    if name == "identity":
-        return lambda x: x
-    raise GlobeError(f"unknown activation {name!r}")
 
 
 def key(f: str, part: str, layer: int | None = None) -> str:
@@ -154,7 +144,7 @@ class Family:
         G, m, r, d = self.bank.shape
         b = self.bank_of(idx)
         out = torch.empty(idx.numel(), r, d, dtype=self.bank.dtype, device=self.bank.device)
-        phi = activation_fn(self.activation)
+        phi = get_activation(self.activation).fn
         for g in b.unique().tolist():
             sel = (b == g).nonzero().flatten()
             codes = self.codes[idx[sel]].to(self.bank.device, self.bank.dtype)

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAMILIES = ("up", "gate")
-SPARSE_MAPS = ("entmax", "sparsemax", "softmax")
-ACTIVATIONS = ("silu", "tanh", "identity")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -41,7 +39,7 @@ class BankCfg:
     r: int | None = None  # atom rank; None -> round(r_frac * p)
     r_frac: float = 0.5
     allow_r_above: bool = False  # permit r > min(p, d)
-    activation: str = "silu"  # phi applied after mixing
+    activation: str = "silu"  # phi applied after mixing: a key of globe.maps.ACTIVATIONS
     init: str = "svd"  # svd (rotations of the common SVD row space + noise) | random | kmeans
     seed: int = 0
     gain0: float = 1.0  # initial gain g inside phi (atoms have unit RMS)
@@ -52,6 +50,8 @@ class BankCfg:
         _need(int(self.m_gate) >= 1, "bank.m_gate", f"must be >= 1, got {self.m_gate}")
         _need(self.r is None or int(self.r) >= 1, "bank.r", f"must be >= 1, got {self.r}")
         _need(0 < float(self.r_frac) <= 4, "bank.r_frac", f"must be in (0, 4], got {self.r_frac}")
+        from .maps import ACTIVATIONS  # torch, loaded when a config is built: `import globe` stays light
+
         _need(self.activation in ACTIVATIONS, "bank.activation",
               f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         _need(self.init in ("svd", "random", "kmeans"), "bank.init", f"unknown init {self.init!r}; svd|random|kmeans")
@@ -67,7 +67,7 @@ class BankCfg:
 
 @dataclass
 class SparsityCfg:
-    map: str = "entmax"  # entmax (alpha below) | sparsemax | softmax (ablation only)
+    map: str = "entmax"  # a key of globe.maps.SPARSE_MAPS: entmax (alpha below) | sparsemax | softmax (ablation)
     alpha: float = 1.5
     T0: float = 1.0  # initial temperature
     T_min: float = 1e-3
@@ -82,6 +82,8 @@ class SparsityCfg:
     z_max: float = 1.0  # cap on the per-expert std of the logits (they cannot outrun T); 0 = no cap
 
     def __post_init__(self) -> None:
+        from .maps import SPARSE_MAPS
+
         _need(self.map in SPARSE_MAPS, "sparsity.map",
               f"unknown sparse map {self.map!r}; choose one of {', '.join(SPARSE_MAPS)}")
         _need(1.0 < float(self.alpha) <= 2.0, "sparsity.alpha", f"must be in (1, 2], got {self.alpha}")

@@ -19,10 +19,10 @@ import math
 
 import torch
 
+from ..maps import get_activation
 from ..progress import Progress
 from .budget import mobe_params
 from .init import expert_scales, inv_scales, quiet
-from .model import act
 from .solve import ridge_A
 
 
@@ -51,7 +51,7 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
     s = expert_scales(W) if scales is None else scales.float()
     inv = inv_scales(s)
     dead = inv == 0
-    phi = act(activation)
+    phi = get_activation(activation).fn
     gen = torch.Generator().manual_seed(int(seed))
     res = torch.zeros(N, dtype=torch.float64)
     W_hat = torch.empty(N, p, d, dtype=torch.float32) if return_weights else None

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
+from ..maps import get_activation
 from ..progress import Progress
 from .init import quiet
 
@@ -154,6 +155,8 @@ class _RowWeights:
         for e in range(E):  # ||Down[:, j]||^2 (p,) per expert, from the loaded layer (no (E, d, p) temporaries)
             self.dn[li * E + e] = ex.down_proj[e].detach().pow(2).sum(0, dtype=torch.float64)
 
+        silu = get_activation("silu")  # the experts' own SwiGLU activation (every registry architecture)
+
         def hook(x, top):
             x = x.float()
             for e in range(E):
@@ -162,10 +165,9 @@ class _RowWeights:
                     continue
                 gu = x[sel] @ ex.gate_up_proj[e].float().T  # (t, 2p), gate rows first
                 g, u = gu[:, :p], gu[:, p:]
-                sg = torch.sigmoid(g)
-                dsilu = sg * (1 + g * (1 - sg))
+                dsilu = silu.grad(g)
                 i = li * E + e
-                self.acc["up"][i] += (torch.nn.functional.silu(g) ** 2).sum(0).double()
+                self.acc["up"][i] += (silu.fn(g) ** 2).sum(0).double()
                 self.acc["gate"][i] += ((u * dsilu) ** 2).sum(0).double()
                 self.cnt[i] += int(sel.sum())
         return hook

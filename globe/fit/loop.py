@@ -30,6 +30,7 @@ import torch
 from ..artifacts import Family
 from ..config import GlobeConfig
 from ..errors import GlobeError
+from ..maps import get_sparse_map
 from ..progress import Progress
 from .dist import Dist
 from .init import check_finite, expert_scales, inv_scales, live_experts, quiet, warm_start
@@ -174,7 +175,7 @@ def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten, progress: bool 
                     kind=cfg.sparsity.map, alpha=cfg.sparsity.alpha, gain=cfg.bank.gain0,
                     method=cfg.bank.init, seed=cfg.bank.seed, T_min=cfg.sparsity.T_min,
                     T_max=cfg.sparsity.T_max, whiten=whiten, progress=progress, name=fam, dist=dist)
-    T = ws.T if cfg.sparsity.T_auto and cfg.sparsity.map != "softmax" else cfg.sparsity.T0
+    T = ws.T if cfg.sparsity.T_auto and not get_sparse_map(cfg.sparsity.map).dense else cfg.sparsity.T0
     return {"step": 0, "bank": ws.bank, "logits": ws.logits, "gain": ws.gain, "T": T, "sv": ws.sv,
             "opt": None, "best": None, "bad_evals": 0, "A_all": None, "init_T": T}
 
@@ -207,6 +208,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     if dist.on and (scales is None or sink is None):
         raise GlobeError("fit_family: a sharded fit needs the scales of all experts and a sink")
     tr, sp = cfg.train, cfg.sparsity
+    dense = get_sparse_map(sp.map).dense
     N, p, d = W.shape
     s = expert_scales(W) if scales is None else scales.float()
     check_finite(s, f"family {fam}: expert")
@@ -282,7 +284,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             med, p95 = float(sup.median()), float(torch.quantile(sup, 0.95))
         T_used = ctrl.T
         tgt = support_schedule(step + 1, tr.steps, sp.target_support, _support0(cfg, fam), sp.anneal_frac)
-        if sp.map != "softmax":  # softmax is dense at any T: nothing to control
+        if not dense:  # a dense map (softmax) has full support at any T: nothing to control
             ctrl.update(med, tgt)
         step += 1
         batch_err = math.sqrt(float(r2_all / n2_all.clamp_min(1e-30)))
@@ -293,7 +295,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             ev = evaluate(W, s, prm, ctrl.T, desc=f"evaluation {fam} at step {step}", **evkw)
             last.update(eval_objective=ev["objective"], eval_rel_fro_error=ev["rel_fro_error"])
             last_ev = (step, ev["objective"], ev["rel_fro_error"])
-            on_target = sp.map == "softmax" or (abs(med - sp.target_support) <= 1 and tgt == sp.target_support)
+            on_target = dense or (abs(med - sp.target_support) <= 1 and tgt == sp.target_support)
             if on_target and (ev["objective"] < best["obj"] * (1 - 1e-4)):
                 best = {"obj": ev["objective"], "err": ev["rel_fro_error"], "step": step, "T": ctrl.T,
                         "params": copy.deepcopy(prm.state_dict())}

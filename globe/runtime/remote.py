@@ -32,6 +32,7 @@ MODULE_FILE = "modeling_globe.py"
 # module (None) with its relative imports removed. Nothing here is written twice by hand.
 SOURCES: list[tuple[str, list[str] | None]] = [
     ("globe.errors", ["GlobeError"]),
+    ("globe.maps", None),
     ("globe.artifacts", ["KEEP_FP32"]),
     ("globe.compat", ["ExpertsInfo", "experts_info"]),
     ("globe.runtime.kernels", None),
