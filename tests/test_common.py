@@ -1,0 +1,91 @@
+"""The common tester: one pipeline run on every registry architecture and every sparse map / activation.
+
+Why: fit, export and load are where architectures differ (names, dense layers, shared experts) and
+where a new sparse map or phi must reach the runtime, so each case runs the whole chain on a tiny model
+(globe.testing.models.TINY), peft-style:
+
+    short fit (run_fit) -> fit dir saved -> patch_model on a fresh copy == dense model carrying W_hat
+    -> export globe (fp32) -> globe.load_model == patched model, bit for bit
+    -> export dense (fp32) -> plain transformers from_pretrained == patched model (fp32 tolerance)
+    -> unpatch_model restores every original weight and the original logits bit for bit.
+
+Cases: every architecture of globe.registry.REGISTRY with the default map and phi, and every other
+sparse map (globe.maps.SPARSE_MAPS) and activation (globe.maps.ACTIVATIONS) on qwen2_moe, so adding an
+architecture (one registry entry + one TINY entry) or a map/phi (one globe.maps entry) adds its case here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from globe import compat
+from globe.artifacts import Artifacts
+from globe.config import BankCfg, GlobeConfig, SparsityCfg
+from globe.fit.run import run_fit
+from globe.maps import ACTIVATIONS, SPARSE_MAPS
+from globe.registry import REGISTRY
+from globe.runtime import patch_model, unpatch_model
+from globe.runtime.export import export
+from globe.runtime.load import load_model
+from globe.testing.artifacts import dense_reference
+from globe.testing.models import TINY, save_model, tiny_model
+
+MAP, ACT = SparsityCfg().map, BankCfg().activation
+CASES = ([(mt, MAP, ACT) for mt in sorted(REGISTRY)]
+         + [("qwen2_moe", mp, ACT) for mp in sorted(SPARSE_MAPS) if mp != MAP]
+         + [("qwen2_moe", MAP, act) for act in sorted(ACTIVATIONS) if act != ACT])
+IDS = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    return model(input_ids=IDS).logits
+
+
+def _cfg(src, out, **sections) -> GlobeConfig:
+    return GlobeConfig.from_dict({"model": {"path": str(src)}, "output_dir": str(out), **sections})
+
+
+def test_every_registry_architecture_has_a_tiny_model():
+    assert set(TINY) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("mt,sparse_map,activation", CASES, ids=["-".join(c) for c in CASES])
+def test_fit_patch_export_load_unpatch(tmp_path, mt, sparse_map, activation):
+    src = save_model(tiny_model(mt, seed=3), tmp_path / "src")
+    fit_dir = tmp_path / "fit"
+    run_fit(_cfg(src, fit_dir, bank={"m_up": 4, "m_gate": 4, "r": 6, "activation": activation},
+                 sparsity={"map": sparse_map, "target_support": 2},
+                 train={"steps": 4, "batch_size": 8, "eval_every": 2, "device": "cpu", "baselines": False}),
+            progress=False)
+    arts = Artifacts.load(fit_dir)
+    fam = arts.families["up"]
+    assert fam.activation == activation and fam.meta["map"] == sparse_map
+    assert int((fam.codes > 0).sum(1).min()) >= 1
+
+    model = compat.load_pretrained(src, torch.float32).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    orig = _logits(model)
+    ref = _logits(dense_reference(copy.deepcopy(model), arts))
+    patch_model(model, fit_dir)
+    patched = _logits(model)
+    torch.testing.assert_close(patched, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(patched, orig, atol=1e-3)  # the fit really replaced the experts
+
+    g = export(_cfg(src, tmp_path / "globe", artifacts=str(fit_dir), export={"format": "globe", "dtype": "fp32"}))
+    assert torch.equal(_logits(load_model(g)), patched)
+
+    from transformers import AutoModelForCausalLM
+
+    d = export(_cfg(src, tmp_path / "dense", artifacts=str(fit_dir), export={"format": "dense", "dtype": "fp32"}))
+    plain = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(plain), patched, rtol=1e-5, atol=1e-5)
+
+    unpatch_model(model)
+    state = model.state_dict()
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], v) for k, v in original.items())
+    assert torch.equal(_logits(model), orig)
