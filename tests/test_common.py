@@ -11,7 +11,8 @@ where a new sparse map or phi must reach the runtime, so each case runs the whol
 
 Cases: every architecture of globe.registry.REGISTRY with the default map and phi, and every other
 sparse map (globe.maps.SPARSE_MAPS) and activation (globe.maps.ACTIVATIONS) on qwen2_moe, so adding an
-architecture (one registry entry + one TINY entry) or a map/phi (one globe.maps entry) adds its case here.
+architecture (one registry entry + one TINY entry) or a map/phi (one globe.maps entry) adds its case here;
+one tied-embedding case covers exports that share the lm_head with the embedding.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from globe.testing.artifacts import dense_reference
 from globe.testing.models import TINY, save_model, tiny_model
 
 MAP, ACT = SparsityCfg().map, BankCfg().activation
-CASES = ([(mt, MAP, ACT) for mt in sorted(REGISTRY)]
-         + [("qwen2_moe", mp, ACT) for mp in sorted(SPARSE_MAPS) if mp != MAP]
-         + [("qwen2_moe", MAP, act) for act in sorted(ACTIVATIONS) if act != ACT])
+CASES = ([(mt, MAP, ACT, "") for mt in sorted(REGISTRY)]
+         + [("qwen2_moe", mp, ACT, "") for mp in sorted(SPARSE_MAPS) if mp != MAP]
+         + [("qwen2_moe", MAP, act, "") for act in sorted(ACTIVATIONS) if act != ACT]
+         + [("qwen3_moe", MAP, ACT, "tied")])  # tie_word_embeddings: one lm_head/embedding tensor on export
 IDS = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
@@ -53,9 +55,9 @@ def test_every_registry_architecture_has_a_tiny_model():
     assert set(TINY) == set(REGISTRY)
 
 
-@pytest.mark.parametrize("mt,sparse_map,activation", CASES, ids=["-".join(c) for c in CASES])
-def test_fit_patch_export_load_unpatch(tmp_path, mt, sparse_map, activation):
-    src = save_model(tiny_model(mt, seed=3), tmp_path / "src")
+@pytest.mark.parametrize("mt,sparse_map,activation,variant", CASES, ids=["-".join(filter(None, c)) for c in CASES])
+def test_fit_patch_export_load_unpatch(tmp_path, mt, sparse_map, activation, variant):
+    src = save_model(tiny_model(mt, seed=3, tie_word_embeddings=variant == "tied"), tmp_path / "src")
     fit_dir = tmp_path / "fit"
     run_fit(_cfg(src, fit_dir, bank={"m_up": 4, "m_gate": 4, "r": 6, "activation": activation},
                  sparsity={"map": sparse_map, "target_support": 2},
@@ -67,6 +69,8 @@ def test_fit_patch_export_load_unpatch(tmp_path, mt, sparse_map, activation):
     assert int((fam.codes > 0).sum(1).min()) >= 1
 
     model = compat.load_pretrained(src, torch.float32).eval()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (variant == "tied")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     orig = _logits(model)
     ref = _logits(dense_reference(copy.deepcopy(model), arts))
