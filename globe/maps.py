@@ -9,8 +9,9 @@ the runtime look entries up, and the tests parametrise over the keys:
     @register_sparse_map("name", dense=False)       fn(x (..., m) fp32 = z / T, alpha) -> codes (..., m)
     register_activation(Activation("name", fn, fn_, grad))
 
-Sparse maps act on the last dim and return points of the simplex; `sparse_map` divides by T in fp32
-(entmax NaNs in half precision), so an entry only maps. `dense=True` (softmax): every code is
+Sparse maps act on the last dim and return points of the simplex, unchanged when a constant is added
+to z (the fit centres each expert's logits); `sparse_map` divides by T in fp32 (entmax NaNs in half
+precision), so an entry only maps. `dense=True` (softmax): every code is
 nonzero at any T, so there is no temperature to control and no support target to reach.
 An activation has phi out of place (fit, artifacts), phi in place on an fp32 buffer (the runtime's
 composition kernel) and phi' (calibration's row weights); the two phi must give the same bits.

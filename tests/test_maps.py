@@ -1,6 +1,7 @@
 """Every registered sparse map and activation (globe.maps) keeps the contracts the fit, the temperature
-controller and the runtime rely on: codes on the simplex in fp32, support growing with T unless the map
-is dense, in-place phi bit-equal to phi, phi' equal to autograd's; unknown names refused by the config."""
+controller and the runtime rely on: codes on the simplex in fp32, invariant to a shift of the logits
+(the fit centres them), support growing with T unless the map is dense; in-place phi bit-equal to
+phi, phi' equal to autograd's; unknown names refused by the config."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_sparse_map_contract(name):
     a = sparse_map(z.half(), 0.5, name)
     assert a.dtype == torch.float32 and (a >= 0).all()
     torch.testing.assert_close(a.sum(-1), torch.ones(50))
+    torch.testing.assert_close(sparse_map(z + 3.0, 0.5, name), sparse_map(z, 0.5, name))  # shift invariant
     sup = [float(support(sparse_map(z, T, name)).float().median()) for T in (0.02, 1.0, 50.0)]
     if get_sparse_map(name).dense:
         assert sup[1:] == [12.0, 12.0]  # (at T = 0.02 softmax underflows in fp32)
