@@ -139,11 +139,11 @@ class _Log:
 
 
 def _expert_tensor(ck: Checkpoint, L: int, e: int, fam: str) -> str:
-    """On-disk name of a routed expert's matrix (fused layouts: the slice of gate_up_proj)."""
+    """On-disk name of a routed expert's matrix (fused layouts: the family's rows of expert e)."""
     if ck.layout == "per_expert":
         return ck.expert_name(L, e, fam)
-    from ..compat import experts_prefix
-    return f"{experts_prefix(ck.spec, L)}.gate_up_proj[{e}, {fam} rows]"
+    from ..compat import GATE_UP, experts_prefix
+    return f"{experts_prefix(ck.spec, L)}.{GATE_UP}[{e}, {fam} rows]"
 
 
 def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = None, dist: Dist | None = None
