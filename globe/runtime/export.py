@@ -302,7 +302,7 @@ def _composer(fam: Family, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
 
 def _dense_config(ck: Checkpoint, ecfg: ExportCfg) -> dict[str, Any]:
     conf = dict(ck.export_config() if hasattr(ck, "export_config") else ck.config)
-    conf["torch_dtype"] = conf["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[ecfg.dtype]
+    conf["torch_dtype"] = conf["dtype"] = str(DTYPES[ecfg.dtype]).removeprefix("torch.")  # e.g. "bfloat16"
     return conf
 
 
