@@ -244,7 +244,7 @@ class GlobeConfig:
     bank: BankCfg = field(default_factory=BankCfg)
     sparsity: SparsityCfg = field(default_factory=SparsityCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
-    cache: CacheCfg = field(default_factory=CacheCfg)
+    cache: CacheCfg | None = None  # None: a globe export's saved settings (patch_model: CacheCfg())
     export: ExportCfg = field(default_factory=ExportCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
@@ -278,7 +278,7 @@ class GlobeConfig:
                 raise ValueError(f"{key}: unknown config key")
             sub_cls = _SUB.get(key)
             if sub_cls is not None:
-                kwargs[key] = _build(sub_cls, key, val or {})
+                kwargs[key] = None if val is None and key == "cache" else _build(sub_cls, key, val or {})
             else:
                 kwargs[key] = val
         return cls(**kwargs)

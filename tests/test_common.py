@@ -4,7 +4,7 @@ Why: fit, export and load are where architectures differ (names, dense layers, s
 where a new sparse map or phi must reach the runtime, so each case runs the whole chain on a tiny model
 (globe.testing.models.TINY), peft-style:
 
-    short fit (run_fit) -> fit dir saved -> patch_model on a fresh copy == dense model carrying W_hat
+    short fit (globe.compress) -> fit dir saved -> patch_model on a fresh copy == dense model carrying W_hat
     -> export globe (fp32) -> globe.load_model == patched model, bit for bit
     -> export dense (fp32) -> plain transformers from_pretrained == patched model (fp32 tolerance)
     -> unpatch_model restores every original weight and the original logits bit for bit.
@@ -22,15 +22,13 @@ import copy
 import pytest
 import torch
 
+import globe
 from globe import compat
+from globe.api import FitCfg
 from globe.artifacts import Artifacts
-from globe.config import BankCfg, GlobeConfig, SparsityCfg
-from globe.fit.run import run_fit
+from globe.config import BankCfg, ExportCfg, SparsityCfg, TrainCfg
 from globe.maps import ACTIVATIONS, SPARSE_MAPS
 from globe.registry import REGISTRY
-from globe.runtime import patch_model, unpatch_model
-from globe.runtime.export import export
-from globe.runtime.load import load_model
 from globe.testing.artifacts import dense_reference
 from globe.testing.models import TINY, save_model, tiny_model
 
@@ -47,10 +45,6 @@ def _logits(model) -> torch.Tensor:
     return model(input_ids=IDS).logits
 
 
-def _cfg(src, out, **sections) -> GlobeConfig:
-    return GlobeConfig.from_dict({"model": {"path": str(src)}, "output_dir": str(out), **sections})
-
-
 def test_every_registry_architecture_has_a_tiny_model():
     assert set(TINY) == set(REGISTRY)
 
@@ -59,10 +53,10 @@ def test_every_registry_architecture_has_a_tiny_model():
 def test_fit_patch_export_load_unpatch(tmp_path, mt, sparse_map, activation, variant):
     src = save_model(tiny_model(mt, seed=3, tie_word_embeddings=variant == "tied"), tmp_path / "src")
     fit_dir = tmp_path / "fit"
-    run_fit(_cfg(src, fit_dir, bank={"m_up": 4, "m_gate": 4, "r": 6, "activation": activation},
-                 sparsity={"map": sparse_map, "target_support": 2},
-                 train={"steps": 4, "batch_size": 8, "eval_every": 2, "device": "cpu", "baselines": False}),
-            progress=False)
+    globe.compress(src, fit_dir, FitCfg(bank=BankCfg(m_up=4, m_gate=4, r=6, activation=activation),
+                                        sparsity=SparsityCfg(map=sparse_map, target_support=2),
+                                        train=TrainCfg(steps=4, batch_size=8, eval_every=2, device="cpu",
+                                                       baselines=False)), progress=False)
     arts = Artifacts.load(fit_dir)
     fam = arts.families["up"]
     assert fam.activation == activation and fam.meta["map"] == sparse_map
@@ -74,21 +68,21 @@ def test_fit_patch_export_load_unpatch(tmp_path, mt, sparse_map, activation, var
     original = {k: v.clone() for k, v in model.state_dict().items()}
     orig = _logits(model)
     ref = _logits(dense_reference(copy.deepcopy(model), arts))
-    patch_model(model, fit_dir)
+    globe.patch_model(model, fit_dir)
     patched = _logits(model)
     torch.testing.assert_close(patched, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(patched, orig, atol=1e-3)  # the fit really replaced the experts
 
-    g = export(_cfg(src, tmp_path / "globe", artifacts=str(fit_dir), export={"format": "globe", "dtype": "fp32"}))
-    assert torch.equal(_logits(load_model(g)), patched)
+    g = globe.export(src, fit_dir, tmp_path / "globe", ExportCfg(format="globe", dtype="fp32"))
+    assert torch.equal(_logits(globe.load_model(g)), patched)
 
     from transformers import AutoModelForCausalLM
 
-    d = export(_cfg(src, tmp_path / "dense", artifacts=str(fit_dir), export={"format": "dense", "dtype": "fp32"}))
+    d = globe.export(src, fit_dir, tmp_path / "dense", ExportCfg(format="dense", dtype="fp32"))
     plain = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(plain), patched, rtol=1e-5, atol=1e-5)
 
-    unpatch_model(model)
+    globe.unpatch_model(model)
     state = model.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], v) for k, v in original.items())

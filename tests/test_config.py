@@ -7,16 +7,19 @@ import dataclasses
 import pytest
 
 from globe.cli.main import compose, expand_sweep
-from globe.config import BankCfg, GlobeConfig, SparsityCfg, TrainCfg
+from globe.config import BankCfg, CacheCfg, GlobeConfig, SparsityCfg, TrainCfg
 from globe.fixtures import FIXTURE_DIR
 
 
 def test_defaults_valid_and_yaml_matches_dataclass_defaults():
-    conf = compose([])
-    ref = GlobeConfig()
+    conf = compose(["cache=full"])  # the cache group applies only when the command line names it
+    ref = GlobeConfig(cache=CacheCfg())
     for section in ("bank", "sparsity", "train", "cache", "export", "wandb", "eval"):
         got, want = dataclasses.asdict(getattr(conf, section)), dataclasses.asdict(getattr(ref, section))
         assert got == want, section
+    assert compose([]).cache is None  # an export's saved cache settings then apply (load_model)
+    assert compose(["cache=lru"]).cache.mode == "lru" and compose(["cache=none"]).cache.mode == "none"
+    assert compose(["cache.S_per_layer=8"]).cache == CacheCfg(S_per_layer=8)
     assert conf.model.path == ""  # no silent default model: the verbs refuse (test_model_path_required)
     conf = compose([f"model.path={FIXTURE_DIR}"])
     assert conf.eval.text.endswith("eval.txt")  # filled from the model dir's eval.txt by the CLI

@@ -102,7 +102,7 @@ def test_run_eval_on_globe_export_matches_dense_export(tmp_path):
     pytest.importorskip("globe.runtime.export")
     from test_eval_report import make_run
 
-    from globe.runtime.export import export
+    from globe.runtime.export import run_export as export
 
     run, mdir, _ = make_run(tmp_path)
     char_tokenizer(mdir)

@@ -64,7 +64,7 @@ def test_patched_model_moves_to_cuda_and_casts(mode):
 
 def test_load_model_on_cuda_equals_cpu(tmp_path):
     from globe.config import GlobeConfig
-    from globe.runtime.export import export
+    from globe.runtime.export import run_export as export
     from globe.runtime.load import load_model
     from globe.testing.models import save_model
 

@@ -308,7 +308,7 @@ def test_fp8_exports_are_bf16_values(fp8, tmp_path):
     from globe import compat
     from globe.config import GlobeConfig
     from globe.runtime import patch_model
-    from globe.runtime.export import export
+    from globe.runtime.export import run_export as export
     from globe.runtime.load import load_model
     from globe.testing.artifacts import random_artifacts
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from globe.config import GlobeConfig
-from globe.runtime.export import export
+from globe.runtime.export import run_export as export
 from globe.runtime.load import load_model
 from globe.runtime.remote import MODULE_FILE
 from globe.testing.artifacts import random_artifacts

@@ -12,7 +12,8 @@ from globe.common import DTYPES
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.runtime import patch_model
-from globe.runtime.export import export, is_globe_dir
+from globe.runtime.export import is_globe_dir
+from globe.runtime.export import run_export as export
 from globe.runtime.generate import generate
 from globe.runtime.load import load_model
 from globe.testing.artifacts import random_artifacts

@@ -83,6 +83,8 @@ def compose(overrides: list[str]) -> GlobeConfig:
         for part in sec:
             node = node.setdefault(part, {})
         node[leaf] = val
+    if not any(o.lstrip("+~").startswith("cache") for o in overrides):
+        data.pop("cache", None)  # no cache setting on the command line: a globe export's saved ones apply
     try:
         conf = GlobeConfig.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -162,7 +164,7 @@ def cmd_export(overrides: list[str]) -> int:
         raise GlobeError("artifacts is required: globe export model.path=PATH artifacts=DIR output_dir=OUT")
     if not conf.output_dir:
         raise GlobeError("output_dir is required for export")
-    from ..runtime.export import export
+    from ..runtime.export import run_export as export
 
     out = export(conf)
     print(str(out))

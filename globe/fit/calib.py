@@ -41,12 +41,9 @@ def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int) -> torch.Tensor:
     text = Path(text)
     if not text.is_file():
         raise GlobeError(f"calibration text not found: {text}")
-    from transformers import AutoTokenizer
+    from .. import compat
 
-    try:
-        tok = AutoTokenizer.from_pretrained(ck.dir)
-    except Exception as e:  # missing tokenizer files
-        raise GlobeError(f"cannot load a tokenizer from {ck.dir} for calibration: {type(e).__name__}") from None
+    tok = compat.load_tokenizer(ck.dir, "calibration")
     ids = tok(text.read_text(), return_tensors="pt")["input_ids"][0][:n_tokens]
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
@@ -151,7 +148,9 @@ class _RowWeights:
         self.dn = torch.zeros(N, self.p, dtype=torch.float64)
 
     def make(self, L, ex):
-        li, E, p = self.ck.moe_layers.index(L), self.E, self.p
+        from .. import compat
+
+        li, E = self.ck.moe_layers.index(L), self.E
         for e in range(E):  # ||Down[:, j]||^2 (p,) per expert, from the loaded layer (no (E, d, p) temporaries)
             self.dn[li * E + e] = ex.down_proj[e].detach().pow(2).sum(0, dtype=torch.float64)
 
@@ -163,8 +162,8 @@ class _RowWeights:
                 sel = (top == e).any(-1)
                 if not sel.any():
                     continue
-                gu = x[sel] @ ex.gate_up_proj[e].float().T  # (t, 2p), gate rows first
-                g, u = gu[:, :p], gu[:, p:]
+                out = x[sel] @ compat.gate_up_weight(ex)[e].float().T  # (t, 2p): fused gate/up outputs
+                g, u = (compat.family_rows(out.T, f).T for f in ("gate", "up"))  # (t, p) each
                 dsilu = silu.grad(g)
                 i = li * E + e
                 self.acc["up"][i] += (silu.fn(g) ** 2).sum(0).double()

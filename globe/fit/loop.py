@@ -322,11 +322,12 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         best = {"step": step, "T": ctrl.T, "params": copy.deepcopy(prm.state_dict())}
         if last_ev is not None and last_ev[0] == step:  # evaluated at this very state: no second pass
             best.update(obj=last_ev[1], err=last_ev[2])
-    return _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, stopped_early, resumed, t0,
-                   experts_per_layer or N, progress, sink, dist)
+    return _finish(W, s, prm, best, cfg, fam, whiten=whiten, rows=rows, dev=dev, state=state, init_err=init_err,
+                   step=step, early=stopped_early, resumed=resumed, t0=t0, E=experts_per_layer or N,
+                   progress=progress, sink=sink, dist=dist)
 
 
-def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, early, resumed, t0,
+def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, step, early, resumed, t0,
             E, progress=None, sink=None, dist=None) -> FamilyFit:
     """Restore the best snapshot, epsilon-prune the codes, refit A once more (streamed to `sink` if
     given), and gather the metrics. The best snapshot's error was measured when it was taken, so the

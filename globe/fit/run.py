@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..artifacts import Artifacts, FamilyWriter, atomic_write, family_file, finish_fit_dir
+from ..common import resolve_device
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
@@ -41,18 +42,6 @@ from .tracking import WandbRun, require_wandb, wandb_on
 STATE = ".globe_fit"
 OUTPUTS = ("globe.safetensors.index.json", "globe_config.json", "metrics.jsonl", "summary.json")  # + globe-{f}...
 _NOT_RESULT = {"checkpoint_every", "log_every", "device", "max_memory_gb", "eval_chunk", "distributed"}
-
-
-def pick_device(name: str) -> str:
-    """auto -> cuda, then mps, then cpu; a forced device that is missing is a GlobeError."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GlobeError("train.device=cuda but no CUDA device is available")
-    if name == "mps" and not has_mps:
-        raise GlobeError("train.device=mps but no MPS device is available")
-    return name
 
 
 def _validate(cfg: GlobeConfig) -> None:
@@ -139,11 +128,11 @@ class _Log:
 
 
 def _expert_tensor(ck: Checkpoint, L: int, e: int, fam: str) -> str:
-    """On-disk name of a routed expert's matrix (fused layouts: the slice of gate_up_proj)."""
+    """On-disk name of a routed expert's matrix (fused layouts: the family's rows of expert e)."""
     if ck.layout == "per_expert":
         return ck.expert_name(L, e, fam)
-    from ..compat import experts_prefix
-    return f"{experts_prefix(ck.spec, L)}.gate_up_proj[{e}, {fam} rows]"
+    from ..compat import GATE_UP, experts_prefix
+    return f"{experts_prefix(ck.spec, L)}.{GATE_UP}[{e}, {fam} rows]"
 
 
 def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = None, dist: Dist | None = None
@@ -217,7 +206,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     except ValueError as e:
         raise GlobeError(str(e)) from None
     _check_calib_memory(cfg, ck, N)
-    dev = pick_device(cfg.train.device)
+    dev = str(resolve_device(cfg.train.device, "train.device"))  # 'cuda' | 'mps' | 'cpu'
     dist = Dist.setup(dev, len(ck.moe_layers), ck.num_experts) if wanted(cfg.train.distributed) else Dist()
     lead = dist.rank == 0  # [dist] rank 0 claims, logs and writes the outputs; the others only fit
     out = Path(cfg.output_dir)
