@@ -92,8 +92,10 @@ def launch(kind: str, ranks: int, cfg: dict, threads: int, rec: Path, reverse: b
     me = [str(Path(__file__).resolve()), "--worker", spec]
     cmd = [sys.executable, *me] if kind == "plain" else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *me]
-    t = time.time()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    t = time.time()  # a session of its own, as torchrun gives each rank (start_new_session): with the kernel's
+    # autogroup scheduling a session shares one CPU slice, so a plain worker left in ours would compete with
+    # every other process of this session while torchrun's ranks get a full slice each (plain measured 3-4x slower)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, start_new_session=True)
     if p.returncode != 0:
         raise SystemExit(f"{kind} {ranks} ranks failed:\n{p.stderr[-4000:]}")
     return time.time() - t
