@@ -159,6 +159,9 @@ class TrainCfg:
     lr_codes: float | None = None  # Adam lr of the logits (None -> 5 * lr)
     eval_chunk: int = 32  # experts per chunk in full evaluations and A refits
     baseline_steps: int | None = None  # Adam steps of the MoBE-style baseline (None -> steps)
+    codes_optimizer: str = "adam"  # adam (one Adam with the bank) | row_adam (only the batch's rows move)
+    code_pass_every: int = 0  # every K steps, every expert's logits take code_pass_steps steps, bank fixed (0: off)
+    code_pass_steps: int = 1
 
     def __post_init__(self) -> None:
         _need(int(self.steps) >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -186,6 +189,10 @@ class TrainCfg:
         _need(int(self.log_every) >= 1, "train.log_every", "must be >= 1")
         _need(int(self.patience) >= 0, "train.patience", "must be >= 0")
         _need(self.baseline_steps is None or int(self.baseline_steps) >= 1, "train.baseline_steps", "must be >= 1")
+        _need(self.codes_optimizer in ("adam", "row_adam"), "train.codes_optimizer",
+              f"unknown optimizer {self.codes_optimizer!r}; adam|row_adam")
+        _need(int(self.code_pass_every) >= 0, "train.code_pass_every", "must be >= 0")
+        _need(int(self.code_pass_steps) >= 1, "train.code_pass_steps", "must be >= 1")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..progress import Progress
 from .budget import fit_rank
+from .codes import FitOptimizer, code_pass
 from .init import check_finite, expert_scales, inv_scales, live_experts, quiet
 from .model import GlobeParams, support
 from .share import expert_banks, layer_banks, warm_start_banks
@@ -211,10 +212,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     layer_bank = _layer_bank(cfg, N, experts_per_layer or N)
     prm = GlobeParams(state["bank"], state["logits"], state["gain"], cfg.bank.activation, sp.map, sp.alpha,
                       bank_of=expert_banks(layer_bank, experts_per_layer or N)).to(dev)
-    lr_codes = tr.lr_codes if tr.lr_codes is not None else 5 * tr.lr
-    opt = torch.optim.Adam([{"params": [prm.bank_raw], "lr": tr.lr}, {"params": [prm.logits], "lr": lr_codes},
-                            {"params": [prm.gain], "lr": tr.lr}], betas=tuple(tr.betas), eps=tr.eps,
-                           weight_decay=tr.weight_decay)
+    opt = FitOptimizer(prm, tr)  # Adam on bank and gain; logits by Adam or row-wise Adam (codes.py)
     if state["opt"] is not None:
         opt.load_state_dict(state["opt"])
     ctrl = TempController(state["T"], sp.target_support, sp.eta, sp.T_min, sp.T_max)
@@ -239,8 +237,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             raise KeyboardInterrupt(f"interrupted at step {step}")
         ts = time.time()
         f = lr_factor(step, tr.steps, sp.anneal_frac, tr.lr_schedule)
-        for grp, base in zip(opt.param_groups, (tr.lr, lr_codes, tr.lr)):
-            grp["lr"] = base * f
+        opt.set_lr_factor(f)
         idx = batch_indices(step, N, tr.batch_size, tr.seed)
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         didx = idx.to(dev)
@@ -259,10 +256,14 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         if not torch.isfinite(loss):
             where = f"; last good checkpoint (step {state['step']}) kept in {ckpt_path}" if ckpt_path else ""
             raise GlobeError(f"fit of family {fam}: loss became NaN/inf at step {step}; stopped{where}")
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
-        opt.step()
+        opt.step(didx)
         prm.constrain_logits(sp.z_max)
+        if tr.code_pass_every and (step + 1) % tr.code_pass_every == 0:  # every expert's codes, bank fixed
+            code_pass(W, s, prm, ctrl.T, opt, tr.code_pass_steps, load=_load, refit=_refit, residual=_residual,
+                      rel_mean=rel_mean, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev, z_max=sp.z_max,
+                      autocast=tr.autocast_bf16, live=live)
         with torch.no_grad():
             codes_now = prm.codes(None, ctrl.T)  # (N, m) at the T this step used
             sup = support(codes_now[live_d]).float()

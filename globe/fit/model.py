@@ -79,12 +79,15 @@ class GlobeParams(torch.nn.Module):
         z = self.logits if idx is None else self.logits[idx]
         return sparse_map(z, T, self.map_kind, self.map_alpha)
 
-    def mix(self, alpha: torch.Tensor, autocast: bool = False, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def mix(self, alpha: torch.Tensor, autocast: bool = False, idx: torch.Tensor | None = None,
+            fixed_bank: bool = False) -> torch.Tensor:
         """tilde_B = phi(g_b * alpha @ B_b): (n, m) -> (n, r, d) fp32, b = bank of each expert.
 
         idx (n,): the experts of the rows of alpha (needed when G > 1; None: all N experts in order).
+        fixed_bank: treat bank and gain as constants (no graph through them; code-only updates).
         """
-        B = unit_atoms(self.bank_raw)  # (G, m, r, d)
+        raw, gains = (self.bank_raw.detach(), self.gain.detach()) if fixed_bank else (self.bank_raw, self.gain)
+        B = unit_atoms(raw)  # (G, m, r, d)
         G, m, r, d = B.shape
         use_ac = autocast and alpha.device.type in ("cuda", "cpu")
 
@@ -95,7 +98,7 @@ class GlobeParams(torch.nn.Module):
             return a.float() @ B[g].reshape(m, r * d)
 
         if G == 1:
-            pre, gain = lin(alpha, 0), self.gain[0]
+            pre, gain = lin(alpha, 0), gains[0]
         else:
             b = self.bank_of if idx is None else self.bank_of[idx.to(self.bank_of.device)]
             order = torch.argsort(b, stable=True)
@@ -103,7 +106,7 @@ class GlobeParams(torch.nn.Module):
             for g in bs.unique().tolist():  # one GEMM per bank present in the batch
                 parts.append(lin(alpha[order[bs == g]], g))
             pre = torch.cat(parts)[torch.argsort(order)]
-            gain = self.gain[b][:, None]
+            gain = gains[b][:, None]
         return act(self.activation)((gain * pre).reshape(-1, r, d))
 
     def mixed(self, idx: torch.Tensor | None, T: float, autocast: bool = False) -> torch.Tensor:
