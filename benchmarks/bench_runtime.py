@@ -33,6 +33,7 @@ import torch
 
 from globe import compat
 from globe.artifacts import atomic_write
+from globe.common import DTYPES
 from globe.config import CacheCfg
 from globe.models import QWEN15_MOE_A27B, fixture_path, real_dim_model
 from globe.runtime import cache_stats, patch_model, reset_cache_stats, simulate_lru, unpatch_model
@@ -57,7 +58,7 @@ def _sync() -> None:
 
 
 def build(args):
-    dtype = compat.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = real_dim_model(num_layers=args.layers, vocab_size=VOCAB, dtype=dtype)
     p = QWEN15_MOE_A27B["moe_intermediate_size"]
     arts = random_artifacts(model, m=args.m, r=p // 2, support=args.support, seed=0)

@@ -29,20 +29,6 @@ from torch import nn
 from .errors import GlobeError
 from .registry import ArchSpec, get_spec, moe_layers
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def to_dtype(name: str | torch.dtype | None, default: torch.dtype | None = None) -> torch.dtype | None:
-    """'bf16' | 'fp16' | 'fp32' | 'auto' | torch.dtype -> torch.dtype ('auto'/None -> default)."""
-    if name is None or name == "auto":
-        return default
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise GlobeError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
 
 def text_config(config: Any) -> Any:
     """The language-model config (multimodal wrappers keep it under text_config)."""

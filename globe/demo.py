@@ -50,10 +50,11 @@ def _eval_cfg(path: Path, text: Path, fast: bool, output: Path) -> GlobeConfig:
 
 def table(summary: dict[str, Any], ev_orig: dict[str, Any], ev_globe: dict[str, Any]) -> str:
     """Plain-text comparison: original vs GloBE (+ baseline errors at matched budget from the fit)."""
-    from .eval.report import comparison_rows, comparison_table
+    from .eval.report import ELEM_BYTES, comparison_rows, comparison_table, export_dtype
 
-    rows = comparison_rows(summary, [{**ev_orig, "label": "original"}, {**ev_globe, "label": "globe"}])
-    return comparison_table(rows)
+    evals = [{**ev_orig, "label": "original"}, {**ev_globe, "label": "globe"}]
+    dt = export_dtype(evals)
+    return comparison_table(comparison_rows(summary, evals), ELEM_BYTES[dt] if dt else 4)
 
 
 def run_demo(out_dir: str | None = None, fast: bool = False) -> dict[str, Any]:

@@ -140,3 +140,31 @@ def test_report_bad_input(tmp_path):
         render_report(tmp_path / "empty")
     assert not (tmp_path / "empty" / "report").exists()
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_bytes_column_uses_the_exported_dtype(tmp_path):
+    """bytes = stored params x the element size of the export an eval record measured (bf16: 2),
+    and x 4 (the fit's own fp32 files) when nothing was exported."""
+    from globe.eval.report import comparison_rows, comparison_table, export_dtype
+
+    summary = {"families": {f: {"rel_fro_error": 0.1, "stored_params": 500, "original_params": 1000}
+                            for f in ("up", "gate")}}
+    exp = tmp_path / "export"
+    exp.mkdir()
+    (exp / "config.json").write_text(json.dumps({"globe": {"dtype": "bf16"}}))
+    evals = [{"model_kind": "globe", "model_path": str(exp), "perplexity": 10.0, "label": "globe"}]
+    assert export_dtype(evals) == "bf16" and export_dtype([]) is None
+    rows = {r["label"]: r for r in comparison_rows(summary, evals)}
+    assert rows["globe"]["stored_params"] == 1000
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "eval_globe.json").write_text(json.dumps(evals[0]))
+    md = render_report(run).read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| globe"))
+    assert "| 2000 |" in line.replace(",", "") and "bf16, as exported" in md
+    (run / "eval_globe.json").unlink()
+    md = render_report(run).read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| globe"))
+    assert "| 4000 |" in line.replace(",", "") and "fp32, as the fit stores them" in md
+    assert comparison_table(list(rows.values()), 2)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from globe.common import dtype_name, resolve_device, resolve_dtype
 from globe.errors import GlobeError
-from globe.eval.device import dtype_name, resolve_device, resolve_dtype
 from globe.eval.speed import RssSampler, measure_speed
 from globe.models import tiny_model
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from globe import compat
+from globe.common import DTYPES
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.models import fixture_path, save_model, tiny_model
@@ -55,11 +56,11 @@ def test_globe_export_reload_identical(setup, dtype, save_mixed):
         AutoModelForCausalLM.from_pretrained(str(out))
     meta = json.loads((out / "config.json").read_text())["globe"]
     assert meta["save_mixed"] == save_mixed and meta["dtype"] == dtype
-    mem = compat.load_pretrained(src, compat.DTYPES[dtype])
+    mem = compat.load_pretrained(src, DTYPES[dtype])
     patch_model(mem, root / "arts")  # the in-memory patched model, from the same artifact files
     reloaded = load_model(out)
     a, b = _logits(mem), _logits(reloaded)
-    assert b.dtype == compat.DTYPES[dtype]
+    assert b.dtype == DTYPES[dtype]
     assert torch.equal(a, b)
     for mode in ("lru", "none"):  # other cache settings at load time give the same logits
         other = load_model(out, cache=GlobeConfig.from_dict({"cache": {"mode": mode, "S_per_layer": 2,

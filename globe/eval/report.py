@@ -7,7 +7,8 @@ Why: one command turns a run dir into something to read. What is drawn depends o
   sub-directories with summary.json (a sweep)           Pareto plot of stored params vs perplexity
 An eval JSON is any *.json in the dir holding one `globe eval` object, a list of them, or {"runs": [...]};
 its row label is its `label` key, else its `model_kind` ("hf" -> original), else the file name.
-Bytes in the table are stored params x the element size of the export dtype (bf16: 2).
+Bytes in the table are stored params x the element size of the dtype actually exported (read from the
+config.json of a globe export an eval record measured; fp32 when the run was not exported).
 The report lands in RUN_DIR/report/ (report.md, *.png, diagnostics.json), built in a temporary dir
 and renamed into place, so a failure never leaves a half-written report.
 """
@@ -79,6 +80,17 @@ def _baselines(summary: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         else:  # {method: {family: figures}}
             out[k] = {f: fig for f, fig in v.items() if f in FAMS and isinstance(fig, dict)}
     return out
+
+
+def export_dtype(evals: list[dict[str, Any]]) -> str | None:
+    """The dtype of the globe export an eval record measured (its config.json), if any."""
+    for r in evals:
+        if r.get("model_kind") == "globe" and r.get("model_path"):
+            conf = _load_json(Path(r["model_path"]) / "config.json") or {}
+            dt = (conf.get("globe") or {}).get("dtype")
+            if dt in ELEM_BYTES:
+                return dt
+    return None
 
 
 def comparison_rows(summary: dict[str, Any] | None, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -198,10 +210,10 @@ def _build(run: Path, out: Path, checkpoint: str | None) -> None:
     is_run = (run / "globe_config.json").is_file()
     summary = _load_json(run / "summary.json") if (run / "summary.json").is_file() else None
     evals = eval_records(run)
-    elem = 2
+    dt = export_dtype(evals)  # the dtype actually exported; without an export, the fit's own fp32 files
+    elem, dt_note = (ELEM_BYTES[dt], f"{dt}, as exported") if dt else (4, "fp32, as the fit stores them")
     if is_run:
         diag = diagnose(run, checkpoint)
-        elem = ELEM_BYTES.get(((diag.get("summary") or {}).get("config") or {}).get("export", {}).get("dtype"), 2)
         md.append(f"Model type `{diag['model_type']}`, MoE layers {diag['moe_layers']}, "
                   f"{diag['num_experts']} experts per layer.\n")
         _diag_section(diag, out, md)
@@ -210,7 +222,7 @@ def _build(run: Path, out: Path, checkpoint: str | None) -> None:
     if rows:
         md.append("## Comparison\n")
         md.append(comparison_table(rows, elem))
-        md.append(f"\nbytes = stored params x {elem} (export dtype); errors are relative Frobenius errors "
+        md.append(f"\nbytes = stored params x {elem} ({dt_note}); errors are relative Frobenius errors "
                   "of the routed up/gate experts; Δppl is against the original model's perplexity.\n")
     curves = {r["label"]: r["hit_rate_by_S"] for r in evals if isinstance(r.get("hit_rate_by_S"), dict)}
     if curves:

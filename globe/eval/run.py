@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from ..artifacts import atomic_write
+from ..common import dtype_name, resolve_device, resolve_dtype
 from ..config import GlobeConfig
 from ..errors import GlobeError
-from .device import dtype_name, resolve_device, resolve_dtype
 
 KEYS = ("perplexity", "nll_per_token", "tokens", "prefill_tok_s", "decode_tok_s", "peak_mem_bytes",
         "cache_hit_rate", "device", "dtype")
@@ -121,7 +121,7 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     if ev.hit_rate and text is None:
         raise GlobeError("eval.hit_rate needs text to route: give eval.text=FILE or eval.dataset=wikitext2")
     torch.manual_seed(0)
-    device = resolve_device(ev.device)
+    device = resolve_device(ev.device, "eval.device")
     dtype = resolve_dtype(ev.dtype, device)
     t0 = time.perf_counter()
     model, tok, kind = load_for_eval(cfg, device, dtype, collect_stats=bool(ev.hit_rate))

@@ -26,8 +26,8 @@ import time
 
 import torch
 
+from ..common import sync
 from ..errors import GlobeError
-from .device import sync
 from .perplexity import max_positions
 
 

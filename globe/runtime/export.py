@@ -39,6 +39,7 @@ import torch
 
 from .. import compat
 from ..artifacts import KEEP_FP32, Artifacts, Family
+from ..common import DTYPES
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
@@ -77,7 +78,7 @@ def export(cfg: GlobeConfig) -> Path:
     arts = Artifacts.load(cfg.artifacts)
     check_ckpt(ck, arts)  # model-free, before any weight is read
     check_complete(ck)
-    dtype = compat.DTYPES[cfg.export.dtype]
+    dtype = DTYPES[cfg.export.dtype]
     if cfg.export.format == "dense":
         plan, produce = dense_plan(ck, arts, dtype)
         prefix = "model"

@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from ..common import resolve_device
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
 from .load import load_model
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -33,7 +28,7 @@ def generate(cfg: GlobeConfig) -> str:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise GlobeError(f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
-    device = resolve_device(cfg.eval.device)
+    device = resolve_device(cfg.eval.device, "eval.device")
     dtype = None if cfg.eval.dtype == "auto" else cfg.eval.dtype
     model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
     enc = tok(cfg.prompt, return_tensors="pt").to(device)

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import compat
 from ..artifacts import FORMAT, VERSION, _check_version
+from ..common import DTYPES, resolve_device, to_dtype
 from ..config import CacheCfg
 from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
@@ -53,13 +54,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     Raises GlobeError for a missing/corrupt/incomplete export or an unsupported format version.
     """
     p = resolve_path(str(path))
-    dev = torch.device(device or "cpu")
+    dev = resolve_device(device or "cpu")
     if not is_globe_dir(p):
-        return compat.load_pretrained(p, compat.to_dtype(dtype), dev)
+        return compat.load_pretrained(p, to_dtype(dtype), dev)
     conf = json.loads((p / "config.json").read_text())
     meta = conf.pop("globe")
     _check_version(meta, p / "config.json")
-    dt = compat.to_dtype(dtype, compat.DTYPES[meta["dtype"]])
+    dt = to_dtype(dtype, DTYPES[meta["dtype"]])
     cache = cache or CacheCfg(**meta.get("cache", {}))
     src = TensorDir(p, meta.get("weights_prefix", "model"))
     if check_memory:

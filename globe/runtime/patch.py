@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import compat
 from ..artifacts import Artifacts, Family, sparse_codes
+from ..common import to_dtype
 from ..config import CacheCfg
 from ..errors import GlobeError
 from .experts import FAMILY_ORDER, GloBEExperts, GlobeStore
@@ -50,7 +51,7 @@ def check_artifacts(model: nn.Module, arts: Artifacts) -> None:
 
 
 def compute_dtype(cache: CacheCfg, model_dtype: torch.dtype) -> torch.dtype:
-    return compat.to_dtype(cache.dtype, model_dtype)  # type: ignore[return-value]
+    return to_dtype(cache.dtype, model_dtype)  # type: ignore[return-value]
 
 
 def is_patched(model: nn.Module) -> bool:
