@@ -5,15 +5,20 @@ Matching: every method stores the same number of parameters per family, within o
 GloBE: at budget b, scope (G banks) and a total number of atoms M (m = M / G per bank), r is the
 largest rank whose stored parameters G (m r d + 1) + N p r + nnz stay within b N p d (bank.budget
 with bank.r_multiple=1, so the budget is met to ~1.8% at d = 56; the default multiple of 8 would cost
-up to 7 ranks at this width). Which M is best is measured (stage `grid`, up family, full batch),
+up to 7 ranks at this width). Which M is best is measured (stage `grid`, up family),
 separately per scope; the support target is min(16, m / 2) (a dense softmax bank fits this
-fixture better than support 8 of 32: measured, see docs/fit.md). The SVD baseline gets rank
+fixture better than support 8 of 32: measured, see docs/fit.md). The headline then runs each scope at
+the rank r of its best grid point with the atoms topped up to fill the budget (the largest M, a
+multiple of G, that still fits), so every GloBE run stores the budget to within one atom. The SVD baseline gets rank
 k = stored / (N (p + d)) of the GloBE run it is compared with, the MoBE-style bank (one bank of m_l atoms
 per layer, dense softmax codes, Adam on everything; globe/fit/baselines.py) the rank r with
 L m_l r d + N p r + N m_l closest to the same stored count, at its best m_l of --mobe-m (measured).
 
 Stages (each appends to the JSON files, so they can run separately):
-  grid      up family: scope x M at each budget, full batch (batch = N), --steps steps
+  grid      up family: scope x M at each budget, --batch experts per step, --steps steps (default: the
+            prototype recipe, 32 of 1440 experts per step for 3000 steps, which measured better than the full
+            batch at equal steps: codes_fixture2.json)
+  report    markdown tables of both -> fit_fixture2.md
   headline  each scope at its best M (both families, `run_fit`, SVD baseline), the MoBE-style bank at its
             best m_l, SVD; relative Frobenius errors, fit times, and the perplexity of each reconstruction
             on the second half of eval.txt (the first half calibrates the activation-aware objective, also
@@ -47,7 +52,7 @@ from globe.artifacts import Artifacts, atomic_write  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
 from globe.eval.perplexity import tokenize  # noqa: E402
 from globe.fit.baselines import mobe_fit  # noqa: E402
-from globe.fit.budget import mobe_params, mobe_rank, svd_rank  # noqa: E402
+from globe.fit.budget import globe_params, mobe_params, mobe_rank, svd_rank  # noqa: E402
 from globe.fit.loop import fit_family  # noqa: E402
 from globe.fit.run import run_fit  # noqa: E402
 from globe.fit.share import n_banks  # noqa: E402
@@ -77,14 +82,18 @@ def bank_cfg(share: str, M: int, L: int, budget: float) -> tuple[dict, dict]:
 
 
 def train_cfg(a, N: int, **extra) -> dict:
-    return {"steps": a.steps, "batch_size": N, "lr": 0.03, "eval_every": max(1, a.steps // 10), "device": "cpu",
-            "checkpoint_every": 10 ** 9, "log_every": 10 ** 9, "seed": 0, **extra}
+    return {"steps": a.steps, "batch_size": min(a.batch, N), "lr": 0.03, "eval_every": max(1, a.steps // 10),
+            "device": "cpu", "checkpoint_every": 10 ** 9, "log_every": 10 ** 9, "seed": 0, **extra}
 
 
 def grid(a, ck: Checkpoint, res: dict) -> None:
     W = ck.load_family("up", torch.float32)
     N, L, E = W.shape[0], len(ck.moe_layers), ck.num_experts
-    rows = res.setdefault("grid", {"family": "up", "steps": a.steps, "batch_size": N, "rows": []})["rows"]
+    old = res.get("grid")
+    if old and (old["steps"], old["batch_size"]) != (a.steps, min(a.batch, N)):  # another schedule: kept aside
+        res.setdefault("grid_other_schedules", []).append(old)
+        res.pop("grid")
+    rows = res.setdefault("grid", {"family": "up", "steps": a.steps, "batch_size": min(a.batch, N), "rows": []})["rows"]
     done = {(r["budget"], r["share"], r["M"]) for r in rows}
     for b in a.budgets:
         for share in a.scopes:
@@ -110,9 +119,18 @@ def grid(a, ck: Checkpoint, res: dict) -> None:
                 save(FIT_JSON, res)
 
 
-def best_M(res: dict, b: float, share: str) -> int:
+def best_M(res: dict, b: float, share: str, N: int, p: int, d: int, L: int) -> int:
+    """The grid's best setting for this scope, with the atoms topped up to fill the budget at its rank r:
+    the largest M (a multiple of G) whose stored parameters at that r stay within b N p d."""
     rows = [r for r in res["grid"]["rows"] if r["budget"] == b and r["share"] == share and "rel_fro_error" in r]
-    return min(rows, key=lambda r: r["rel_fro_error"])["M"]
+    best = min(rows, key=lambda r: r["rel_fro_error"])
+    r, G, M = best["r"], best["banks"], best["M"]
+    while True:
+        m = (M + G) // G
+        sup = bank_cfg(share, m * G, L, b)[1]["target_support"]
+        if globe_params(N, p, d, m, r, N * sup, G) > b * N * p * d:
+            return M
+        M = m * G
 
 
 def globe_run(a, ck, share, M, b, out, objective="weight", calib=None, row_weights=False, baselines=True) -> dict:
@@ -141,7 +159,7 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
     W = {f: ck.load_family(f, torch.float32) for f in FAMS}
     base = scorer.score()
     ev.update({"fixture": ck.dir.name, "scored_text": "second half of eval.txt", "tokens": base["tokens"],
-               "context": a.context, "original_perplexity": base["perplexity"], "steps": a.steps})
+               "context": a.context, "original_perplexity": base["perplexity"], "steps": a.steps, "batch": a.batch})
     runs = ev.setdefault("runs", {})
     head = res.setdefault("headline", {})
 
@@ -162,7 +180,7 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
             key = f"globe[{share}]@{tag}"
             if key in runs:
                 continue
-            M = best_M(res, b, share)
+            M = best_M(res, b, share, N, p, d, L)
             r = globe_run(a, ck, share, M, b, work / f"g_{share.replace(':', '')}_{tag[:-1]}")
             s = r["summary"]
             fams = s["families"]
@@ -247,15 +265,59 @@ def summarize(res: dict, ev: dict, tag: str) -> None:
     hb["targets"] = out
 
 
+def report(res: dict, ev: dict) -> str:
+    """Markdown tables of the grid and the headline (what README.md and docs/fit.md quote)."""
+    out = [f"## Grid (up family, batch {res['grid']['batch_size']}, {res['grid']['steps']} steps): relative "
+           "Frobenius error", "",
+           "| budget | scope | M (total atoms) | m per bank | r | target support | stored | error | rank-r floor |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["grid"]["rows"], key=lambda r: (-r["budget"], SCOPES.index(r["share"]), r["M"])):
+        if "rel_fro_error" not in r:
+            out.append(f"| {r['budget']:.0%} | {r['share']} | {r['M']} | - | - | - | infeasible | - | - |")
+            continue
+        out.append(f"| {r['budget']:.0%} | {r['share']} | {r['M']} | {r['m']} | {r['r']} | {r['target_support']} | "
+                   f"{r['stored_fraction']:.1%} | {r['rel_fro_error']:.4f} | {r['svd_floor_rank_r']:.3f} |")
+    for tag, hb in res.get("headline", {}).items():
+        if "targets" not in hb:
+            continue
+        out += ["", f"## Headline at {tag} (both families, {ev.get('steps')} steps, batch {ev.get('batch')}; "
+                f"perplexity: {ev.get('scored_text')}, {ev.get('tokens')} tokens, "
+                f"original {ev['original_perplexity']:.3f})", "",
+                "| method | setting | stored (up+gate) | error up / gate | vs SVD | vs MoBE | perplexity | delta | "
+                "delta / SVD's | fit time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        runs = ev["runs"]
+        d_svd = runs[f"svd@{tag}"]["delta_ppl"]
+        keys = [f"globe[{sh}]@{tag}" for sh in SCOPES if f"globe[{sh}]@{tag}" in runs]
+        keys += [k for k in runs if k.startswith("globe_activation") and k.endswith(f"@{tag}")]
+        keys += [f"svd@{tag}", f"mobe@{tag}"]
+        for k in keys:
+            x = runs[k]
+            eu, eg = x["err_up"], x["err_gate"]
+            sv = [hb["svd"][f]["rel_fro_error"] for f in FAMS]
+            mb = [hb["mobe"][f]["rel_fro_error"] for f in FAMS]
+            if x["method"] == "svd":
+                setting = f"rank {x['rank']}"
+            elif x["method"] == "mobe":
+                setting = f"{x['m_per_layer']} atoms/layer, r {x['r']}"
+            else:
+                setting = f"{x['share']}, M {x['M']}" + (f", r {x['r']}" if "r" in x else "")
+            out.append(f"| {x['method']} | {setting} | {x['stored_params']:,} | {eu:.4f} / {eg:.4f} | "
+                       f"{eu / sv[0]:.3f} / {eg / sv[1]:.3f} | {eu / mb[0]:.3f} / {eg / mb[1]:.3f} | "
+                       f"{x['perplexity']:.3f} | {x['delta_ppl']:.3f} | "
+                       f"{x['delta_ppl'] / d_svd if d_svd > 0 else float('nan'):.2f} | {x['fit_time_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=("grid", "headline"), required=True)
+    ap.add_argument("--stage", choices=("grid", "headline", "report"), required=True)
     ap.add_argument("--model", default=str(FIXTURE2_DIR))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--scopes", nargs="+", default=list(SCOPES))
-    ap.add_argument("--totals", type=int, nargs="+", default=[48, 96, 192, 384], help="total atoms M per family")
-    ap.add_argument("--mobe-m", type=int, nargs="+", default=[2, 4, 8, 16], help="MoBE atoms per layer tried")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--totals", type=int, nargs="+", default=[48, 96, 192, 384, 768], help="total atoms M per family")
+    ap.add_argument("--mobe-m", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="MoBE atoms per layer tried")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32, help="experts per step (the prototype recipe: <= 32 of 1440)")
     ap.add_argument("--context", type=int, default=256, help="perplexity window (tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(RES), help="directory of the two JSON files")
@@ -269,6 +331,11 @@ def main() -> None:
     res.update({"model": ck.dir.name, "N": len(ck.moe_layers) * ck.num_experts, "layers": len(ck.moe_layers),
                 "experts_per_layer": ck.num_experts, "p": ck.p, "d": ck.hidden_size, "threads": a.threads})
     res.setdefault("loadavg_start", {})[a.stage] = os.getloadavg()
+    if a.stage == "report":
+        md = report(res, ev)
+        atomic_write(FIT_JSON.with_suffix(".md"), lambda q: Path(q).write_text(md))
+        print(md)
+        return
     if a.stage == "grid":
         grid(a, ck, res)
     else:

@@ -112,7 +112,6 @@ class SparsityCfg:
     support0: int | None = None  # support target at step 0 (None -> min(m, 3 * target_support))
     anneal_frac: float = 0.5  # fraction of steps over which the support target decays to target_support
     z_max: float = 1.0  # cap on the per-expert std of the logits (they cannot outrun T); 0 = no cap
-    leak: float = 0.0  # leaky backward for atoms outside the support (fit/model.py _LeakySparse); 0 = exact
 
     def __post_init__(self) -> None:
         _need(self.map in SPARSE_MAPS, "sparsity.map",
@@ -128,7 +127,6 @@ class SparsityCfg:
         _need(self.support0 is None or int(self.support0) >= 1, "sparsity.support0", "must be >= 1")
         _need(0 <= float(self.anneal_frac) <= 1, "sparsity.anneal_frac", f"must be in [0, 1], got {self.anneal_frac}")
         _need(float(self.z_max) >= 0, "sparsity.z_max", f"must be >= 0, got {self.z_max}")
-        _need(0 <= float(self.leak) <= 1, "sparsity.leak", f"must be in [0, 1], got {self.leak}")
 
 
 @dataclass

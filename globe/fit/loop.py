@@ -211,7 +211,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         state = _new_state(W, s, cfg, fam, whiten, progress, experts_per_layer)
     layer_bank = _layer_bank(cfg, N, experts_per_layer or N)
     prm = GlobeParams(state["bank"], state["logits"], state["gain"], cfg.bank.activation, sp.map, sp.alpha,
-                      bank_of=expert_banks(layer_bank, experts_per_layer or N), leak=sp.leak).to(dev)
+                      bank_of=expert_banks(layer_bank, experts_per_layer or N)).to(dev)
     opt = FitOptimizer(prm, tr)  # Adam on bank and gain; logits by Adam or row-wise Adam (codes.py)
     if state["opt"] is not None:
         opt.load_state_dict(state["opt"])

@@ -18,44 +18,9 @@ from ..artifacts import activation_fn
 from ..errors import GlobeError
 
 
-class _LeakySparse(torch.autograd.Function):
-    """entmax-1.5 / sparsemax over the last dim with a leaky backward for atoms outside the support.
-
-    The exact Jacobian of a sparse map is zero for every atom with alpha_j = 0, so an atom outside an
-    expert's support never learns that it would help: supports only change through T. Here the backward
-    is the exact one (dX = s * (dY - q), q = sum(s dY) / sum(s), s = sqrt(alpha) for entmax-1.5, 1[alpha > 0]
-    for sparsemax; Peters et al. 2019) with s floored at `leak * max(s)` for the atoms outside the support,
-    and only the part that raises such an atom's logit is kept (dX_j <= 0): an out-of-support atom whose
-    gradient dY_j is below the support's weighted mean q (adding it would lower the loss) is pushed toward
-    the support. leak = 0 is the exact gradient. The forward is unchanged."""
-
-    @staticmethod
-    def forward(ctx, x, kind: str, leak: float):
-        y = entmax15(x, dim=-1) if kind == "entmax" else sparsemax(x, dim=-1)
-        ctx.save_for_backward(y)
-        ctx.kind, ctx.leak = kind, leak
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        on = y > 0
-        s = y.sqrt() if ctx.kind == "entmax" else on.to(y.dtype)
-        s = torch.where(on, s, ctx.leak * s.amax(-1, keepdim=True))
-        q = (dy * s).sum(-1, keepdim=True) / s.sum(-1, keepdim=True)
-        dx = s * (dy - q)
-        dx = torch.where(on, dx, dx.clamp_max(0.0))
-        return dx, None, None
-
-
-def sparse_map(z: torch.Tensor, T: float, kind: str = "entmax", alpha: float = 1.5, leak: float = 0.0) -> torch.Tensor:
-    """alpha = sparsemap(z / T) over the last dim, computed in fp32. (n, m) -> (n, m).
-
-    leak > 0: a leaky backward for atoms outside the support (`_LeakySparse`; entmax-1.5 and sparsemax).
-    """
+def sparse_map(z: torch.Tensor, T: float, kind: str = "entmax", alpha: float = 1.5) -> torch.Tensor:
+    """alpha = sparsemap(z / T) over the last dim, computed in fp32. (n, m) -> (n, m)."""
     x = z.float() / float(T)
-    if leak > 0 and (kind == "sparsemax" or (kind == "entmax" and abs(alpha - 1.5) < 1e-12)) and x.requires_grad:
-        return _LeakySparse.apply(x, kind, float(leak))
     if kind == "entmax":
         return entmax15(x, dim=-1) if abs(alpha - 1.5) < 1e-12 else entmax_bisect(x, alpha=alpha, dim=-1)
     if kind == "sparsemax":
@@ -89,8 +54,7 @@ class GlobeParams(torch.nn.Module):
     """
 
     def __init__(self, bank: torch.Tensor, logits: torch.Tensor, gain: float | torch.Tensor, activation: str = "silu",
-                 map_kind: str = "entmax", map_alpha: float = 1.5, bank_of: torch.Tensor | None = None,
-                 leak: float = 0.0):
+                 map_kind: str = "entmax", map_alpha: float = 1.5, bank_of: torch.Tensor | None = None):
         super().__init__()
         bank = bank.detach().float()
         bank = bank[None] if bank.ndim == 3 else bank
@@ -105,7 +69,7 @@ class GlobeParams(torch.nn.Module):
         if bo.numel() != logits.shape[0] or (bo.numel() and (int(bo.min()) < 0 or int(bo.max()) >= G)):
             raise GlobeError(f"bank_of must give each of the {logits.shape[0]} experts a bank in [0, {G})")
         self.register_buffer("bank_of", bo, persistent=False)
-        self.activation, self.map_kind, self.map_alpha, self.leak = activation, map_kind, map_alpha, float(leak)
+        self.activation, self.map_kind, self.map_alpha = activation, map_kind, map_alpha
 
     @property
     def n_banks(self) -> int:
@@ -113,7 +77,7 @@ class GlobeParams(torch.nn.Module):
 
     def codes(self, idx: torch.Tensor | None, T: float) -> torch.Tensor:
         z = self.logits if idx is None else self.logits[idx]
-        return sparse_map(z, T, self.map_kind, self.map_alpha, self.leak)
+        return sparse_map(z, T, self.map_kind, self.map_alpha)
 
     def mix(self, alpha: torch.Tensor, autocast: bool = False, idx: torch.Tensor | None = None,
             fixed_bank: bool = False) -> torch.Tensor:
