@@ -15,17 +15,22 @@ per layer, dense softmax codes, Adam on everything; globe/fit/baselines.py) the 
 L m_l r d + N p r + N m_l closest to the same stored count, at its best m_l of --mobe-m (measured).
 
 Stages (each appends to the JSON files, so they can run separately):
-  grid      up family: scope x M at each budget, --batch experts per step, --steps steps (default: the
-            prototype recipe, 32 of 1440 experts per step for 3000 steps, which measured better than the full
-            batch at equal steps: codes_fixture2.json)
-  report    markdown tables of both -> fit_fixture2.md
+  grid      up family: scope x M at each budget, --batch experts per step, --steps steps. The committed grid
+            is full batch (--batch 1440 --steps 600); the headline picks each scope's M from it.
+  recipe    the same points at the prototype's recipe (--batch 32 --steps 3000, i.e. 32 of 1440 experts per
+            step), optionally with --codes-optimizer row_adam / --code-pass-every K; the report compares each
+            with the full-batch grid's error at the same (budget, scope, M) (target: within 2%)
+  report    markdown tables of all three -> fit_fixture2.md
   headline  each scope at its best M (both families, `run_fit`, SVD baseline), the MoBE-style bank at its
             best m_l, SVD; relative Frobenius errors, fit times, and the perplexity of each reconstruction
             on the second half of eval.txt (the first half calibrates the activation-aware objective, also
             run here for the best scope with and without train.calib_row_weights)
 
-    python benchmarks/bench_fit2.py --stage grid [--budgets 0.5 0.3] [--steps 1000]
-    python benchmarks/bench_fit2.py --stage headline
+    python benchmarks/bench_fit2.py --stage grid --batch 1440 --steps 600
+    python benchmarks/bench_fit2.py --stage recipe --budgets 0.5 --scopes global --totals 48 384
+    python benchmarks/bench_fit2.py --stage headline --budgets 0.5 --scopes group:2 --batch 1440 --steps 600 \
+        --mobe-m 8 16 32 --act-row-weights 0
+    python benchmarks/bench_fit2.py --stage report
 Writes benchmarks/results/fit_fixture2.json and eval_fixture2.json. One torch thread; load averages
 (`os.getloadavg`) are recorded, since other jobs share this machine.
 """
@@ -83,22 +88,28 @@ def bank_cfg(share: str, M: int, L: int, budget: float) -> tuple[dict, dict]:
 
 def train_cfg(a, N: int, **extra) -> dict:
     return {"steps": a.steps, "batch_size": min(a.batch, N), "lr": 0.03, "eval_every": max(1, a.steps // 10),
-            "device": "cpu", "checkpoint_every": 10 ** 9, "log_every": 10 ** 9, "seed": 0, **extra}
+            "device": "cpu", "checkpoint_every": 10 ** 9, "log_every": 10 ** 9, "seed": 0,
+            "codes_optimizer": a.codes_optimizer, "code_pass_every": a.code_pass_every,
+            "code_pass_steps": a.code_pass_steps, **extra}
 
 
-def grid(a, ck: Checkpoint, res: dict) -> None:
+def grid(a, ck: Checkpoint, res: dict, key: str = "grid") -> None:
+    """key "grid": the scope x M grid the headline picks from; key "recipe": the same points at the
+    prototype's batch (--batch 32), compared in the report with the grid's error at the same point."""
     W = ck.load_family("up", torch.float32)
     N, L, E = W.shape[0], len(ck.moe_layers), ck.num_experts
-    old = res.get("grid")
+    old = res.get(key)
     if old and (old["steps"], old["batch_size"]) != (a.steps, min(a.batch, N)):  # another schedule: kept aside
-        res.setdefault("grid_other_schedules", []).append(old)
-        res.pop("grid")
-    rows = res.setdefault("grid", {"family": "up", "steps": a.steps, "batch_size": min(a.batch, N), "rows": []})["rows"]
-    done = {(r["budget"], r["share"], r["M"]) for r in rows}
+        res.setdefault(f"{key}_other_schedules", []).append(old)
+        res.pop(key)
+    rows = res.setdefault(key, {"family": "up", "steps": a.steps, "batch_size": min(a.batch, N), "rows": []})["rows"]
+    opts = (a.codes_optimizer, a.code_pass_every, a.code_pass_steps)
+    done = {(r["budget"], r["share"], r["M"], r.get("codes_optimizer", "adam"), r.get("code_pass_every", 0),
+             r.get("code_pass_steps", 1)) for r in rows}
     for b in a.budgets:
         for share in a.scopes:
             for M in a.totals:
-                if (b, share, M) in done:
+                if (b, share, M, *opts) in done:
                     continue
                 bank, sp = bank_cfg(share, M, L, b)
                 cfg = GlobeConfig.from_dict({"bank": bank, "sparsity": sp, "train": train_cfg(a, N)})
@@ -114,7 +125,8 @@ def grid(a, ck: Checkpoint, res: dict) -> None:
                              "median_support": mt["median_support"], "p95_support": mt["p95_support"],
                              "stored_fraction": mt["stored_params"] / mt["original_params"],
                              "svd_floor_rank_r": mt["svd_floor_rank_r"], "best_step": mt["best_step"],
-                             "fit_time_s": time.time() - t, "loadavg": os.getloadavg()})
+                             "fit_time_s": time.time() - t, "codes_optimizer": opts[0], "code_pass_every": opts[1],
+                             "code_pass_steps": opts[2], "loadavg": os.getloadavg()})
                 print(json.dumps(rows[-1]), flush=True)
                 save(FIT_JSON, res)
 
@@ -198,7 +210,7 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
         best = min(hb["globe"], key=lambda sh: sum(hb["globe"][sh][f]["rel_fro_error"] for f in FAMS))
         hb["best_share"] = best
         stored = {f: hb["globe"][best][f]["stored_params"] for f in FAMS}
-        if f"svd@{tag}" not in runs:  # SVD at the best GloBE's stored budget
+        if f"svd@{tag}" not in runs and "svd" in a.parts:  # SVD at the best GloBE's stored budget
             t = time.time()
             k = {f: svd_rank(stored[f], N, p, d) for f in FAMS}
             Wh = {f: svd_reconstruct(W[f], k[f]) for f in FAMS}
@@ -208,7 +220,7 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
             record(f"svd@{tag}", {"method": "svd", "budget": b, "rank": k["up"],
                                   "stored_params": sum(hb["svd"][f]["stored_params"] for f in FAMS),
                                   "fit_time_s": hb["svd"]["time_s"]}, Wh)
-        if f"mobe@{tag}" not in runs:  # MoBE-style at the same stored count, best m_l by error
+        if f"mobe@{tag}" not in runs and "mobe" in a.parts:  # MoBE-style at the same stored count, best m_l by error
             cand = {}
             for m_l in a.mobe_m:
                 t = time.time()
@@ -229,7 +241,7 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
                                    "stored_params": sum(mobe_params(N, L, p, d, m_best, out[f]["r"]) for f in FAMS),
                                    "fit_time_s": secs}, {f: out[f]["W_hat"] for f in FAMS})
             save(FIT_JSON, res)
-        for rw in (False, True):  # activation-aware objective, best scope
+        for rw in map(bool, a.act_row_weights if "activation" in a.parts else []):  # activation objective, best scope
             key = f"globe_activation{'_rows' if rw else ''}[{best}]@{tag}"
             if key in runs:
                 continue
@@ -240,7 +252,8 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
                          "stored_params": sum(fams[f]["stored_params"] for f in FAMS),
                          "fit_time_s": sum(fams[f]["fit_time_s"] for f in FAMS)},
                    {f: r["arts"].families[f].reconstruct() for f in FAMS})
-        summarize(res, ev, tag)
+        if all(k in hb for k in ("svd", "mobe")) and f"svd@{tag}" in runs:
+            summarize(res, ev, tag)
         save(FIT_JSON, res)
         save(EVAL_JSON, ev)
 
@@ -265,8 +278,25 @@ def summarize(res: dict, ev: dict, tag: str) -> None:
     hb["targets"] = out
 
 
+def recipe_vs_full(res: dict) -> list[dict]:
+    """Each recipe row against the full-batch grid's error at the same (budget, scope, M)."""
+    full = {(r["budget"], r["share"], r["M"]): r for r in res["grid"]["rows"] if "rel_fro_error" in r}
+    out = []
+    for r in res.get("recipe", {}).get("rows", []):
+        f = full.get((r["budget"], r["share"], r["M"]))
+        if f is None or "rel_fro_error" not in r:
+            continue
+        ratio = r["rel_fro_error"] / f["rel_fro_error"]
+        out.append({"budget": r["budget"], "share": r["share"], "M": r["M"],
+                    "codes_optimizer": r.get("codes_optimizer", "adam"), "code_pass_every": r.get("code_pass_every", 0),
+                    "recipe_error": r["rel_fro_error"],
+                    "full_batch_error": f["rel_fro_error"], "ratio": ratio, "within_2pct": ratio <= 1.02,
+                    "recipe_fit_time_s": r["fit_time_s"], "full_batch_fit_time_s": f["fit_time_s"]})
+    return out
+
+
 def report(res: dict, ev: dict) -> str:
-    """Markdown tables of the grid and the headline (what README.md and docs/fit.md quote)."""
+    """Markdown tables of the grid, the recipe check and the headline (what README.md and docs/fit.md quote)."""
     out = [f"## Grid (up family, batch {res['grid']['batch_size']}, {res['grid']['steps']} steps): relative "
            "Frobenius error", "",
            "| budget | scope | M (total atoms) | m per bank | r | target support | stored | error | rank-r floor |",
@@ -277,6 +307,17 @@ def report(res: dict, ev: dict) -> str:
             continue
         out.append(f"| {r['budget']:.0%} | {r['share']} | {r['M']} | {r['m']} | {r['r']} | {r['target_support']} | "
                    f"{r['stored_fraction']:.1%} | {r['rel_fro_error']:.4f} | {r['svd_floor_rank_r']:.3f} |")
+    if res.get("recipe"):
+        rc = res["recipe"]
+        out += ["", f"## Recipe check (up family, batch {rc['batch_size']} of {res['N']}, {rc['steps']} steps) vs the "
+                f"full-batch grid ({res['grid']['batch_size']} experts, {res['grid']['steps']} steps)", "",
+                f"| budget | scope | M | codes | error at batch {rc['batch_size']} | full-batch error | ratio | "
+                "within 2% | fit time (s) recipe / full |", "|---|---|---|---|---|---|---|---|---|"]
+        for x in res.get("recipe_vs_full", []):
+            codes = x["codes_optimizer"] + (f", pass every {x['code_pass_every']}" if x["code_pass_every"] else "")
+            out.append(f"| {x['budget']:.0%} | {x['share']} | {x['M']} | {codes} | {x['recipe_error']:.4f} | "
+                       f"{x['full_batch_error']:.4f} | {x['ratio']:.3f} | {'yes' if x['within_2pct'] else 'no'} | "
+                       f"{x['recipe_fit_time_s']:.0f} / {x['full_batch_fit_time_s']:.0f} |")
     for tag, hb in res.get("headline", {}).items():
         if "targets" not in hb:
             continue
@@ -305,12 +346,14 @@ def report(res: dict, ev: dict) -> str:
                        f"{eu / sv[0]:.3f} / {eg / sv[1]:.3f} | {eu / mb[0]:.3f} / {eg / mb[1]:.3f} | "
                        f"{x['perplexity']:.3f} | {x['delta_ppl']:.3f} | "
                        f"{x['delta_ppl'] / d_svd if d_svd > 0 else float('nan'):.2f} | {x['fit_time_s']:.0f} |")
+    if res.get("notes"):
+        out += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=("grid", "headline", "report"), required=True)
+    ap.add_argument("--stage", choices=("grid", "recipe", "headline", "report"), required=True)
     ap.add_argument("--model", default=str(FIXTURE2_DIR))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--scopes", nargs="+", default=list(SCOPES))
@@ -318,6 +361,13 @@ def main() -> None:
     ap.add_argument("--mobe-m", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="MoBE atoms per layer tried")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32, help="experts per step (the prototype recipe: <= 32 of 1440)")
+    ap.add_argument("--codes-optimizer", default="adam", choices=("adam", "row_adam"))
+    ap.add_argument("--code-pass-every", type=int, default=0, help="train.code_pass_every (0: off)")
+    ap.add_argument("--code-pass-steps", type=int, default=1)
+    ap.add_argument("--act-row-weights", type=int, nargs="*", default=[0, 1], choices=(0, 1),
+                    help="activation-objective runs: without (0) / with (1) train.calib_row_weights")
+    ap.add_argument("--parts", nargs="+", default=["svd", "mobe", "activation"],
+                    choices=("svd", "mobe", "activation"), help="headline: what runs besides the GloBE scopes")
     ap.add_argument("--context", type=int, default=256, help="perplexity window (tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(RES), help="directory of the two JSON files")
@@ -332,12 +382,14 @@ def main() -> None:
                 "experts_per_layer": ck.num_experts, "p": ck.p, "d": ck.hidden_size, "threads": a.threads})
     res.setdefault("loadavg_start", {})[a.stage] = os.getloadavg()
     if a.stage == "report":
+        res["recipe_vs_full"] = recipe_vs_full(res)
+        save(FIT_JSON, res)
         md = report(res, ev)
         atomic_write(FIT_JSON.with_suffix(".md"), lambda q: Path(q).write_text(md))
         print(md)
         return
-    if a.stage == "grid":
-        grid(a, ck, res)
+    if a.stage in ("grid", "recipe"):
+        grid(a, ck, res, a.stage)
     else:
         headline(a, ck, res, ev)
     res.setdefault("loadavg_end", {})[a.stage] = os.getloadavg()
