@@ -26,7 +26,7 @@ from globe.eval.perplexity import perplexity, tokenize
 from globe.fit.calib import input_covariances
 from globe.fit.run import run_fit
 from globe.io.checkpoint import Checkpoint
-from globe.models import fixture_path
+from globe.testing.models import fixture_path
 
 OUT = Path(__file__).parent / "results" / "activation_diag.json"
 

@@ -25,7 +25,7 @@ import torch
 from globe.config import GlobeConfig
 from globe.fit.run import run_fit
 from globe.io.checkpoint import Checkpoint
-from globe.models import fixture_path
+from globe.testing.models import fixture_path
 
 
 def main() -> None:

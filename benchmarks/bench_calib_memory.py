@@ -50,7 +50,7 @@ def vm_hwm() -> int:
 
 
 def make(path: str, layers: int, experts: int) -> dict:
-    from globe.models import real_dim_model, save_model
+    from globe.testing.models import real_dim_model, save_model
 
     m = real_dim_model(num_layers=layers, num_experts=experts)
     save_model(m, path)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from globe.artifacts import atomic_write  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
 from globe.fit.loop import batch_indices, fit_family  # noqa: E402
+from globe.fixtures import FIXTURE2_DIR  # noqa: E402
 from globe.io.checkpoint import Checkpoint  # noqa: E402
-from globe.models import FIXTURE2_DIR  # noqa: E402
 
 
 def merge(a: dict, b: dict) -> dict:

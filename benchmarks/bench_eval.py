@@ -40,7 +40,7 @@ from globe.eval.report import render_report  # noqa: E402
 from globe.fit.baselines import mobe_fit  # noqa: E402
 from globe.fit.budget import mobe_rank, rank_for_budget  # noqa: E402
 from globe.io.checkpoint import Checkpoint  # noqa: E402
-from globe.models import fixture_path  # noqa: E402
+from globe.testing.models import fixture_path  # noqa: E402
 
 FAMS = ("up", "gate")
 

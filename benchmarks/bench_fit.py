@@ -29,7 +29,7 @@ from globe.fit.budget import rank_for_budget, svd_rank
 from globe.fit.loop import fit_family
 from globe.fit.run import run_fit
 from globe.io.checkpoint import Checkpoint
-from globe.models import fixture_path
+from globe.testing.models import fixture_path
 
 RES = Path(__file__).parent / "results" / "fit_fixture.json"
 BATCH, LR = 64, 0.03

@@ -61,8 +61,8 @@ from globe.fit.budget import globe_params, mobe_params, mobe_rank, svd_rank  # n
 from globe.fit.loop import fit_family  # noqa: E402
 from globe.fit.run import run_fit  # noqa: E402
 from globe.fit.share import n_banks  # noqa: E402
+from globe.fixtures import FIXTURE2_DIR  # noqa: E402
 from globe.io.checkpoint import Checkpoint  # noqa: E402
-from globe.models import FIXTURE2_DIR  # noqa: E402
 
 RES = ROOT / "benchmarks" / "results"
 FIT_JSON, EVAL_JSON = RES / "fit_fixture2.json", RES / "eval_fixture2.json"

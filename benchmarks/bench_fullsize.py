@@ -147,7 +147,7 @@ def main() -> None:
                 ["cache.mode=lru", f"cache.S_per_layer={int(mode.removeprefix('lru'))}", "cache.warmup_tokens=256"]
             out_json = work / f"{ph}.json"
             r = run_phase(ph, [*globe, "eval", f"model.path={gexp}", f"eval.text={TEXT}", "eval.max_tokens=2048",
-                               "eval.context=512", "eval.speed=true", "eval.prefill_tokens=256",
+                               "eval.context=256", "eval.speed=true", "eval.prefill_tokens=256",
                                "eval.decode_tokens=16", "eval.dtype=bf16", f"eval.threads={a.threads}",
                                f"output={out_json}", *cache], env, None)
             if out_json.exists():

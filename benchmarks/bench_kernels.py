@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from globe.artifacts import atomic_write
-from globe.models import QWEN15_MOE_A27B
 from globe.runtime.kernels import (
     BankCodes,
     Blocks,
@@ -43,6 +42,7 @@ from globe.runtime.kernels import (
     compose_blocks,
     experts_forward,
 )
+from globe.testing.models import QWEN15_MOE_A27B
 
 OUT = Path(__file__).parent / "results" / "kernels_cpu.json"
 

@@ -58,7 +58,7 @@ def main() -> None:
     import torch
 
     from globe.io.checkpoint import Checkpoint
-    from globe.models import real_dim_model
+    from globe.testing.models import real_dim_model
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()

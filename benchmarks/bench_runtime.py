@@ -5,7 +5,7 @@ bytes per expert (GloBE: r*d + p*r per family instead of p*d); prefill at 512 to
 throughput; peak RSS measures what the runtime keeps resident. The LRU hit rate needs real routing,
 so the fixture model (16 experts) routes its eval text and each layer's LRU is replayed over that trace.
 
-Model: globe.models.real_dim_model (Qwen1.5-MoE-A2.7B layer sizes: d 2048, 60 experts of p 1408, shared
+Model: globe.testing.models.real_dim_model (Qwen1.5-MoE-A2.7B layer sizes: d 2048, 60 experts of p 1408, shared
 5632, top-4), a few layers, random weights; random artifacts with r = p/2 (speed does not depend on the
 fit). Speed runs in one process, configurations interleaved over rounds (medians reported) because
 the CPU is shared; peak memory runs each configuration in a fresh subprocess (VmHWM after reset).
@@ -35,9 +35,9 @@ from globe import compat
 from globe.artifacts import atomic_write
 from globe.common import DTYPES
 from globe.config import CacheCfg
-from globe.models import QWEN15_MOE_A27B, fixture_path, real_dim_model
 from globe.runtime import cache_stats, patch_model, reset_cache_stats, simulate_lru, unpatch_model
-from globe.runtime.testing import random_artifacts
+from globe.testing.artifacts import random_artifacts
+from globe.testing.models import QWEN15_MOE_A27B, fixture_path, real_dim_model
 
 OUT = Path(__file__).parent / "results" / "runtime_cpu.json"
 VOCAB = 1024

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from globe.cli.main import main as cli
 from globe.eval.report import render_report
-from globe.models import fixture_path
+from globe.testing.models import fixture_path
 
 OUT = Path(__file__).parent / "results" / "sweep_fixture"
 

@@ -14,7 +14,7 @@ import json
 from globe import GlobeConfig
 from globe.config import EvalCfg, ModelCfg
 from globe.eval.run import run_eval
-from globe.models import FIXTURE_DIR
+from globe.testing.models import FIXTURE_DIR
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from globe import GlobeConfig, export, load_model
-from globe.config import ExportCfg, ModelCfg
-from globe.models import FIXTURE_DIR
+from globe import export, load_model
+from globe.config import ExportCfg
+from globe.testing.models import FIXTURE_DIR
 
 
 def main() -> None:
@@ -28,9 +28,7 @@ def main() -> None:
     a = ap.parse_args()
     outs = {}
     for fmt in ("globe", "dense"):
-        cfg = GlobeConfig(model=ModelCfg(path=a.model), artifacts=a.artifacts, output_dir=f"{a.out}-{fmt}",
-                          export=ExportCfg(format=fmt, dtype="fp32"))
-        outs[fmt] = export(cfg)
+        outs[fmt] = export(a.model, a.artifacts, f"{a.out}-{fmt}", ExportCfg(format=fmt, dtype="fp32"))
     tok = AutoTokenizer.from_pretrained(outs["dense"])
     ids = tok(a.prompt, return_tensors="pt").input_ids
     compressed = load_model(outs["globe"])

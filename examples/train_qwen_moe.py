@@ -14,7 +14,7 @@ import json
 
 from globe import GlobeConfig, compress
 from globe.config import BankCfg, ModelCfg, SparsityCfg, TrainCfg
-from globe.models import FIXTURE_DIR
+from globe.testing.models import FIXTURE_DIR
 
 
 def main() -> None:

@@ -3,14 +3,17 @@
 Every routed expert's Up and Gate matrix becomes A_i @ phi(g * sum_j alpha_ij B_j): one global
 basis bank per family shared by all MoE layers, sparse entmax codes alpha_i, a small adapter A_i.
 
-Public API (lazy imports keep `import globe` light):
-    GlobeConfig, GlobeError, Checkpoint, inspect
-    compress(cfg)                  -> summary dict (fits the banks; writes artifacts to cfg.output_dir)
-    patch_model(model, artifacts, cache=CacheCfg()) / unpatch_model(model)
-    export(cfg) / load_model(path)
+Public API (lazy imports keep `import globe` light; one narrow typed config per verb, see globe/api.py):
+    compress(model, output_dir, FitCfg(...))               -> summary dict (writes the fit directory)
+    export(model, artifacts, output_dir, ExportCfg(...))   -> Path of the export (globe or dense format)
+    load_model(path, cache=CacheCfg(...))                  -> model (a globe export rebuilt patched)
+    patch_model(model, artifacts, cache=CacheCfg(...)) / unpatch_model(model)
+    evaluate(model, EvalCfg(...), artifacts=None, cache=None) -> dict
+    inspect(path), Checkpoint, Artifacts, GlobeError; configs: FitCfg, BankCfg, SparsityCfg, TrainCfg,
+    WandbCfg, ExportCfg, CacheCfg, EvalCfg. GlobeConfig is the CLI's combined config.
 """
 
-from .config import GlobeConfig
+from .config import BankCfg, CacheCfg, EvalCfg, ExportCfg, GlobeConfig, SparsityCfg, TrainCfg, WandbCfg
 from .errors import GlobeError
 
 __version__ = "0.1.0"
@@ -19,7 +22,9 @@ _LAZY = {
     "Checkpoint": ("globe.io.checkpoint", "Checkpoint"),
     "inspect": ("globe.io.inspect", "inspect"),
     "Artifacts": ("globe.artifacts", "Artifacts"),
-    "compress": ("globe.fit.run", "run_fit"),
+    "compress": ("globe.api", "compress"),
+    "evaluate": ("globe.api", "evaluate"),
+    "FitCfg": ("globe.api", "FitCfg"),
     "patch_model": ("globe.runtime.patch", "patch_model"),
     "unpatch_model": ("globe.runtime.patch", "unpatch_model"),
     "export": ("globe.runtime.export", "export"),
@@ -36,4 +41,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'globe' has no attribute {name!r}")
 
 
-__all__ = ["GlobeConfig", "GlobeError", *_LAZY]
+__all__ = ["BankCfg", "CacheCfg", "EvalCfg", "ExportCfg", "GlobeConfig", "GlobeError", "SparsityCfg", "TrainCfg",
+           "WandbCfg", *_LAZY]

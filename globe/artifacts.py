@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,22 +40,12 @@ import torch
 from .errors import GlobeError
 from .io.tensors import DictSource, TensorDir
 from .io.writer import ShardedWriter
+from .maps import get_activation
 
 FORMAT, VERSION = "globe", 2
 CONFIG = "globe_config.json"
 PREFIX = "globe"
 KEEP_FP32 = ("gain", "values", "col_scale")  # family tensors that stay fp32 whatever the export dtype
-
-
-def activation_fn(name: str):
-    """phi by name: silu | tanh | identity."""
-    if name == "silu":
-        return torch.nn.functional.silu
-    if name == "tanh":
-        return torch.tanh
-    if name == "identity":
-        return lambda x: x
-    raise GlobeError(f"unknown activation {name!r}")
 
 
 def key(f: str, part: str, layer: int | None = None) -> str:
@@ -154,7 +144,7 @@ class Family:
         G, m, r, d = self.bank.shape
         b = self.bank_of(idx)
         out = torch.empty(idx.numel(), r, d, dtype=self.bank.dtype, device=self.bank.device)
-        phi = activation_fn(self.activation)
+        phi = get_activation(self.activation).fn
         for g in b.unique().tolist():
             sel = (b == g).nonzero().flatten()
             codes = self.codes[idx[sel]].to(self.bank.device, self.bank.dtype)
@@ -269,10 +259,18 @@ class Artifacts:
 
     # ---- reading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Artifacts:
-        """A fit directory (v2 or v1), a globe export, or several fit directories "DIR_UP,DIR_GATE"."""
-        if isinstance(path, str) and "," in path:
-            return merge([cls.load(p.strip(), device) for p in path.split(",") if p.strip()], path)
+    def load(cls, path: str | os.PathLike | Sequence[str | os.PathLike],
+             device: str | torch.device = "cpu") -> Artifacts:
+        """A fit directory (v2 or v1), a globe export, or a list of fit directories of the same model that
+        hold different families (e.g. [DIR_UP, DIR_GATE], fitted separately), merged.
+
+        Raises GlobeError when a directory is missing, unreadable, of another format version, or when the
+        listed directories disagree about the model or repeat a family."""
+        if isinstance(path, (list, tuple)):
+            if not path:
+                raise GlobeError("artifacts: empty list of fit directories")
+            parts = [cls.load(p, device) for p in path]
+            return parts[0] if len(parts) == 1 else merge(parts, ", ".join(map(str, path)))
         d = Path(path)
         if not d.is_dir():
             raise GlobeError(f"artifacts directory not found: {d}")

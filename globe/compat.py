@@ -102,6 +102,29 @@ def experts_info(mod: nn.Module) -> ExpertsInfo:
     return ExpertsInfo(E, p2 // 2, d, gu.dtype, gu.device, mod.act_fn, type(mod), getattr(mod, "config", None))
 
 
+# The fused layout's names and row order (transformers 5; also the on-disk names of fused checkpoints).
+GATE_UP, DOWN = "gate_up_proj", "down_proj"
+GATE_UP_ORDER = ("gate", "up")  # row blocks of gate_up_proj (E, 2p, d): gate rows first
+
+
+def gate_up_weight(mod: nn.Module) -> torch.Tensor:
+    """The fused (E, 2p, d) [gate; up] weight of a transformers experts module (detached)."""
+    return getattr(mod, GATE_UP).detach()
+
+
+def family_rows(gate_up: torch.Tensor, family: str) -> torch.Tensor:
+    """The rows of `family` ('gate' | 'up') in a fused (..., 2p, d) [gate; up] tensor: a view (..., p, d)."""
+    p = gate_up.shape[-2] // 2
+    i = GATE_UP_ORDER.index(family)
+    return gate_up[..., i * p:(i + 1) * p, :]
+
+
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """(..., p, d) gate and up -> the fused (..., 2p, d) [gate; up] tensor transformers holds."""
+    parts = {"gate": gate, "up": up}
+    return torch.cat([parts[f] for f in GATE_UP_ORDER], dim=-2)
+
+
 def plain_experts(info: ExpertsInfo, gate_up: torch.Tensor, down: torch.Tensor | nn.Parameter) -> nn.Module:
     """A transformers experts module of class `info.cls` holding the given weights (no extra copies)."""
     if info.config is None:
@@ -219,6 +242,18 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
+    """The tokenizer saved with a model directory; GlobeError naming the directory when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # missing or unreadable tokenizer files raise many types across versions
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GlobeError(f"cannot load a tokenizer from {path}{' for ' + purpose if purpose else ''}: "
+                         f"{msg[:200]}") from None
 
 
 def config_from_dict(d: dict[str, Any]) -> Any:

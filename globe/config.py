@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAMILIES = ("up", "gate")
-SPARSE_MAPS = ("entmax", "sparsemax", "softmax")
-ACTIVATIONS = ("silu", "tanh", "identity")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -62,7 +60,7 @@ class BankCfg:
     r_multiple: int = 8  # a budget-derived r is rounded down to a multiple of this (bf16 grouped_mm alignment)
     share: str = "global"  # global | layer | group:K (K adjacent MoE layers per bank; fit/share.py)
     allow_r_above: bool = False  # permit r > min(p, d)
-    activation: str = "silu"  # phi applied after mixing
+    activation: str = "silu"  # phi applied after mixing: a key of globe.maps.ACTIVATIONS
     init: str = "svd"  # svd (rotations of the common SVD row space + noise) | random | kmeans
     seed: int = 0
     gain0: float = 1.0  # initial gain g inside phi (atoms have unit RMS)
@@ -80,6 +78,9 @@ class BankCfg:
               "set bank.budget, bank.r or bank.r_frac")
         _need(int(self.r_multiple) >= 1, "bank.r_multiple", f"must be >= 1, got {self.r_multiple}")
         parse_share(self.share)  # ValueError("bank.share: ...")
+        _need(0 < float(self.r_frac) <= 4, "bank.r_frac", f"must be in (0, 4], got {self.r_frac}")
+        from .maps import ACTIVATIONS  # torch, loaded when a config is built: `import globe` stays light
+
         _need(self.activation in ACTIVATIONS, "bank.activation",
               f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         _need(self.init in ("svd", "random", "kmeans"), "bank.init", f"unknown init {self.init!r}; svd|random|kmeans")
@@ -99,7 +100,7 @@ class BankCfg:
 
 @dataclass
 class SparsityCfg:
-    map: str = "entmax"  # entmax (alpha below) | sparsemax | softmax (ablation only)
+    map: str = "entmax"  # a key of globe.maps.SPARSE_MAPS: entmax (alpha below) | sparsemax | softmax (ablation)
     alpha: float = 1.5
     T0: float = 1.0  # initial temperature
     T_min: float = 1e-3
@@ -114,6 +115,8 @@ class SparsityCfg:
     z_max: float = 1.0  # cap on the per-expert std of the logits (they cannot outrun T); 0 = no cap
 
     def __post_init__(self) -> None:
+        from .maps import SPARSE_MAPS
+
         _need(self.map in SPARSE_MAPS, "sparsity.map",
               f"unknown sparse map {self.map!r}; choose one of {', '.join(SPARSE_MAPS)}")
         _need(1.0 < float(self.alpha) <= 2.0, "sparsity.alpha", f"must be in (1, 2], got {self.alpha}")
@@ -162,6 +165,7 @@ class TrainCfg:
     codes_optimizer: str = "adam"  # adam (one Adam with the bank) | row_adam (only the batch's rows move)
     code_pass_every: int = 0  # every K steps, every expert's logits take code_pass_steps steps, bank fixed (0: off)
     code_pass_steps: int = 1
+    distributed: Any = "auto"  # sharded over torch.distributed: auto (when launched by torchrun) | true | false
 
     def __post_init__(self) -> None:
         _need(int(self.steps) >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -193,6 +197,8 @@ class TrainCfg:
               f"unknown optimizer {self.codes_optimizer!r}; adam|row_adam")
         _need(int(self.code_pass_every) >= 0, "train.code_pass_every", "must be >= 0")
         _need(int(self.code_pass_steps) >= 1, "train.code_pass_steps", "must be >= 1")
+        _need(self.distributed in ("auto", True, False), "train.distributed",
+              f"must be auto, true or false, got {self.distributed!r}")
 
 
 @dataclass
@@ -278,12 +284,12 @@ class GlobeConfig:
     bank: BankCfg = field(default_factory=BankCfg)
     sparsity: SparsityCfg = field(default_factory=SparsityCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
-    cache: CacheCfg = field(default_factory=CacheCfg)
+    cache: CacheCfg | None = None  # None: a globe export's saved settings (patch_model: CacheCfg())
     export: ExportCfg = field(default_factory=ExportCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     output_dir: str | None = None
-    artifacts: str | None = None
+    artifacts: str | list[str] | None = None  # a fit directory, or several holding different families
     output: str | None = None
     prompt: str | None = None
     max_new_tokens: int = 32
@@ -314,7 +320,7 @@ class GlobeConfig:
                 raise ValueError(f"{key}: unknown config key")
             sub_cls = _SUB.get(key)
             if sub_cls is not None:
-                kwargs[key] = _build(sub_cls, key, val or {})
+                kwargs[key] = None if val is None and key == "cache" else _build(sub_cls, key, val or {})
             else:
                 kwargs[key] = val
         return cls(**kwargs)

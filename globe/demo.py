@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import atomic_write
-from .config import GlobeConfig
+from .config import ExportCfg, GlobeConfig
 
 
 def _fit_cfg(fixture: Path, out: Path, fast: bool) -> GlobeConfig:
@@ -62,8 +62,8 @@ def run_demo(out_dir: str | None = None, fast: bool = False) -> dict[str, Any]:
     from .eval.report import render_report
     from .eval.run import run_eval
     from .fit.run import run_fit
+    from .fixtures import fixture_path
     from .io.inspect import format_table, inspect
-    from .models import fixture_path
     from .runtime.export import export
 
     t0 = time.perf_counter()
@@ -84,9 +84,7 @@ def run_demo(out_dir: str | None = None, fast: bool = False) -> dict[str, Any]:
               f"stored {st['stored_params']:,} / {st['original_params']:,} params")
 
     say("3/4 export the compressed model")
-    ex = GlobeConfig.from_dict({"model": {"path": str(fixture)}, "artifacts": cfg.output_dir,
-                                "output_dir": str(out / "export"), "export": {"format": "globe", "dtype": "fp32"}})
-    exported = export(ex)
+    exported = export(fixture, cfg.output_dir, out / "export", ExportCfg(format="globe", dtype="fp32"))
 
     say("4/4 evaluate original vs compressed (perplexity on eval.txt, speed, memory)")
     fit_dir = Path(cfg.output_dir)

@@ -3,8 +3,8 @@
 Why data, not classes: adding a Qwen2-style MoE should be one dict entry. Each entry names where the
 routed experts, router, shared expert(s) and shared-expert gate live, both on disk (per-expert
 tensors, `{layer}.{disk_block}.experts.{e}.{name}.weight`) and in memory (the transformers-5 fused
-module `{layer}.{block}.experts` with `gate_up_proj` (E, 2p, d), gate rows first, and `down_proj`
-(E, d, p)), and the rule that says which decoder layers are MoE.
+module `{layer}.{block}.experts` with the fused gate/up weight (`compat.GATE_UP`, (E, 2p, d)), gate
+rows first, and `down_proj` (E, d, p)), and the rule that says which decoder layers are MoE.
 
 Layer rules, exactly what the installed transformers classes build (their DecoderLayer __init__):
   sparse_step    MoE iff E > 0 and L not in mlp_only_layers and (L + 1) % decoder_sparse_step == 0  (Qwen)

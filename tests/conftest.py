@@ -13,7 +13,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{model_type: (model, saved_dir)} for every registry entry."""
-    from globe.models import TINY, save_model, tiny_model
+    from globe.testing.models import TINY, save_model, tiny_model
 
     out = {}
     root = tmp_path_factory.mktemp("tiny")

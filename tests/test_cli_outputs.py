@@ -13,7 +13,7 @@ from collections import namedtuple
 import pytest
 
 from globe.cli.main import main
-from globe.models import FIXTURE_DIR
+from globe.testing.models import FIXTURE_DIR
 
 RO = "/proc/globe-test-out"
 

@@ -7,7 +7,7 @@ import torch
 
 from globe import compat
 from globe.io.checkpoint import Checkpoint
-from globe.models import TINY
+from globe.testing.models import TINY
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY))

@@ -7,18 +7,38 @@ import dataclasses
 import pytest
 
 from globe.cli.main import compose, expand_sweep
-from globe.config import BankCfg, GlobeConfig, SparsityCfg, TrainCfg
+from globe.config import BankCfg, CacheCfg, GlobeConfig, SparsityCfg, TrainCfg
+from globe.fixtures import FIXTURE_DIR
 
 
 def test_defaults_valid_and_yaml_matches_dataclass_defaults():
-    conf = compose([])
-    ref = GlobeConfig()
+    conf = compose(["cache=full"])  # the cache group applies only when the command line names it
+    ref = GlobeConfig(cache=CacheCfg())
     for section in ("bank", "sparsity", "train", "cache", "export", "wandb", "eval"):
         got, want = dataclasses.asdict(getattr(conf, section)), dataclasses.asdict(getattr(ref, section))
-        if section == "eval":  # filled from the model dir's eval.txt by the CLI
-            assert got.pop("text").endswith("eval.txt") and want.pop("text") is None
         assert got == want, section
-    assert conf.model.path.endswith("qwen2moe-tiny")  # empty path -> bundled fixture
+    assert compose([]).cache is None  # an export's saved cache settings then apply (load_model)
+    assert compose(["cache=lru"]).cache.mode == "lru" and compose(["cache=none"]).cache.mode == "none"
+    assert compose(["cache.S_per_layer=8"]).cache == CacheCfg(S_per_layer=8)
+    assert conf.model.path == ""  # no silent default model: the verbs refuse (test_model_path_required)
+    conf = compose([f"model.path={FIXTURE_DIR}"])
+    assert conf.eval.text.endswith("eval.txt")  # filled from the model dir's eval.txt by the CLI
+
+
+@pytest.mark.parametrize("verb", ["fit", "export", "eval", "generate"])
+def test_model_path_required(verb, tmp_path, capsys):
+    from globe.cli.main import main
+
+    rc = main([verb, f"output_dir={tmp_path / 'o'}", f"artifacts={tmp_path}", "prompt=hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "model.path is required" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_artifacts_list_from_the_command_line(tmp_path):
+    (tmp_path / "a,b").mkdir()
+    assert compose(["artifacts=u/x, g/y"]).artifacts == ["u/x", "g/y"]
+    assert compose([f"artifacts={tmp_path / 'a,b'}"]).artifacts == str(tmp_path / "a,b")  # an existing dir: verbatim
 
 
 @pytest.mark.parametrize("cls,kw,key", [

@@ -12,7 +12,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
-    from globe.models import fixture_path
+    from globe.testing.models import fixture_path
 
     try:
         fixture_path()

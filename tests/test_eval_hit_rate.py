@@ -7,7 +7,7 @@ import torch
 
 from globe.errors import GlobeError
 from globe.eval.hit_rate import hit_rate_curve, lru_replay, record_routing
-from globe.models import tiny_model
+from globe.testing.models import tiny_model
 
 
 def test_lru_hand_trace():

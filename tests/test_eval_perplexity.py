@@ -10,7 +10,7 @@ import torch
 
 from globe.errors import GlobeError
 from globe.eval.perplexity import load_dataset_text, load_text, perplexity, windows
-from globe.models import tiny_model
+from globe.testing.models import tiny_model
 
 
 @pytest.fixture(scope="module")

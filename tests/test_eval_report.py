@@ -14,7 +14,7 @@ from globe.errors import GlobeError
 from globe.eval.diagnostics import diagnose, effective_rank
 from globe.eval.report import render_report
 from globe.io.checkpoint import Checkpoint
-from globe.models import save_model, tiny_model
+from globe.testing.models import save_model, tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 E, P, D, M, R = 6, 24, 32, 5, 8

@@ -13,7 +13,7 @@ from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.eval.perplexity import perplexity, tokenize
 from globe.eval.run import KEYS, run_eval
-from globe.models import save_model, tiny_model
+from globe.testing.models import save_model, tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 6
 
@@ -102,7 +102,7 @@ def test_run_eval_on_globe_export_matches_dense_export(tmp_path):
     pytest.importorskip("globe.runtime.export")
     from test_eval_report import make_run
 
-    from globe.runtime.export import export
+    from globe.runtime.export import run_export as export
 
     run, mdir, _ = make_run(tmp_path)
     char_tokenizer(mdir)

@@ -10,7 +10,7 @@ import torch
 from globe.common import dtype_name, resolve_device, resolve_dtype
 from globe.errors import GlobeError
 from globe.eval.speed import RssSampler, measure_speed
-from globe.models import tiny_model
+from globe.testing.models import tiny_model
 
 
 def test_speed_and_memory_are_sane():

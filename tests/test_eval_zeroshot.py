@@ -20,7 +20,7 @@ pytest.importorskip("accelerate")  # lm-eval's HFLM needs it (the `lm-eval[hf]` 
 
 from globe.eval.run import run_eval  # noqa: E402
 from globe.eval.zeroshot import validate_tasks, zero_shot  # noqa: E402
-from globe.models import fixture_path  # noqa: E402
+from globe.testing.models import fixture_path  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 TASK = "globe_fixture_mc"
@@ -57,7 +57,7 @@ def test_fixture_beats_chance_on_local_task(fixture, manager):
 
 def test_patched_model_matches_dense_reference(fixture, manager):
     from globe.runtime.patch import patch_model
-    from globe.runtime.testing import dense_reference, random_artifacts
+    from globe.testing.artifacts import dense_reference, random_artifacts
 
     model, tok = fixture
     arts = random_artifacts(model, m=8, support=3, seed=1)

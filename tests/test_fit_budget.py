@@ -72,7 +72,7 @@ def test_budget_validated_in_post_init():
 
 def test_cli_refuses_an_infeasible_budget_in_one_line(tmp_path, capsys):
     from globe.cli.main import main
-    from globe.models import fixture_path
+    from globe.fixtures import fixture_path
 
     rc = main(["fit", f"model.path={fixture_path()}", f"output_dir={tmp_path / 'o'}", "bank.budget=0.01"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -92,7 +92,7 @@ def test_defaults_compress_every_registry_architecture_to_the_budget(tmp_path, v
     is at most the budget asked, the next aligned rank would exceed it, summary.json says both."""
     from globe.fit.run import run_fit
     from globe.io.checkpoint import Checkpoint
-    from globe.models import TINY, save_model, tiny_model
+    from globe.testing.models import TINY, save_model, tiny_model
 
     for mt in TINY:
         kw = dict(VARIANTS[variant])

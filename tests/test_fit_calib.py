@@ -11,7 +11,7 @@ from globe.fit.calib import row_weights
 from globe.fit.loop import evaluate
 from globe.fit.model import GlobeParams
 from globe.io.checkpoint import Checkpoint
-from globe.models import TINY, fixture_path
+from globe.testing.models import TINY, fixture_path
 
 
 def test_row_weights_match_direct_computation(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from globe.config import GlobeConfig
+from globe.fit import loop
 from globe.fit.codes import FitOptimizer, RowAdam, code_pass
 from globe.fit.loop import _load, _refit, _residual, evaluate, fit_family, rel_mean
 from globe.fit.model import GlobeParams
@@ -58,7 +59,7 @@ def test_code_pass_lowers_the_objective_with_the_bank_fixed():
 
 
 @pytest.mark.parametrize("kind", ["adam", "row_adam"])
-def test_small_batch_fit_with_code_passes_runs_and_resumes(tmp_path, kind):
+def test_small_batch_fit_with_code_passes_runs_and_resumes(tmp_path, kind, monkeypatch):
     g = torch.Generator().manual_seed(2)
     W = torch.randn(40, 8, 12, generator=g)
     cfg = GlobeConfig.from_dict({"bank": {"m_up": 4, "r": 4}, "sparsity": {"target_support": 2},
@@ -66,8 +67,14 @@ def test_small_batch_fit_with_code_passes_runs_and_resumes(tmp_path, kind):
                                            "codes_optimizer": kind, "code_pass_every": 5, "code_pass_steps": 2}})
     ref = fit_family(W, cfg, "up")
     ck = tmp_path / "c.pt"
-    with pytest.raises(KeyboardInterrupt):
-        fit_family(W, cfg, "up", ckpt_path=ck, interrupt_at=7)
+    def kill(fam, step):  # a kill at step 7 (loop.before_step is the hook tests replace)
+        if step == 7:
+            raise KeyboardInterrupt(f"killed at step {step}")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "before_step", kill)
+        with pytest.raises(KeyboardInterrupt):
+            fit_family(W, cfg, "up", ckpt_path=ck)
     res = fit_family(W, cfg, "up", ckpt_path=ck)
     assert res.metrics["resumed"]
     assert res.metrics["rel_fro_error"] == pytest.approx(ref.metrics["rel_fro_error"], rel=1e-5)

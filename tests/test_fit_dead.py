@@ -15,7 +15,7 @@ from globe.fit.init import expert_scales
 from globe.fit.loop import evaluate
 from globe.fit.model import GlobeParams
 from globe.io.checkpoint import Checkpoint
-from globe.models import save_model, tiny_model
+from globe.testing.models import save_model, tiny_model
 
 DEAD = (1, 3)  # (position of the MoE layer, expert)
 

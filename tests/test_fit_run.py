@@ -10,7 +10,7 @@ from globe.artifacts import Artifacts
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.io.checkpoint import Checkpoint
-from globe.models import save_model, tiny_model
+from globe.testing.models import save_model, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +88,22 @@ def test_determinism_same_seed_identical_artifacts(model_dir, tmp_path):
     assert s3["families"]["up"]["rel_fro_error"] != s1["families"]["up"]["rel_fro_error"]
 
 
+def kill_at(where: dict[str, int]):
+    """A before_step hook that simulates a kill (KeyboardInterrupt) at {family: step}."""
+    def hook(fam, step):
+        if where.get(fam) == step:
+            raise KeyboardInterrupt(f"interrupted at {fam} step {step}")
+    return hook
+
+
 @pytest.mark.parametrize("where", [{"up": 7}, {"gate": 13}])
-def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, where):
+def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, where, monkeypatch):
+    import globe.fit.loop as loop
     ref = run(make_cfg(model_dir, tmp_path / "ref"))
     out = tmp_path / "int"
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(model_dir, out), interrupt_at=where)
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(loop, "before_step", kill_at(where))
+        run(make_cfg(model_dir, out))
     assert not (out / "summary.json").exists()
     res = run(make_cfg(model_dir, out))
     for fam in ("up", "gate"):

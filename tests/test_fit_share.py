@@ -9,8 +9,9 @@ import torch
 
 from globe.config import BankCfg, GlobeConfig
 from globe.fit.loop import fit_family
-from globe.fit.model import GlobeParams, act, unit_atoms
+from globe.fit.model import GlobeParams, unit_atoms
 from globe.fit.share import bank_ranges, expert_banks, layer_banks, n_banks
+from globe.maps import get_activation
 
 
 @pytest.mark.parametrize("bad", ["group:0", "group:x", "group:", "layers", "", "group:-1"])
@@ -44,7 +45,7 @@ def test_mix_uses_each_experts_own_bank_and_gain():
     B = unit_atoms(prm.bank_raw.detach())
     for k, i in enumerate(idx.tolist()):
         b = int(bank_of[i])
-        want = act("silu")(prm.gain[b].detach() * (alpha[k].detach() @ B[b].reshape(m, -1)).reshape(r, d))
+        want = get_activation("silu").fn(prm.gain[b].detach() * (alpha[k].detach() @ B[b].reshape(m, -1)).reshape(r, d))
         assert torch.allclose(got[k], want, atol=1e-6)
     got.pow(2).sum().backward()
     gb = prm.bank_raw.grad.abs().sum(dim=(1, 2, 3))
@@ -69,7 +70,7 @@ def planted_groups(L=4, E=32, K=2, m=8, r=6, p=12, d=24, s=3, seed=0):
             w = torch.rand(s, generator=gen) + 0.2
             alpha[i, j] = w / w.sum()
         A = torch.randn(n, p, r, generator=gen)
-        W.append(A @ act("silu")(1.5 * (alpha @ B.reshape(m, -1)).reshape(n, r, d)))
+        W.append(A @ get_activation("silu").fn(1.5 * (alpha @ B.reshape(m, -1)).reshape(n, r, d)))
     return torch.cat(W)
 
 
@@ -103,9 +104,9 @@ def test_fit_writes_per_layer_banks_and_the_export_matches_the_reconstruction(tm
     from globe import compat
     from globe.artifacts import Artifacts
     from globe.fit.run import run_fit
-    from globe.models import save_model, tiny_model
-    from globe.runtime.export import export
+    from globe.runtime.export import run_export
     from globe.runtime.load import load_model
+    from globe.testing.models import save_model, tiny_model
 
     src = save_model(tiny_model("qwen2_moe", num_hidden_layers=3, mlp_only_layers=[]), tmp_path / "src")
     (src / "tokenizer_config.json").write_text("{}")
@@ -120,10 +121,10 @@ def test_fit_writes_per_layer_banks_and_the_export_matches_the_reconstruction(tm
         assert fam.layer_bank == [0, 1, 2] and fam.n_banks == 3 and fam.gain.shape == (3,)
         assert summ["families"][f]["banks"] == 3 and summ["families"][f]["share"] == "layer"
         assert summ["families"][f]["stored_params"] == fam.stored_params()
-    g = export(GlobeConfig.from_dict({"model": {"path": str(src)}, "artifacts": str(tmp_path / "fit"),
+    g = run_export(GlobeConfig.from_dict({"model": {"path": str(src)}, "artifacts": str(tmp_path / "fit"),
                                       "output_dir": str(tmp_path / "g"),
                                       "export": {"format": "globe", "dtype": "fp32"}}))
-    dn = export(GlobeConfig.from_dict({"model": {"path": str(src)}, "artifacts": str(tmp_path / "fit"),
+    dn = run_export(GlobeConfig.from_dict({"model": {"path": str(src)}, "artifacts": str(tmp_path / "fit"),
                                        "output_dir": str(tmp_path / "dn"), "export": {"format": "dense",
                                                                                      "dtype": "fp32"}}))
     ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ import pytest
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.io.checkpoint import Checkpoint
-from globe.models import save_model, tiny_model
+from globe.testing.models import save_model, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from globe.io.inspect import inspect
-from globe.models import fixture_info, fixture_path
+from globe.testing.models import fixture_info, fixture_path
 
 
 def _ppl(model, ids: torch.Tensor, ctx: int) -> float:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
 
-from globe.models import FIXTURE2_DIR
+from globe.testing.models import FIXTURE2_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_fixture2.py"

@@ -12,11 +12,11 @@ from globe import compat
 from globe.artifacts import Artifacts
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
-from globe.models import TINY, save_model, tiny_model
 from globe.runtime import patch_model
-from globe.runtime.export import export
+from globe.runtime.export import run_export as export
 from globe.runtime.load import load_model
-from globe.runtime.testing import dense_reference, random_artifacts
+from globe.testing.artifacts import dense_reference, random_artifacts
+from globe.testing.models import TINY, save_model, tiny_model
 
 
 def _cfg(src, arts, out, **export_kw):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from globe.config import CacheCfg
-from globe.models import tiny_model
 from globe.runtime import patch_model
-from globe.runtime.testing import random_artifacts
+from globe.testing.artifacts import random_artifacts
+from globe.testing.models import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,7 +31,7 @@ def test_patched_logits_cuda_match_cpu(mode):
 def test_fit_on_cuda_close_to_cpu(tmp_path):
     from globe.config import GlobeConfig
     from globe.fit.run import run_fit
-    from globe.models import save_model
+    from globe.testing.models import save_model
 
     path = save_model(tiny_model("qwen2_moe"), tmp_path / "m")
     errs = {}
@@ -64,9 +64,9 @@ def test_patched_model_moves_to_cuda_and_casts(mode):
 
 def test_load_model_on_cuda_equals_cpu(tmp_path):
     from globe.config import GlobeConfig
-    from globe.models import save_model
-    from globe.runtime.export import export
+    from globe.runtime.export import run_export as export
     from globe.runtime.load import load_model
+    from globe.testing.models import save_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model("qwen2_moe")

@@ -20,7 +20,7 @@ from globe.cli.main import main
 from globe.errors import GlobeError
 from globe.io.checkpoint import Checkpoint
 from globe.io.inspect import inspect
-from globe.models import tiny_model
+from globe.testing.models import tiny_model
 
 QCFG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
 F8 = torch.float8_e4m3fn
@@ -308,9 +308,9 @@ def test_fp8_exports_are_bf16_values(fp8, tmp_path):
     from globe import compat
     from globe.config import GlobeConfig
     from globe.runtime import patch_model
-    from globe.runtime.export import export
+    from globe.runtime.export import run_export as export
     from globe.runtime.load import load_model
-    from globe.runtime.testing import random_artifacts
+    from globe.testing.artifacts import random_artifacts
 
     m, d, q = fp8
     deq = tiny_model("deepseek_v3", hidden_size=136, moe_intermediate_size=200, intermediate_size=264,

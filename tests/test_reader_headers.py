@@ -185,7 +185,7 @@ def test_checkpoint_and_cli_level(cases, tmp_path, capsys):
 
 def test_every_shard_is_validated(tmp_path):
     """A bad header in the second shard of an index is refused at open, before any weight is read."""
-    from globe.models import tiny_model
+    from globe.testing.models import tiny_model
 
     m = tiny_model("olmoe")
     m.save_pretrained(tmp_path, max_shard_size="40KB")

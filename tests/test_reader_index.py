@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from globe.cli.main import main
 from globe.errors import GlobeError
 from globe.io.checkpoint import INDEX, Checkpoint
-from globe.models import tiny_model
+from globe.testing.models import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from globe.errors import GlobeError
 from globe.io.checkpoint import Checkpoint
 from globe.io.inspect import inspect
-from globe.models import TINY
 from globe.registry import REGISTRY, get_spec, moe_layers, num_experts
+from globe.testing.models import TINY
 
 
 def test_registry_covers_tiny_models():
@@ -91,7 +91,7 @@ def test_fused_layout_reads_same_experts(tiny_dirs, tmp_path, model_type):
 
 
 def test_sharded_index_and_bf16(tmp_path):
-    from globe.models import save_model, tiny_model
+    from globe.testing.models import save_model, tiny_model
 
     m = tiny_model("qwen2_moe", dtype=torch.bfloat16)
     m.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -139,7 +139,7 @@ def _grid(fields):
 
 def _class_moe_layers(model_type, raw):
     """MoE layers of the installed transformers class built on meta from a config.json dict."""
-    from globe.models import _classes
+    from globe.testing.models import _classes
 
     cfg_cls, model_cls, _ = _classes(model_type)
     cfg = cfg_cls(**{k: v for k, v in raw.items() if k not in ("model_type", "transformers_version",
@@ -153,7 +153,7 @@ def _class_moe_layers(model_type, raw):
 
 def _config_json(model_type, **fields):
     """The config.json save_pretrained writes for a 4-layer tiny model with these fields."""
-    from globe.models import _COMMON, _classes
+    from globe.testing.models import _COMMON, _classes
 
     cfg_cls, _, extra = _classes(model_type)
     kw = {**_COMMON, **extra, "num_hidden_layers": 4, "mlp_only_layers": []}
@@ -181,7 +181,7 @@ def test_layer_rule_equals_transformers_class(model_type):
 
 @pytest.mark.parametrize("model_type", sorted(REGISTRY))
 def test_expert_count_keys_and_defaults_equal_transformers(model_type):
-    from globe.models import _classes
+    from globe.testing.models import _classes
 
     spec = get_spec(model_type)
     cfg_cls = _classes(model_type)[0]
@@ -211,7 +211,7 @@ def test_layer_rule_equals_files_on_disk(model_type, tmp_path):
     """globe's MoE layers == the class's == the layers save_pretrained writes experts for."""
     spec = get_spec(model_type)
     for i, fields in enumerate(_grid({k: LAYER_FIELDS[k] for k in OWN_FIELDS[spec.layer_rule]})):
-        from globe.models import tiny_model
+        from globe.testing.models import tiny_model
 
         kw = {"num_hidden_layers": 4, **fields}
         if spec.layer_rule == "sparse_step":
@@ -233,7 +233,7 @@ def test_layer_rule_equals_files_on_disk(model_type, tmp_path):
 def test_issue_deepseek_v2_layer_freq(tmp_path, capsys):
     """Issue 9, kind 2: DeepSeek-V2, first_k_dense_replace=1, moe_layer_freq=2, 4 layers."""
     from globe.cli.main import main
-    from globe.models import tiny_model
+    from globe.testing.models import tiny_model
 
     m = tiny_model("deepseek_v2", num_hidden_layers=4, first_k_dense_replace=1, moe_layer_freq=2)
     m.save_pretrained(tmp_path / "tf")
@@ -287,7 +287,7 @@ def test_reference_config_is_qwen2_moe():
     cfg = json.loads(ref.read_text())
     spec = get_spec(cfg["model_type"])
     assert moe_layers(spec, cfg) == list(range(24))
-    from globe.models import QWEN15_MOE_A27B
+    from globe.testing.models import QWEN15_MOE_A27B
 
     for k, v in QWEN15_MOE_A27B.items():
         if k in cfg and k not in ("rope_theta",):
@@ -301,7 +301,7 @@ def test_unknown_model_type_says_how_to_add():
 
 @pytest.mark.slow
 def test_inspect_real_dimension_model(tmp_path):
-    from globe.models import real_dim_model
+    from globe.testing.models import real_dim_model
 
     model = real_dim_model(num_layers=1, vocab_size=256, random=False)
     model.save_pretrained(tmp_path)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from globe.config import GlobeConfig
-from globe.models import TINY, fixture_path
-from globe.runtime.export import export
+from globe.runtime.export import run_export as export
 from globe.runtime.load import load_model
 from globe.runtime.remote import MODULE_FILE
-from globe.runtime.testing import random_artifacts
+from globe.testing.artifacts import random_artifacts
+from globe.testing.models import TINY, fixture_path
 
 RUNNER = r"""
 import sys, json, torch

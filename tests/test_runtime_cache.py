@@ -71,7 +71,7 @@ def test_stats_off_and_bad_mode(tiny_dirs):
     import copy
 
     from globe.runtime import patch_model
-    from globe.runtime.testing import random_artifacts
+    from globe.testing.artifacts import random_artifacts
     with pytest.raises(GlobeError, match="cache mode"):
         patch_model(copy.deepcopy(model), random_artifacts(model, m=3, r=4), _bad_cache())
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from globe.config import CacheCfg
-from globe.models import tiny_model
 from globe.runtime import patch_model
 from globe.runtime.patch import globe_layers
-from globe.runtime.testing import dense_reference, random_artifacts
+from globe.testing.artifacts import dense_reference, random_artifacts
+from globe.testing.models import tiny_model
 
 IDS = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -11,12 +11,13 @@ from globe import compat
 from globe.common import DTYPES
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
-from globe.models import fixture_path, save_model, tiny_model
 from globe.runtime import patch_model
-from globe.runtime.export import export, is_globe_dir
+from globe.runtime.export import is_globe_dir
+from globe.runtime.export import run_export as export
 from globe.runtime.generate import generate
 from globe.runtime.load import load_model
-from globe.runtime.testing import random_artifacts
+from globe.testing.artifacts import random_artifacts
+from globe.testing.models import fixture_path, save_model, tiny_model
 
 IDS = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
 

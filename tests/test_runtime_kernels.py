@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from globe.errors import GlobeError
+from globe.maps import ACTIVATIONS, get_activation
 from globe.runtime.cache import BankCodes, SlabCache, build_table, compose_blocks, compose_many
 from globe.runtime.kernels import (
     FAMILIES,
@@ -65,8 +66,7 @@ def ref_tilde(fam: BankCodes, i: int) -> torch.Tensor:
     mix = torch.zeros(fam.r * fam.d, dtype=torch.float64)
     for j in range(lo, hi):
         mix += fam.gain * fam.values[j] * fam.bank[fam.indices[j]].double().cpu()
-    act = {"silu": F.silu, "tanh": torch.tanh, "identity": lambda x: x}[fam.activation]
-    out = act(mix).view(fam.r, fam.d)
+    out = get_activation(fam.activation).fn(mix).view(fam.r, fam.d)
     return out * fam.col_scale.double().cpu() if fam.col_scale is not None else out
 
 
@@ -216,7 +216,7 @@ def test_modes_bit_identical_over_a_sequence(layer, dtype):
 
 
 # ---- composition ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [{}, {"activation": "tanh", "col_scale": True}, {"activation": "identity"}])
+@pytest.mark.parametrize("kw", [{}, *({"activation": a, "col_scale": True} for a in sorted(ACTIVATIONS))])
 def test_compose_many_matches_reference_and_is_batch_independent(kw):
     fam = make_family(10, 6, 8, 64, seed=3, empty=(4,), **kw)
     single = torch.stack([compose_many(fam, [i], torch.float32)[0] for i in range(10)])

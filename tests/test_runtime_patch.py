@@ -10,9 +10,9 @@ import torch
 from globe import compat
 from globe.config import CacheCfg
 from globe.errors import GlobeError
-from globe.models import TINY, fixture_path, tiny_model
 from globe.runtime import GloBEExperts, cache_stats, patch_model, to_dense_model, unpatch_model
-from globe.runtime.testing import dense_reference, random_artifacts
+from globe.testing.artifacts import dense_reference, random_artifacts
+from globe.testing.models import TINY, fixture_path, tiny_model
 
 IDS = torch.randint(3, 90, (2, 11), generator=torch.Generator().manual_seed(0))
 

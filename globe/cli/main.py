@@ -5,6 +5,7 @@ user's overrides, turns the result into a typed `GlobeConfig` and calls the libr
 
     globe inspect PATH [--json]
     globe fit      model.path=PATH output_dir=DIR [overrides]      [-m: sweep comma lists]
+    torchrun --nproc_per_node=N -m globe fit ...                    (sharded fit, globe/fit/dist.py)
     globe export   model.path=PATH artifacts=DIR output_dir=OUT export.format=globe|dense
     globe eval     model.path=PATH_OR_OUT [eval.text=FILE | eval.dataset=wikitext2] [output=FILE]
     globe generate model.path=PATH prompt="..." [max_new_tokens=N]
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import sys
 import traceback
@@ -74,11 +76,15 @@ def compose(overrides: list[str]) -> GlobeConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise GlobeError(f"bad override: {str(e).splitlines()[0]}") from None
     for key, val in verbatim.items():  # after Hydra: an explicit value beats a group's default
+        if key == "artifacts" and val and "," in val and not Path(val).is_dir():
+            val = [v.strip() for v in val.split(",") if v.strip()]  # several fit directories: DIR_UP,DIR_GATE
         *sec, leaf = key.split(".")
         node = data
         for part in sec:
             node = node.setdefault(part, {})
         node[leaf] = val
+    if not any(o.lstrip("+~").startswith("cache") for o in overrides):
+        data.pop("cache", None)  # no cache setting on the command line: a globe export's saved ones apply
     try:
         conf = GlobeConfig.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -86,11 +92,19 @@ def compose(overrides: list[str]) -> GlobeConfig:
     return _fill_defaults(conf)
 
 
-def _fill_defaults(conf: GlobeConfig) -> GlobeConfig:
-    from ..models import FIXTURE_DIR
+def require_model(conf: GlobeConfig) -> GlobeConfig:
+    """Every verb but demo works on a model the user names: never a silent default."""
+    from ..fixtures import FIXTURE_DIR
 
     if not conf.model.path:
-        conf.model.path = str(FIXTURE_DIR)
+        raise GlobeError("model.path is required: a Hugging Face model id or a local checkpoint directory, e.g. "
+                         f"model.path=Qwen/Qwen1.5-MoE-A2.7B (the bundled fixture: model.path={FIXTURE_DIR})")
+    return conf
+
+
+def _fill_defaults(conf: GlobeConfig) -> GlobeConfig:
+    if not conf.model.path:
+        return conf
     if conf.eval.text is None and conf.eval.dataset is None:
         cand = Path(conf.model.path) / "eval.txt"
         if cand.is_file():
@@ -129,7 +143,7 @@ def cmd_fit(overrides: list[str], multirun: bool) -> int:
     runs = expand_sweep(overrides) if multirun else [overrides]
     confs = []
     for i, ov in enumerate(runs):  # validate every run's config before any work
-        conf = compose(ov)
+        conf = require_model(compose(ov))
         if not conf.output_dir:
             raise GlobeError("output_dir is required: globe fit model.path=PATH output_dir=DIR")
         if multirun:
@@ -139,17 +153,18 @@ def cmd_fit(overrides: list[str], multirun: bool) -> int:
     from ..fit.run import run_fit
 
     results = [{"output_dir": c.output_dir, "summary": run_fit(c)} for c in confs]
-    _print_json(results if multirun else results[0]["summary"])
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary: print it once
+        _print_json(results if multirun else results[0]["summary"])
     return 0
 
 
 def cmd_export(overrides: list[str]) -> int:
-    conf = compose(overrides)
+    conf = require_model(compose(overrides))
     if not conf.artifacts:
         raise GlobeError("artifacts is required: globe export model.path=PATH artifacts=DIR output_dir=OUT")
     if not conf.output_dir:
         raise GlobeError("output_dir is required for export")
-    from ..runtime.export import export
+    from ..runtime.export import run_export as export
 
     out = export(conf)
     print(str(out))
@@ -157,7 +172,7 @@ def cmd_export(overrides: list[str]) -> int:
 
 
 def cmd_eval(overrides: list[str]) -> int:
-    conf = compose(overrides)
+    conf = require_model(compose(overrides))
     from ..eval.run import run_eval
 
     _print_json(run_eval(conf))
@@ -165,7 +180,7 @@ def cmd_eval(overrides: list[str]) -> int:
 
 
 def cmd_generate(overrides: list[str]) -> int:
-    conf = compose(overrides)
+    conf = require_model(compose(overrides))
     if not conf.prompt:
         raise GlobeError('prompt is required: globe generate model.path=PATH prompt="..."')
     from ..runtime.generate import generate

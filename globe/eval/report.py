@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -256,17 +254,8 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None, checkp
 
     check_writable(out, what="report directory")  # a file in the way, read-only: before any work
     check_writable(out.parent, what="report directory")  # the temporary dir is made beside it
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
+    from ..io.outputs import staging_dir
+
+    with staging_dir(out, replace=True) as tmp:
         _build(run, tmp, checkpoint)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "report.md"

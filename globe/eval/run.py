@@ -23,7 +23,7 @@ import torch
 
 from ..artifacts import atomic_write
 from ..common import dtype_name, resolve_device, resolve_dtype
-from ..config import GlobeConfig
+from ..config import CacheCfg, GlobeConfig
 from ..errors import GlobeError
 
 KEYS = ("perplexity", "nll_per_token", "tokens", "prefill_tok_s", "decode_tok_s", "peak_mem_bytes",
@@ -40,15 +40,11 @@ def _is_globe_dir(path: Path) -> bool:
 
 def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, collect_stats: bool = False):
     """(model, tokenizer, kind) for cfg.model.path; kind is 'globe' or 'hf'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from .. import compat
     from ..io.checkpoint import resolve_path
 
     path = resolve_path(cfg.model.path, cfg.model.revision)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise GlobeError(f"cannot load a tokenizer from {path}: {type(e).__name__}") from None
+    tok = compat.load_tokenizer(path)
     if _is_globe_dir(path):
         from ..runtime.load import load_model
 
@@ -57,12 +53,16 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
     else:
         if not (path / "config.json").is_file():
             raise GlobeError(f"no config.json in {path}: not a model directory")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise GlobeError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
-        model, kind = model.to(device), "hf"
+        model, kind = compat.load_pretrained(path, dtype, device), "hf"
     return model.eval(), tok, kind
+
+
+def _cache_S(model, cfg: GlobeConfig) -> int:
+    """The LRU capacity this eval reports a hit rate for: the command line's, else the loaded model's."""
+    if cfg.cache is not None:
+        return int(cfg.cache.S_per_layer)
+    g = getattr(model, "_globe", None) or {}
+    return int(getattr(g.get("cache"), "S_per_layer", CacheCfg.S_per_layer))
 
 
 def _runtime_stats(model) -> dict[str, Any] | None:
@@ -145,12 +145,13 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
         sp = measure_speed(model, n_pre, ev.decode_tokens)
         out.update({k: v for k, v in sp.items() if k != "device"})
     if ev.hit_rate:
-        S_values = sorted({*map(int, ev.S_values), int(cfg.cache.S_per_layer)})
+        S_now = _cache_S(model, cfg)
+        S_values = sorted({*map(int, ev.S_values), S_now})
         curve = hit_rate_curve(record_routing(model, ids, ev.context), S_values, warmup=0)
         out["hit_rate_by_S"] = dict(zip(map(str, curve["S"]), curve["hit_rate"]))
         out["hit_rate_per_layer"] = curve["per_layer"]
-        out["cache_hit_rate"] = out["hit_rate_by_S"][str(int(cfg.cache.S_per_layer))]
-        out["cache_hit_rate_kind"] = f"simulated_lru_S{int(cfg.cache.S_per_layer)}"
+        out["cache_hit_rate"] = out["hit_rate_by_S"][str(S_now)]
+        out["cache_hit_rate_kind"] = f"simulated_lru_S{S_now}"
     measured = _runtime_stats(model)
     if measured is not None:
         out["runtime_cache_stats"] = measured  # the real caches, over every forward of this eval

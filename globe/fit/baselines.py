@@ -19,10 +19,10 @@ import math
 
 import torch
 
+from ..maps import get_activation
 from ..progress import Progress
 from .budget import mobe_params
 from .init import expert_scales, inv_scales, quiet
-from .model import act
 from .solve import ridge_A
 
 
@@ -36,8 +36,12 @@ def svd_error(sv: torch.Tensor, scales: torch.Tensor, k: int) -> float:
 def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str = "silu", steps: int = 300,
              lr: float = 1e-2, seed: int = 0, lam: float = 1e-4, dev: str = "cpu", chunk: int = 32,
              return_weights: bool = False, scales: torch.Tensor | None = None, progress: bool | None = None,
-             desc: str = "MoBE-style baseline") -> dict:
+             desc: str = "MoBE-style baseline", dist=None) -> dict:
     """Fit one MoBE-style bank per layer to W (N, p, d) (layer-major, N = layers * E).
+
+    dist (globe.fit.dist.Dist, sharded fit): each rank fits the banks of its own layers (W holds only
+    their experts; the random stream is advanced past the other layers, so every layer gets the bank
+    it gets in one process) and the error is summed over ranks.
 
     return_weights=True adds "W_hat" (N, p, d) fp32 in the original scale (for perplexity checks).
     scales (N,): the experts' RMS if known. progress: tqdm (True), log lines (False) or auto (None).
@@ -47,15 +51,20 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
     s = expert_scales(W) if scales is None else scales.float()
     inv = inv_scales(s)
     dead = inv == 0
-    phi = act(activation)
+    phi = get_activation(activation).fn
     gen = torch.Generator().manual_seed(int(seed))
-    res = torch.empty(N, dtype=torch.float64)
+    res = torch.zeros(N, dtype=torch.float64)
     W_hat = torch.empty(N, p, d, dtype=torch.float32) if return_weights else None
-    pg = Progress(layers * steps, desc, "steps", bar=progress, quiet=quiet(W.numel()))
+    sharded = dist is not None and dist.on
+    owned = dist.layers if sharded else range(layers)  # [dist] this rank's layers
+    pg = Progress(len(owned) * steps, desc, "steps", bar=progress, quiet=quiet(W.numel()))
     for li in range(layers):
         sl = slice(li * E, (li + 1) * E)
+        B0 = torch.randn(m_l, r, d, generator=gen)  # drawn for every layer: the same stream on every rank
+        if li not in owned:
+            continue
         Wl = (W[sl].float() * inv[sl, None, None]).to(dev)
-        B = torch.randn(m_l, r, d, generator=gen).to(dev).requires_grad_()
+        B = B0.to(dev).requires_grad_()
         z = torch.zeros(E, m_l, device=dev, requires_grad=True)
         with torch.no_grad():
             M0 = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
@@ -83,6 +92,9 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
     res[dead] = float(p * d)  # reconstructed as zero (A = 0): residual = the whole normalised expert
     s2 = s.double().pow(2)
     rel = math.sqrt(float((res * s2).sum() / (s2 * p * d).sum()))
+    if sharded:  # [dist] residuals of this rank's experts, summed over ranks
+        lo, hi = dist.span
+        rel = math.sqrt(dist.sum64([(res[lo:hi] * s2[lo:hi]).sum()])[0] / float((s2 * p * d).sum()))
     out = {"rel_fro_error": rel, "stored_params": mobe_params(N, layers, p, d, m_l, r), "original_params": N * p * d,
            "m_per_layer": m_l, "r": r, "steps": steps}
     if W_hat is not None:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
+from ..maps import get_activation
 from ..progress import Progress
 from .init import quiet
 
@@ -40,12 +41,9 @@ def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int) -> torch.Tensor:
     text = Path(text)
     if not text.is_file():
         raise GlobeError(f"calibration text not found: {text}")
-    from transformers import AutoTokenizer
+    from .. import compat
 
-    try:
-        tok = AutoTokenizer.from_pretrained(ck.dir)
-    except Exception as e:  # missing tokenizer files
-        raise GlobeError(f"cannot load a tokenizer from {ck.dir} for calibration: {type(e).__name__}") from None
+    tok = compat.load_tokenizer(ck.dir, "calibration")
     ids = tok(text.read_text(), return_tensors="pt")["input_ids"][0][:n_tokens]
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
@@ -150,9 +148,13 @@ class _RowWeights:
         self.dn = torch.zeros(N, self.p, dtype=torch.float64)
 
     def make(self, L, ex):
-        li, E, p = self.ck.moe_layers.index(L), self.E, self.p
+        from .. import compat
+
+        li, E = self.ck.moe_layers.index(L), self.E
         for e in range(E):  # ||Down[:, j]||^2 (p,) per expert, from the loaded layer (no (E, d, p) temporaries)
             self.dn[li * E + e] = ex.down_proj[e].detach().pow(2).sum(0, dtype=torch.float64)
+
+        silu = get_activation("silu")  # the experts' own SwiGLU activation (every registry architecture)
 
         def hook(x, top):
             x = x.float()
@@ -160,12 +162,11 @@ class _RowWeights:
                 sel = (top == e).any(-1)
                 if not sel.any():
                     continue
-                gu = x[sel] @ ex.gate_up_proj[e].float().T  # (t, 2p), gate rows first
-                g, u = gu[:, :p], gu[:, p:]
-                sg = torch.sigmoid(g)
-                dsilu = sg * (1 + g * (1 - sg))
+                out = x[sel] @ compat.gate_up_weight(ex)[e].float().T  # (t, 2p): fused gate/up outputs
+                g, u = (compat.family_rows(out.T, f).T for f in ("gate", "up"))  # (t, p) each
+                dsilu = silu.grad(g)
                 i = li * E + e
-                self.acc["up"][i] += (torch.nn.functional.silu(g) ** 2).sum(0).double()
+                self.acc["up"][i] += (silu.fn(g) ** 2).sum(0).double()
                 self.acc["gate"][i] += ((u * dsilu) ** 2).sum(0).double()
                 self.cnt[i] += int(sel.sum())
         return hook

@@ -202,8 +202,13 @@ def nnls(K: torch.Tensor, b: torch.Tensor, iters: int = 300) -> torch.Tensor:
 def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: int, *, kind: str = "entmax",
                alpha: float = 1.5, gain: float = 1.0, method: str = "svd", seed: int = 0, chunk: int = 8,
                max_cluster: int = 512, mix_w: float = 0.5, T_min: float = 1e-3, T_max: float = 1e3,
-               whiten=None, progress: bool | None = None, name: str = "") -> WarmStart:
+               whiten=None, progress: bool | None = None, name: str = "", dist=None) -> WarmStart:
     """Bank (m, r, d), logits (N, m) and T for experts W (N, p, d) (any dtype).
+
+    dist (globe.fit.dist.Dist, sharded fit): W holds this rank's experts [lo, hi) only; the Gram of all
+    experts is summed over ranks, proxies for k-means, spectra and code projections are gathered, so
+    every rank gets the same bank, logits, T and spectra (those of one process, up to the Gram's sum
+    order; with r > min(p, d) the proxies' random padding rows differ from one process's).
 
     progress: tqdm bar (True), log lines with rate and ETA (False) or auto (None); `name` labels them.
     Cost per expert: one d x d Gram update, one eigendecomposition of the smaller-side Gram matrix
@@ -211,6 +216,9 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
     """
     N, p, d = W.shape
     gen = torch.Generator().manual_seed(int(seed))
+    sharded = dist is not None and dist.on
+    lo, hi = dist.span if sharded else (0, N)  # [dist] the experts this rank holds
+    pad = torch.Generator().manual_seed(int(seed) + 1 + dist.rank) if sharded else gen  # keeps gen in step
     k = min(p, d)
     sv = torch.empty(N, k)
     live = live_experts(scales)
@@ -219,11 +227,13 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
     tag = f"warm start {name}".rstrip()
     # Common reference: top-r right singular vectors of all live experts stacked (eig of sum W^T W).
     gram = torch.zeros(d, d, dtype=torch.float64)
-    with Progress(N, f"{tag}: common row space", "experts", bar=progress, quiet=q) as pg:
-        for a in range(0, N, chunk):
-            Wb = _prep(W, inv, torch.arange(a, min(N, a + chunk)), whiten) * live[a:a + chunk, None, None]
+    with Progress(hi - lo, f"{tag}: common row space", "experts", bar=progress, quiet=q) as pg:
+        for a in range(lo, hi, chunk):
+            Wb = _prep(W, inv, torch.arange(a, min(hi, a + chunk)), whiten) * live[a:min(hi, a + chunk), None, None]
             gram += torch.einsum("npd,npe->de", Wb, Wb).double()
             pg.update(Wb.shape[0])
+    if sharded:
+        dist.all_reduce_(gram)
     evals, evecs = per_matrix(torch.linalg.eigh, gram[None])[0]
     G = evecs[:, -r:].flip(1).T.float() if r <= d else None  # (r, d)
     if method == "random":
@@ -231,8 +241,11 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
     elif method == "kmeans":  # cluster Procrustes-aligned proxies of a subset of live experts
         pool = live.nonzero().flatten()
         sel = pool[torch.randperm(len(pool), generator=gen)[:max_cluster]].sort().values
-        P = torch.cat([_align(spectra(_prep(W, inv, sel[a:a + chunk], whiten), r)[1], G, r, d, gen)
-                       for a in range(0, len(sel), chunk)])
+        mine = sel[(sel >= lo) & (sel < hi)]  # [dist] proxies of this rank's experts, gathered in sel order
+        P = torch.cat([_align(spectra(_prep(W, inv, mine[a:a + chunk], whiten), r)[1], G, r, d, pad)
+                       for a in range(0, len(mine), chunk)] or [torch.zeros(0, r, d)])
+        if sharded:
+            P = dist.gather_var(P)
         C = _kmeans(P.reshape(len(sel), -1), m, gen)
         del P
         if C.shape[0] < m:  # more atoms than proxies: perturbed copies
@@ -245,21 +258,28 @@ def warm_start(W: torch.Tensor, scales: torch.Tensor, m: int, r: int, target: in
         Q = torch.stack([q.Q for q in per_matrix(torch.linalg.qr, torch.randn(m, r, r, generator=gen))])  # rotations
         bank = mix_w * (Q @ Gs) + (1 - mix_w) * torch.randn(m, r, d, generator=gen)
     bank = bank / bank.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-30)
+    if sharded:  # [dist] the same bank everywhere even if LAPACK differs between hosts (bitwise no-op otherwise)
+        dist.broadcast_(bank)
     Bf = bank.reshape(m, -1)
     b = torch.zeros(N, m)
-    with Progress(N, f"{tag}: spectra and proxies", "experts", bar=progress, quiet=q) as pg:
-        for a in range(0, N, chunk):  # spectra of every expert + projections of its aligned proxy on the atoms
-            idx = torch.arange(a, min(N, a + chunk))
+    with Progress(hi - lo, f"{tag}: spectra and proxies", "experts", bar=progress, quiet=q) as pg:
+        for a in range(lo, hi, chunk):  # spectra of every expert + projections of its aligned proxy on the atoms
+            idx = torch.arange(a, min(hi, a + chunk))
             S, V = spectra(_prep(W, inv, idx, whiten), r)
             sv[idx] = S
-            b[idx] = _align(V, G, r, d, gen).reshape(len(idx), -1) @ Bf.T * live[idx, None]
+            b[idx] = _align(V, G, r, d, pad).reshape(len(idx), -1) @ Bf.T * live[idx, None]
             pg.update(len(idx))
+    if sharded:  # [dist] every rank gets all spectra and projections (N x min(p, d) and N x m floats)
+        sv, b = dist.gather_rows(sv[lo:hi]), dist.gather_rows(b[lo:hi])
     codes = nnls(Bf @ Bf.T, b)  # (N, m); dead experts: b = 0 -> codes 0 -> uniform logits
     z = codes - codes.mean(-1, keepdim=True)
     z = z / z.std(-1, keepdim=True, unbiased=False).clamp_min(1e-12)
     z = z + 1e-3 * torch.randn(z.shape, generator=gen)  # break exact ties
     z = z - z.mean(-1, keepdim=True)
     T = calibrate(z[live] if live.any() else z, target, kind, alpha, T_min, T_max)
+    if sharded:
+        dist.broadcast_(z)
+        T = dist.broadcast(T)
     return WarmStart(bank=bank, logits=z, T=T, gain=float(gain), sv=sv, scales=scales)
 
 

@@ -31,9 +31,11 @@ import torch
 from ..artifacts import Family
 from ..config import GlobeConfig
 from ..errors import GlobeError
+from ..maps import get_sparse_map
 from ..progress import Progress
 from .budget import fit_rank
 from .codes import FitOptimizer, code_pass
+from .dist import Dist
 from .init import check_finite, expert_scales, inv_scales, live_experts, quiet
 from .model import GlobeParams, support
 from .share import expert_banks, layer_banks, warm_start_banks
@@ -113,7 +115,7 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
              dev="cpu", codes: torch.Tensor | None = None, keep_A: bool = False,
              desc: str = "evaluation", progress: bool | None = None,
              on_A: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-             experts: torch.Tensor | None = None) -> dict[str, Any]:
+             experts: torch.Tensor | None = None, dist: Dist | None = None) -> dict[str, Any]:
     """Pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r).
 
     Dead experts are reconstructed as zero (A = 0): the objective is the mean over live experts, and
@@ -121,11 +123,15 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
     progress: tqdm (True), log lines (False) or auto (None), labelled `desc`; silent for small families.
     on_A(idx (n,), A (n, p, r)): receives each chunk's adapters (normalised scale) instead of keeping them.
     experts: evaluate only these (ascending) experts (default all); errors are over them.
+    dist: a sharded fit (globe.fit.dist): this rank evaluates its own experts, the errors are summed over
+    ranks, and A comes back as this rank's rows (a dist.Shard).
     """
     N = W.shape[0]
     ids = torch.arange(N) if experts is None else experts.reshape(-1).cpu()
+    if dist is not None:  # [dist] this rank's experts only; sums reduced below
+        ids = dist.own(ids)
     n = ids.numel()
-    dead = ~live_experts(s[ids])
+    dead = ~live_experts(s)[ids]  # dead by the median of ALL experts, also for a sample or a rank's share
     obj = torch.empty(n, dtype=torch.float64)
     res_plain = torch.empty(n, dtype=torch.float64)
     A_all = None
@@ -154,6 +160,9 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
     s2 = s.double().pow(2)
     rel = math.sqrt(float((res_plain * s2).sum() / (s2 * p * d).sum().clamp_min(1e-300)))
     objective = float(obj[~dead].mean()) if bool((~dead).any()) else 0.0
+    if dist is not None and dist.on:  # [dist] errors over every rank's experts; A stays with its rank
+        rel, objective = dist.reduce_eval(res_plain * s2, s2 * p * d, obj[~dead])
+        A_all = None if A_all is None else dist.shard(A_all)
     return {"objective": objective, "rel_fro_error": rel, "A": A_all}
 
 
@@ -169,25 +178,31 @@ def _layer_bank(cfg: GlobeConfig, N: int, E: int) -> list[int]:
 
 
 def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten, progress: bool | None = None,
-               E: int | None = None) -> dict[str, Any]:
+               E: int | None = None, dist: Dist | None = None) -> dict[str, Any]:
     N, p, d = W.shape
     E = E or N
+    kw = {"dist": dist} if dist is not None and dist.on else {}  # [dist] one bank only (checked in fit_family)
     ws = warm_start_banks(W, s, _layer_bank(cfg, N, E), E, cfg.bank.m(fam), fit_rank(cfg, fam, N, p, d, N // E),
                           _support0(cfg, fam), kind=cfg.sparsity.map, alpha=cfg.sparsity.alpha, gain=cfg.bank.gain0,
                           method=cfg.bank.init, seed=cfg.bank.seed, T_min=cfg.sparsity.T_min,
-                          T_max=cfg.sparsity.T_max, whiten=whiten, progress=progress, name=fam)
-    T = ws.T if cfg.sparsity.T_auto and cfg.sparsity.map != "softmax" else cfg.sparsity.T0
+                          T_max=cfg.sparsity.T_max, whiten=whiten, progress=progress, name=fam, **kw)
+    T = ws.T if cfg.sparsity.T_auto and not get_sparse_map(cfg.sparsity.map).dense else cfg.sparsity.T0
     return {"step": 0, "bank": ws.bank, "logits": ws.logits, "gain": ws.gain, "T": T, "sv": ws.sv,
             "opt": None, "best": None, "bad_evals": 0, "A_all": None, "init_T": T}
+
+
+def before_step(family: str, step: int) -> None:
+    """Called before every optimisation step; does nothing. Tests replace it (monkeypatch) to simulate a
+    kill at a given step and check that resuming gives the uninterrupted result."""
 
 
 def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, rows: Rows = None,
                dev: str = "cpu",
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
-               progress: bool | None = False, interrupt_at: int | None = None,
+               progress: bool | None = False,
                on_codes: Callable[[int, torch.Tensor], None] | None = None,
                experts_per_layer: int | None = None, scales: torch.Tensor | None = None,
-               sink: Callable[[Family], Any] | None = None) -> FamilyFit:
+               sink: Callable[[Family], Any] | None = None, dist: Dist | None = None) -> FamilyFit:
     """Fit one family's GloBE model to experts W (N, p, d); resumable from `ckpt_path`.
 
     log(record) gets each metrics record; on_codes(step, codes (N, m) cpu) the codes at each evaluation.
@@ -195,20 +210,30 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     or auto (None: a bar on a terminal). scales (N,): the experts' RMS if already known (else computed).
     sink(family without A) -> a writer with write_A(idx, A) and close() -> A loader (artifacts.FamilyWriter):
     the final adapters are streamed to it chunk by chunk instead of held as one (N, p, r) tensor.
+    dist (globe.fit.dist.Dist): a sharded fit; W is then a dist.Shard holding this rank's experts,
+    `scales` (all N) and `sink` are required, and every rank must call fit_family.
     Raises GlobeError when an expert holds NaN/inf or every expert is zero.
     """
     t0 = time.time()
+    dist = dist or Dist()  # [dist] single process: every dist call below is a no-op
+    if dist.on and (scales is None or sink is None):
+        raise GlobeError("fit_family: a sharded fit needs the scales of all experts and a sink")
+    if dist.on and (len(set(_layer_bank(cfg, W.shape[0], experts_per_layer or W.shape[0]))) > 1
+                    or cfg.train.code_pass_every):
+        raise GlobeError(f"a sharded fit supports one bank per family (bank.share=global, got {cfg.bank.share!r}) "
+                         f"and no code passes (train.code_pass_every=0, got {cfg.train.code_pass_every}) for now")
     tr, sp = cfg.train, cfg.sparsity
+    dense = get_sparse_map(sp.map).dense
     N, p, d = W.shape
     s = expert_scales(W) if scales is None else scales.float()
     check_finite(s, f"family {fam}: expert")
     live = live_experts(s)
     if not bool(live.any()):
         raise GlobeError(f"family {fam}: every routed expert is zero; nothing to fit")
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
+    state = dist.load_state(ckpt_path) if ckpt_path else None  # [dist] + this rank's A
     resumed = state is not None
     if state is None:
-        state = _new_state(W, s, cfg, fam, whiten, progress, experts_per_layer)
+        state = _new_state(W, s, cfg, fam, whiten, progress, experts_per_layer, dist)
     layer_bank = _layer_bank(cfg, N, experts_per_layer or N)
     prm = GlobeParams(state["bank"], state["logits"], state["gain"], cfg.bank.activation, sp.map, sp.alpha,
                       bank_of=expert_banks(layer_bank, experts_per_layer or N)).to(dev)
@@ -219,7 +244,8 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     K, lam, chunk = tr.refit_every, tr.ridge, tr.eval_chunk
     A_all = state["A_all"]
     live_d = live.to(dev)
-    evkw = {"whiten": whiten, "rows": rows, "lam": lam, "chunk": chunk, "dev": dev, "progress": progress}
+    evkw = {"whiten": whiten, "rows": rows, "lam": lam, "chunk": chunk, "dev": dev, "progress": progress,
+            "dist": dist}
     if K > 1 and A_all is None:
         A_all = evaluate(W, s, prm, ctrl.T, keep_A=True, desc=f"initial A {fam}", **evkw)["A"]
     best, bad = state["best"], state["bad_evals"]
@@ -232,13 +258,14 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     bar = Progress(tr.steps, f"fit {fam}", "steps", bar=progress, initial=state["step"])
     step, last = state["step"], None
     stopped_early = False
+    last_ev = None  # (step, objective, error) of the latest full evaluation
     while step < tr.steps:
-        if interrupt_at is not None and step == interrupt_at:
-            raise KeyboardInterrupt(f"interrupted at step {step}")
+        before_step(fam, step)
         ts = time.time()
         f = lr_factor(step, tr.steps, sp.anneal_frac, tr.lr_schedule)
         opt.set_lr_factor(f)
-        idx = batch_indices(step, N, tr.batch_size, tr.seed)
+        idx_all = batch_indices(step, N, tr.batch_size, tr.seed)
+        idx = dist.own(idx_all)  # [dist] this rank's experts of the global batch (all of them in one process)
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         didx = idx.to(dev)
         alpha = prm.codes(didx, ctrl.T)
@@ -253,12 +280,16 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         r2, n2 = _residual(Wb, A, M, L, tr.autocast_bf16, Rw)
         obj = rel_mean(r2, n2)
         loss = obj + (sp.l1 * prm.logits[didx].abs().mean() if sp.l1 > 0 else 0.0)
-        if not torch.isfinite(loss):
+        loss_all, r2_all, n2_all = loss.detach(), r2.detach().sum(), n2.detach().sum()
+        if dist.on:  # [dist] this rank's share (gradients sum to the global one) and the global values
+            loss, loss_all, r2_all, n2_all = dist.batch_loss(r2, n2, prm.logits[didx], sp.l1, len(idx_all))
+        if not torch.isfinite(loss_all):
             where = f"; last good checkpoint (step {state['step']}) kept in {ckpt_path}" if ckpt_path else ""
             raise GlobeError(f"fit of family {fam}: loss became NaN/inf at step {step}; stopped{where}")
         opt.zero_grad()
         loss.backward()
-        opt.step(didx)
+        dist.reduce_grads(prm)  # [dist] sum over ranks (bank, gain; logits rows are disjoint)
+        opt.step(idx_all.to(dev))  # row_adam moves the rows of the whole batch (summed over ranks)
         prm.constrain_logits(sp.z_max)
         if tr.code_pass_every and (step + 1) % tr.code_pass_every == 0:  # every expert's codes, bank fixed
             code_pass(W, s, prm, ctrl.T, opt, tr.code_pass_steps, load=_load, refit=_refit, residual=_residual,
@@ -270,17 +301,18 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             med, p95 = float(sup.median()), float(torch.quantile(sup, 0.95))
         T_used = ctrl.T
         tgt = support_schedule(step + 1, tr.steps, sp.target_support, _support0(cfg, fam), sp.anneal_frac)
-        if sp.map != "softmax":  # softmax is dense at any T: nothing to control
+        if not dense:  # a dense map (softmax) has full support at any T: nothing to control
             ctrl.update(med, tgt)
         step += 1
-        batch_err = math.sqrt(float(r2.detach().sum() / n2.detach().sum().clamp_min(1e-30)))
-        last = {"step": step, "family": fam, "loss": float(loss.detach()), "rel_error": batch_err,
+        batch_err = math.sqrt(float(r2_all / n2_all.clamp_min(1e-30)))
+        last = {"step": step, "family": fam, "loss": float(loss_all), "rel_error": batch_err,
                 "support_median": med, "support_p95": p95, "temperature": T_used,
                 "gain": float(prm.gain.detach().mean()), "step_time": time.time() - ts}
         if step % tr.eval_every == 0 or step == tr.steps:
             ev = evaluate(W, s, prm, ctrl.T, desc=f"evaluation {fam} at step {step}", **evkw)
             last.update(eval_objective=ev["objective"], eval_rel_fro_error=ev["rel_fro_error"])
-            on_target = sp.map == "softmax" or (abs(med - sp.target_support) <= 1 and tgt == sp.target_support)
+            last_ev = (step, ev["objective"], ev["rel_fro_error"])
+            on_target = dense or (abs(med - sp.target_support) <= 1 and tgt == sp.target_support)
             if on_target and (ev["objective"] < best["obj"] * (1 - 1e-4)):
                 best = {"obj": ev["objective"], "err": ev["rel_fro_error"], "step": step, "T": ctrl.T,
                         "params": copy.deepcopy(prm.state_dict())}
@@ -299,18 +331,21 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             state.update(step=step, bank=prm.bank_raw.detach().cpu(), logits=prm.logits.detach().cpu(),
                          gain=prm.gain.detach().cpu(), T=ctrl.T, opt=opt.state_dict(), best=best, bad_evals=bad,
                          A_all=A_all, done=False)
-            _save(state, ckpt_path)
+            dist.save_state(state, ckpt_path)  # [dist] rank 0 + per-layer A
         if stopped_early:
             break
     bar.close()
     if best["params"] is None:  # never on target at an evaluation: keep the final state
         best = {"step": step, "T": ctrl.T, "params": copy.deepcopy(prm.state_dict())}
-    return _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, stopped_early, resumed, t0,
-                   experts_per_layer or N, progress, sink)
+        if last_ev is not None and last_ev[0] == step:  # evaluated at this very state: no second pass
+            best.update(obj=last_ev[1], err=last_ev[2])
+    return _finish(W, s, prm, best, cfg, fam, whiten=whiten, rows=rows, dev=dev, state=state, init_err=init_err,
+                   step=step, early=stopped_early, resumed=resumed, t0=t0, E=experts_per_layer or N,
+                   progress=progress, sink=sink, dist=dist)
 
 
-def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step, early, resumed, t0,
-            E, progress=None, sink=None) -> FamilyFit:
+def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, step, early, resumed, t0,
+            E, progress=None, sink=None, dist=None) -> FamilyFit:
     """Restore the best snapshot, epsilon-prune the codes, refit A once more (streamed to `sink` if
     given), and gather the metrics. The best snapshot's error was measured when it was taken, so the
     error before pruning needs no extra pass (a full evaluation costs ~17 min at Qwen1.5-MoE's size)."""
@@ -318,7 +353,8 @@ def _finish(W, s, prm, best, cfg, fam, whiten, rows, dev, state, init_err, step,
     N, p, d = W.shape
     prm.load_state_dict(best["params"])
     T = best["T"]
-    evkw = {"whiten": whiten, "rows": rows, "lam": tr.ridge, "chunk": tr.eval_chunk, "dev": dev, "progress": progress}
+    evkw = {"whiten": whiten, "rows": rows, "lam": tr.ridge, "chunk": tr.eval_chunk, "dev": dev, "progress": progress,
+            "dist": dist}
     with torch.no_grad():
         alpha = prm.codes(None, T)
         pre_err = best.get("err", math.nan)

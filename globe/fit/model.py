@@ -4,7 +4,7 @@ Shapes: bank_raw (G, m, r, d) (G banks, `share.py`; G = 1: one global bank); log
 expert's codes over the m atoms of its own bank (`bank_of` (N,)); gain g (G,). Atoms are kept at unit RMS
 (B_j = raw_j / rms(raw_j), weight-norm style) so that the scalar gain alone sets how far into
 phi's nonlinear range the mixture goes. alpha_i = sparsemap(z_i / T) lies on the simplex; the
-map always runs in fp32 (entmax NaNs in half precision). A_i is not a parameter here: it is given
+map (globe.maps) always runs in fp32 (entmax NaNs in half precision). A_i is not a parameter here: it is given
 in closed form by `solve.ridge_A` (variable projection), so the gradient w.r.t. bank/logits/gain
 with A held at its optimum is the gradient of the projected objective (envelope theorem).
 """
@@ -12,27 +12,11 @@ with A held at its optimum is the gradient of the projected objective (envelope 
 from __future__ import annotations
 
 import torch
-from entmax import entmax15, entmax_bisect, sparsemax
 
-from ..artifacts import activation_fn
 from ..errors import GlobeError
+from ..maps import get_activation, sparse_map
 
-
-def sparse_map(z: torch.Tensor, T: float, kind: str = "entmax", alpha: float = 1.5) -> torch.Tensor:
-    """alpha = sparsemap(z / T) over the last dim, computed in fp32. (n, m) -> (n, m)."""
-    x = z.float() / float(T)
-    if kind == "entmax":
-        return entmax15(x, dim=-1) if abs(alpha - 1.5) < 1e-12 else entmax_bisect(x, alpha=alpha, dim=-1)
-    if kind == "sparsemax":
-        return sparsemax(x, dim=-1)
-    if kind == "softmax":
-        return torch.softmax(x, dim=-1)
-    raise GlobeError(f"unknown sparse map {kind!r}")
-
-
-def act(name: str):
-    """phi by name (silu | tanh | identity); the same function the runtime composes with."""
-    return activation_fn(name)
+__all__ = ["GlobeParams", "sparse_map", "support", "unit_atoms"]
 
 
 def unit_atoms(raw: torch.Tensor) -> torch.Tensor:
@@ -107,7 +91,7 @@ class GlobeParams(torch.nn.Module):
                 parts.append(lin(alpha[order[bs == g]], g))
             pre = torch.cat(parts)[torch.argsort(order)]
             gain = gains[b][:, None]
-        return act(self.activation)((gain * pre).reshape(-1, r, d))
+        return get_activation(self.activation).fn((gain * pre).reshape(-1, r, d))
 
     def mixed(self, idx: torch.Tensor | None, T: float, autocast: bool = False) -> torch.Tensor:
         return self.mix(self.codes(idx, T), autocast, idx)

@@ -6,6 +6,8 @@ finishes, so two families' adapters are never in memory together),
 metrics.jsonl (one JSON line per log step), summary.json; plus the private resume state under
 `.globe_fit/` (run fingerprint, per-family checkpoints and finished results). A re-run with the same
 output_dir and the same run resumes; a directory holding anything else is refused.
+Sharded (torchrun, `train.distributed`, globe/fit/dist.py): every rank runs run_fit on its own MoE
+layers; rank 0 alone claims the directory, logs, writes the outputs and the summary.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from ..artifacts import Artifacts, FamilyWriter, atomic_write, family_file, finish_fit_dir
+from ..common import resolve_device
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
@@ -31,6 +34,7 @@ from ..progress import Progress
 from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
 from .budget import fit_rank_plan, mobe_rank, svd_rank
+from .dist import Dist, RankAWriter, wanted
 from .init import expert_scales, inv_scales, quiet, spectra
 from .loop import FamilyFit, fit_family
 from .share import n_banks
@@ -38,19 +42,7 @@ from .tracking import WandbRun, require_wandb, wandb_on
 
 STATE = ".globe_fit"
 OUTPUTS = ("globe.safetensors.index.json", "globe_config.json", "metrics.jsonl", "summary.json")  # + globe-{f}...
-_NOT_RESULT = {"checkpoint_every", "log_every", "device", "max_memory_gb", "eval_chunk"}
-
-
-def pick_device(name: str) -> str:
-    """auto -> cuda, then mps, then cpu; a forced device that is missing is a GlobeError."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GlobeError("train.device=cuda but no CUDA device is available")
-    if name == "mps" and not has_mps:
-        raise GlobeError("train.device=mps but no MPS device is available")
-    return name
+_NOT_RESULT = {"checkpoint_every", "log_every", "device", "max_memory_gb", "eval_chunk", "distributed"}
 
 
 def _validate(cfg: GlobeConfig) -> None:
@@ -100,18 +92,20 @@ def _claim(out: Path, fp: dict) -> None:
 class _Log:
     """metrics.jsonl (+ optional wandb run): on resume, lines of a family past its checkpoint step are dropped."""
 
-    def __init__(self, out: Path, cfg: GlobeConfig):
-        self.path = out / "metrics.jsonl"
-        self.wb = WandbRun(cfg, out) if wandb_on(cfg) else None
+    def __init__(self, out: Path, cfg: GlobeConfig, on: bool = True):
+        self.path, self.on = out / "metrics.jsonl", on  # on=False: a rank other than 0 of a sharded fit
+        self.wb = WandbRun(cfg, out) if wandb_on(cfg) and on else None
 
     def rewind(self, fam: str, step: int) -> None:
-        if not self.path.exists():
+        if not self.on or not self.path.exists():
             return
         keep = [ln for ln in self.path.read_text().splitlines()
                 if ln.strip() and not (json.loads(ln).get("family") == fam and json.loads(ln).get("step", 0) > step)]
         atomic_write(self.path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
 
     def __call__(self, rec: dict) -> None:
+        if not self.on:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.wb is not None:
@@ -135,28 +129,34 @@ class _Log:
 
 
 def _expert_tensor(ck: Checkpoint, L: int, e: int, fam: str) -> str:
-    """On-disk name of a routed expert's matrix (fused layouts: the slice of gate_up_proj)."""
+    """On-disk name of a routed expert's matrix (fused layouts: the family's rows of expert e)."""
     if ck.layout == "per_expert":
         return ck.expert_name(L, e, fam)
-    from ..compat import experts_prefix
-    return f"{experts_prefix(ck.spec, L)}.gate_up_proj[{e}, {fam} rows]"
+    from ..compat import GATE_UP, experts_prefix
+    return f"{experts_prefix(ck.spec, L)}.{GATE_UP}[{e}, {fam} rows]"
 
 
-def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = None
+def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = None, dist: Dist | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """All routed experts of a family (N, p, d), fp32 if that fits the memory budget, else the stored dtype,
     and their RMS scales (N,), computed while reading (no second pass over the family).
+    dist (sharded fit): only this rank's layers are read (a dist.Shard; fp32 if the shard fits max_gb);
+    the scales of all N experts are gathered.
 
     Raises GlobeError naming the tensor, layer and expert at the first expert holding NaN/inf, before
     any fitting work on the family. Progress: one line per GLOBE_PROGRESS_EVERY_S seconds (or tqdm).
     """
-    N, p, d = len(ck.moe_layers) * ck.num_experts, ck.p, ck.hidden_size
+    dist = dist or Dist()
+    E, p, d = ck.num_experts, ck.p, ck.hidden_size
+    layers = [ck.moe_layers[li] for li in dist.layers] if dist.on else list(ck.moe_layers)  # [dist] our layers
+    N = len(layers) * E
     want = torch.float32 if N * p * d * 4 / 1e9 <= max_gb else None  # None: stored dtype (FP8 sources: bf16)
-    dt = want or ck.expert(ck.moe_layers[0], 0, fam).dtype
+    dt = want or ck.expert(layers[0], 0, fam).dtype
     W = torch.empty((N, p, d), dtype=dt)
     sc = torch.empty(N)
+    experts = ((L, e, ck.expert(L, e, fam, want)) for L in layers for e in range(E))
     with Progress(N, f"read {fam} experts", "experts", bar=progress, quiet=quiet(N * p * d)) as pg:
-        for i, (L, e, w) in enumerate(ck.iter_experts(fam, want)):
+        for i, (L, e, w) in enumerate(experts):
             sc[i] = expert_scales(w[None])[0]
             if not math.isfinite(float(sc[i])):
                 bad = int((~torch.isfinite(w)).sum())
@@ -164,11 +164,13 @@ def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = No
                                  f"holds {bad} non-finite values (NaN/inf); repair the checkpoint before fitting")
             W[i].copy_(w)
             pg.update(1)
+    if dist.on:
+        return dist.shard(W), dist.gather_rows(sc)
     return W, sc
 
 
 def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, fam: str, dev: str,
-               progress: bool | None = None) -> dict:
+               progress: bool | None = None, dist: Dist | None = None) -> dict:
     """SVD baseline (from the spectra: no extra pass) and, with train.baseline_mobe, the MoBE-style bank;
     each entry records its own wall time `time_s` (the SVD's includes computing plain spectra if needed)."""
     N, p, d = W.shape
@@ -177,7 +179,7 @@ def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, 
     k = svd_rank(stored, N, p, d)
     t = time.time()
     if sv is None:  # the warm start decomposed whitened experts: plain spectra needed for the SVD baseline
-        sv = _svdvals(W, scales, progress=progress, desc=f"SVD baseline {fam}: spectra")
+        sv = _svdvals(W, scales, progress=progress, desc=f"SVD baseline {fam}: spectra", dist=dist)
     out = {"svd": {"rel_fro_error": svd_error(sv, scales, k), "rank": k, "stored_params": N * k * (p + d),
                    "original_params": N * p * d, "time_s": time.time() - t}}
     if not cfg.train.baseline_mobe:
@@ -188,15 +190,13 @@ def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, 
     t = time.time()
     out["mobe"] = mobe_fit(W, layers, m_l, r, activation=cfg.bank.activation if cfg.bank.activation != "identity"
                            else "silu", steps=steps, lr=cfg.train.lr, seed=cfg.bank.seed, lam=cfg.train.ridge, dev=dev,
-                           scales=scales, progress=progress, desc=f"MoBE-style baseline {fam}")
+                           scales=scales, progress=progress, desc=f"MoBE-style baseline {fam}", dist=dist)
     out["mobe"]["time_s"] = time.time() - t
     return out
 
 
-def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, progress: bool | None = None) -> dict:
+def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     """Fit GloBE banks for cfg.train.families of cfg.model.path; write outputs; return the summary.
-
-    interrupt_at {family: step} simulates a kill (KeyboardInterrupt) at that step (tests of resume).
     """
     t0 = time.time()
     _validate(cfg)
@@ -207,17 +207,20 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
     except ValueError as e:
         raise GlobeError(str(e)) from None
     _check_calib_memory(cfg, ck, N)
-    dev = pick_device(cfg.train.device)
+    dev = str(resolve_device(cfg.train.device, "train.device"))  # 'cuda' | 'mps' | 'cpu'
+    dist = Dist.setup(dev, len(ck.moe_layers), ck.num_experts) if wanted(cfg.train.distributed) else Dist()
+    lead = dist.rank == 0  # [dist] rank 0 claims, logs and writes the outputs; the others only fit
     out = Path(cfg.output_dir)
     plans = {f: fit_rank_plan(cfg, f, N, ck.p, ck.hidden_size, len(ck.moe_layers)) for f in cfg.train.families}
     G = n_banks(cfg.bank.share, len(ck.moe_layers))  # room for the final globe-{f}.safetensors, fp32
-    check_writable(out, 4 * sum(N * ck.p * plans[f].r + cfg.bank.m(f) * (G * plans[f].r * ck.hidden_size + N)
-                                for f in cfg.train.families), what="output_dir")
+    check_writable(out, (2 if dist.on else 1) * 4 * sum(N * ck.p * plans[f].r + cfg.bank.m(f) * (
+        G * plans[f].r * ck.hidden_size + N) for f in cfg.train.families), what="output_dir")
     fp = fingerprint(cfg, ck)
-    _claim(out, fp)
+    dist.on_rank0(lambda: _claim(out, fp))
     torch.manual_seed(cfg.train.seed)
-    log = _Log(out, cfg)  # opens the wandb run, if any: closed in the finally below, also on error
-    progress = sys.stderr.isatty() if progress is None else progress
+    log = _Log(out, cfg, on=lead)  # opens the wandb run, if any: closed in the finally below, also on error
+    progress = (sys.stderr.isatty() if progress is None else progress) and lead
+    quiet_logger = _quiet_unless(lead)
     results: dict[str, dict] = {}
     ok = False
     try:
@@ -225,20 +228,25 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
         for fam in cfg.train.families:
             done = out / STATE / f"{fam}.done.json"
             staged = out / STATE / f"{fam}.safetensors"
-            if done.is_file() and (staged.is_file() or (out / family_file(fam)).is_file()):
+            if dist.on_rank0(lambda done=done, staged=staged, fam=fam: done.is_file() and (
+                    staged.is_file() or (out / family_file(fam)).is_file())):
                 continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
             ckpt = out / STATE / f"{fam}.ckpt.pt"
-            log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if ckpt.is_file() else 0)
-            W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress)
+            log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if lead and ckpt.is_file() else 0)
+            W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress, dist)
             rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
             def sink(family, fam=fam):  # the final adapters stream into the family's file, chunk by chunk
+                if dist.on:  # [dist] per-rank files, assembled by rank 0
+                    return RankAWriter(dist, out / STATE, fam, family, list(ck.moe_layers),
+                                       out / STATE / f"{fam}.safetensors")
                 return FamilyWriter(out / STATE / f"{fam}.safetensors", fam, family, list(ck.moe_layers))
-            fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt, log=log,
-                             progress=progress, experts_per_layer=ck.num_experts, scales=sc, sink=sink,
-                             interrupt_at=(interrupt_at or {}).get(fam), on_codes=log.codes_hook(fam))
+            fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt,
+                             log=log if lead else None, progress=progress, experts_per_layer=ck.num_experts,
+                             scales=sc, sink=sink,
+                             on_codes=log.codes_hook(fam), dist=dist)
             # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
             sv = torch.load(ckpt, weights_only=False, mmap=True)["sv"].clone() if whiten_for is None else None
-            base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress) if cfg.train.baselines else {}
+            base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress, dist) if cfg.train.baselines else {}
             if base:
                 plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"
                                                         for k, b in base.items()))
@@ -246,26 +254,57 @@ def run_fit(cfg: GlobeConfig, *, interrupt_at: dict[str, int] | None = None, pro
                 raise GlobeError(f"fit of family {fam} produced a non-finite error")
             res = {"metrics": {**fit.metrics, **plans[fam].as_dict()}, "baselines": base,
                    "family_meta": fit.artifact.family_meta()}
-            atomic_write(done, lambda p, res=res: Path(p).write_text(json.dumps(res, indent=1)))
+            if lead:
+                atomic_write(done, lambda p, res=res: Path(p).write_text(json.dumps(res, indent=1)))
             log.family_done(fam, fit)
             del W, fit, res
-        for fam in cfg.train.families:
-            results[fam] = json.loads((out / STATE / f"{fam}.done.json").read_text())
-            staged = out / STATE / f"{fam}.safetensors"
-            if staged.is_file():
-                os.replace(staged, out / family_file(fam))
-        meta = _artifacts(ck, cfg, {}).meta()
-        meta["families"] = {f: results[f]["family_meta"] for f in cfg.train.families}
-        finish_fit_dir(out, meta, list(cfg.train.families))
-        summary = _summary(results, cfg, ck, dev, time.time() - t0)
-        atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
-        if not (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").touch()
-        log.summary(summary)
+            dist.barrier()
+        peaks = _rank_peaks(dist, dev) if dist.on else None  # [dist] every rank's peak memory
+
+        def finish() -> dict:
+            for fam in cfg.train.families:
+                results[fam] = json.loads((out / STATE / f"{fam}.done.json").read_text())
+                staged = out / STATE / f"{fam}.safetensors"
+                if staged.is_file():
+                    os.replace(staged, out / family_file(fam))
+            meta = _artifacts(ck, cfg, {}).meta()
+            meta["families"] = {f: results[f]["family_meta"] for f in cfg.train.families}
+            finish_fit_dir(out, meta, list(cfg.train.families))
+            summary = _summary(results, cfg, ck, dev, time.time() - t0)
+            if peaks is not None:
+                summary["distributed"] = {**dist.describe(), **peaks}
+            atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+            if not (out / "metrics.jsonl").exists():
+                (out / "metrics.jsonl").touch()
+            log.summary(summary)
+            return summary
+        summary = dist.on_rank0(finish)
         ok = True
     finally:
         log.close(ok)
+        quiet_logger()
     return summary
+
+
+def _quiet_unless(lead: bool):
+    """Silence the globe logger's INFO lines on ranks other than 0; returns the function that restores it."""
+    from ..progress import get_logger
+    lg = get_logger()
+    level = lg.level
+    if not lead:
+        lg.setLevel(max(level, 30))
+    return lambda: lg.setLevel(level)
+
+
+def _rank_peaks(dist: Dist, dev: str) -> dict:
+    """Peak resident memory (and peak CUDA allocation) of every rank, in bytes."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
+    got = dist.gather_rows(torch.tensor([[rss, gpu]], dtype=torch.float64), [1] * dist.world)
+    out = {"peak_rss_bytes_per_rank": [int(x) for x in got[:, 0].tolist()]}
+    if dev == "cuda":
+        out["peak_cuda_bytes_per_rank"] = [int(x) for x in got[:, 1].tolist()]
+    return out
 
 
 def _artifacts(ck: Checkpoint, cfg: GlobeConfig, families: dict) -> Artifacts:
@@ -275,15 +314,18 @@ def _artifacts(ck: Checkpoint, cfg: GlobeConfig, families: dict) -> Artifacts:
 
 
 def _svdvals(W: torch.Tensor, sc: torch.Tensor, chunk: int = 8, progress: bool | None = None,
-             desc: str = "spectra") -> torch.Tensor:
-    """Singular values (N, min(p, d)) of the RMS-normalised experts (`init.spectra`, Gram eigenvectors)."""
+             desc: str = "spectra", dist: Dist | None = None) -> torch.Tensor:
+    """Singular values (N, min(p, d)) of the RMS-normalised experts (`init.spectra`, Gram eigenvectors);
+    sharded: each rank decomposes its own experts, the spectra are gathered."""
     inv = inv_scales(sc, sc > 0)
     out = []
-    with Progress(W.shape[0], desc, "experts", bar=progress, quiet=quiet(W.numel())) as pg:
-        for a in range(0, W.shape[0], chunk):
-            out.append(spectra(W[a:a + chunk].float() * inv[a:a + chunk, None, None])[0])
+    lo, hi = dist.span if dist is not None and dist.on else (0, W.shape[0])
+    with Progress(hi - lo, desc, "experts", bar=progress, quiet=quiet(W.numel())) as pg:
+        for a in range(lo, hi, chunk):
+            b = min(hi, a + chunk)
+            out.append(spectra(W[a:b].float() * inv[a:b, None, None])[0])
             pg.update(out[-1].shape[0])
-    return torch.cat(out)
+    return dist.gather_rows(torch.cat(out)) if dist is not None else torch.cat(out)
 
 
 def _check_calib_memory(cfg: GlobeConfig, ck: Checkpoint, N: int) -> None:

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from .model import sparse_map, support
+from ..maps import get_sparse_map, sparse_map
+from .model import support
 
 
 class TempController:
@@ -48,8 +49,9 @@ def median_support(z: torch.Tensor, T: float, kind: str, alpha: float) -> float:
 
 def calibrate(z: torch.Tensor, target: int, kind: str, alpha: float, T_min: float = 1e-3,
               T_max: float = 1e3, iters: int = 40) -> float:
-    """Smallest T in [T_min, T_max] whose median support reaches target (bisection on log T)."""
-    if kind == "softmax":
+    """Smallest T in [T_min, T_max] whose median support reaches target (bisection on log T); 1 for a
+    dense map (globe.maps), whose support is m at any T."""
+    if get_sparse_map(kind).dense:
         return 1.0
     lo, hi = math.log(T_min), math.log(T_max)
     for _ in range(iters):

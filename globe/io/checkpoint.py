@@ -7,7 +7,7 @@ Peak memory is about one tensor.
 
 Both expert layouts are read:
   per_expert  {prefix}.{L}.{block}.experts.{e}.{gate,up,down}_proj.weight    (p, d) / (d, p)
-  fused       {prefix}.{L}.{block}.experts.gate_up_proj  (E, 2p, d), gate rows first
+  fused       {prefix}.{L}.{block}.experts.{GATE_UP}  (E, 2p, d), gate rows first (names: compat.GATE_UP, DOWN)
               {prefix}.{L}.{block}.experts.down_proj     (E, d, p)
 A fused expert is read with a slice, so one expert never loads its whole layer. FP8 block-quantized
 tensors (globe/io/quant.py) are dequantized on read: every consumer sees values (bf16 unless a dtype
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..compat import DOWN, GATE_UP
 from ..errors import GlobeError
 from ..registry import REGISTRY, ArchSpec, get_spec, layer_rule_text, moe_layers, num_experts, shared_width
 from .quant import PACKED_SUFFIXES, SCALE_SUFFIX, dequantize, fp8_block, scale_shape
@@ -284,7 +285,7 @@ class Checkpoint:
         """{layer: {expert id or fused tensor: an example name}} of every expert tensor on disk."""
         s = self.spec
         blocks = "|".join(sorted({re.escape(s.disk_block), re.escape(s.block)}))
-        pat = re.compile(rf"^{re.escape(s.layers_prefix)}\.(\d+)\.(?:{blocks})\.experts\.(\d+|gate_up_proj|down_proj)"
+        pat = re.compile(rf"^{re.escape(s.layers_prefix)}\.(\d+)\.(?:{blocks})\.experts\.(\d+|{GATE_UP}|{DOWN})"
                          r"(?:\.|$)")
         out: dict[int, dict[str, str]] = {}
         for k in self._keys:
@@ -301,7 +302,7 @@ class Checkpoint:
         if not disk:
             l0 = self.moe_layers[0]
             raise GlobeError(f"{self.dir}: no routed-expert tensors found; expected e.g. "
-                             f"{self.expert_name(l0, 0, 'up')} or {self._fused_prefix(l0)}.gate_up_proj")
+                             f"{self.expert_name(l0, 0, 'up')} or {self._fused_prefix(l0)}.{GATE_UP}")
         n_layers = int(self.config["num_hidden_layers"])  # layers past it (DeepSeek's MTP) are not decoder layers
         rule = set(self.moe_layers)
         on_disk = {L for L in disk if L < n_layers}
@@ -325,12 +326,12 @@ class Checkpoint:
         if self.expert_name(l0, 0, "up") in self.weight_map:
             layout = "per_expert"
             need = [self.expert_name(L, e, f) for L in self.moe_layers for e in range(E) for f in FAMILIES_ALL]
-        elif f"{self._fused_prefix(l0)}.gate_up_proj" in self.weight_map:
+        elif f"{self._fused_prefix(l0)}.{GATE_UP}" in self.weight_map:
             layout = "fused"
-            need = [f"{self._fused_prefix(L)}.{n}" for L in self.moe_layers for n in ("gate_up_proj", "down_proj")]
+            need = [f"{self._fused_prefix(L)}.{n}" for L in self.moe_layers for n in (GATE_UP, DOWN)]
         else:
             raise GlobeError(f"{self.dir}: no routed-expert tensors found for layer {l0}; expected e.g. "
-                             f"{self.expert_name(l0, 0, 'up')} or {self._fused_prefix(l0)}.gate_up_proj")
+                             f"{self.expert_name(l0, 0, 'up')} or {self._fused_prefix(l0)}.{GATE_UP}")
         missing = [n for n in need if n not in self.weight_map]
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -361,7 +362,7 @@ class Checkpoint:
         if self.layout == "per_expert":
             return self.tensor(self.expert_name(layer, e, family), dtype)
         fp = self._fused_prefix(layer)
-        name = f"{fp}.down_proj" if family == "down" else f"{fp}.gate_up_proj"
+        name = f"{fp}.{DOWN}" if family == "down" else f"{fp}.{GATE_UP}"
         if name in self._scales:  # dequantize expert e's whole slab with its scales, then take the half
             w = dequantize(self._read(name, e), self._read(self._scales[name], e), self.block,
                            dtype or torch.bfloat16)
@@ -395,7 +396,7 @@ class Checkpoint:
         if self.layout == "per_expert":
             return {self.expert_name(L, e, f) for L in self.moe_layers for e in range(self.num_experts)
                     for f in FAMILIES_ALL}
-        return {f"{self._fused_prefix(L)}.{n}" for L in self.moe_layers for n in ("gate_up_proj", "down_proj")}
+        return {f"{self._fused_prefix(L)}.{n}" for L in self.moe_layers for n in (GATE_UP, DOWN)}
 
     def shared_tensor_names(self) -> list[str]:
         s = self.spec

@@ -63,8 +63,10 @@ def check_file_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
 
 @contextlib.contextmanager
-def staging_dir(out: Path) -> Iterator[Path]:
-    """A temporary directory next to `out` (which must be absent or empty), renamed onto it at the end."""
+def staging_dir(out: Path, replace: bool = False) -> Iterator[Path]:
+    """A temporary directory next to `out`, renamed onto it at the end; on any error it is removed and
+    `out` is left as it was. `out` must be absent or empty, unless `replace` (then an existing `out` is
+    deleted just before the rename: e.g. a report rendered again)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -74,7 +76,10 @@ def staging_dir(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         if out.exists():
-            out.rmdir()  # empty (checked by the caller), so the rename can take its place
+            if replace:
+                shutil.rmtree(out)
+            else:
+                out.rmdir()  # empty (checked by the caller), so the rename can take its place
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

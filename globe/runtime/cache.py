@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import GlobeError
+from ..maps import get_activation
 from .kernels import Blocks, LayerWeights
 
 MODES = ("full", "lru", "none")
@@ -68,15 +68,6 @@ class BankCodes:
                    None if col_scale is None else col_scale.float())
 
 
-def _activate(x: torch.Tensor, activation: str) -> None:
-    if activation == "silu":
-        F.silu(x, inplace=True)
-    elif activation == "tanh":
-        x.tanh_()
-    elif activation != "identity":
-        raise GlobeError(f"unknown activation {activation!r}")
-
-
 def compose_many(fam: BankCodes, ids: Sequence[int], dtype: torch.dtype,
                  out: torch.Tensor | Sequence[torch.Tensor] | None = None, chunk: int = 65536,
                  max_batch: int = 16) -> torch.Tensor | Sequence[torch.Tensor]:
@@ -111,6 +102,7 @@ def _compose_cpu(fam: BankCodes, ids, out, C: int) -> None:
     acc_buf = torch.empty(C, dtype=torch.float32)
     tmp_buf = torch.empty(C, dtype=torch.float32)
     banks = [fam.atoms(i) for i in ids]
+    phi_ = get_activation(fam.activation).fn_
     for s in range(0, rd, C):
         t = min(rd, s + C)
         acc, tmp = acc_buf[:t - s], tmp_buf[:t - s]
@@ -123,7 +115,7 @@ def _compose_cpu(fam: BankCodes, ids, out, C: int) -> None:
                 acc.copy_(bank[fam.indices[lo], s:t]).mul_(g * fam.values[lo])
                 for j in range(lo + 1, hi):
                     acc.add_(tmp.copy_(bank[fam.indices[j], s:t]), alpha=g * fam.values[j])
-            _activate(acc, fam.activation)
+            phi_(acc)
             if fam.col_scale is not None:
                 acc.view(-1, d).mul_(fam.col_scale)
             out[b][s // d:t // d].copy_(acc.view(-1, d))
@@ -156,7 +148,7 @@ def _compose_batched(fam: BankCodes, ids, out, base: int) -> None:
             torch.mul(rows, coef_t[0, :nb, None], out=mix[:nb])
         else:
             mix[:nb].addcmul_(rows, coef_t[j, :nb, None])
-    _activate(mix, fam.activation)
+    get_activation(fam.activation).fn_(mix)
     mix = mix.view(len(ids), fam.r, fam.d)
     if fam.col_scale is not None:
         mix.mul_(fam.col_scale)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compat import ExpertsInfo
+from ..compat import GATE_UP_ORDER, ExpertsInfo
 from ..errors import GlobeError
 from .cache import MODES, SlabCache, build_table, compose_blocks
 from .kernels import Blocks, LayerWeights, active_experts, choose_path, experts_forward
 
-FAMILY_ORDER = ("gate", "up")  # row order inside gate_up_proj and inside a cache block
+FAMILY_ORDER = GATE_UP_ORDER  # row order inside the fused gate/up weight and inside a cache block
 
 
 class GlobeStore(nn.ModuleDict):

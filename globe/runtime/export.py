@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 from .. import compat
 from ..artifacts import KEEP_FP32, Artifacts, Family
 from ..common import DTYPES
-from ..config import GlobeConfig
+from ..config import CacheCfg, ExportCfg, GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
 from ..io.outputs import check_writable, staging_dir
@@ -68,43 +69,61 @@ def is_globe_dir(path: Any) -> bool:
 
 
 # ---- export ------------------------------------------------------------------------------------------
-def export(cfg: GlobeConfig) -> Path:
-    """Write cfg.output_dir from cfg.model.path + cfg.artifacts per cfg.export (format, dtype, save_mixed)."""
-    out = _check_out(cfg.output_dir)
-    if not cfg.artifacts:
+def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str | os.PathLike],
+           output_dir: str | os.PathLike, config: ExportCfg | None = None, *, cache: CacheCfg | None = None,
+           revision: str | None = None) -> Path:
+    """Write `output_dir` from the source checkpoint `model` (a directory or hub id) and the fit directory
+    (or list of fit directories) `artifacts`, as `config` asks (format globe|dense, dtype, save_mixed,
+    max_shard_gb). Model-free: tensors are streamed shard to shard, never a whole model in memory.
+
+    cache: the cache settings a `globe` export records as its default (load_model may override them).
+    Raises GlobeError when the inputs disagree, a non-expert tensor is missing, the output is not writable
+    or the disk is too small; nothing half-written is left at `output_dir`. Returns output_dir."""
+    ecfg = config or ExportCfg()
+    out = _check_out(output_dir)
+    if not artifacts:
         raise GlobeError("artifacts: give the fit output directory (artifacts=DIR)")
-    log("export %s: reading the headers of %s and %s", cfg.export.format, cfg.model.path, cfg.artifacts)
-    ck = Checkpoint(cfg.model.path, cfg.model.revision)
-    arts = Artifacts.load(cfg.artifacts)
+    src = ", ".join(map(str, artifacts)) if isinstance(artifacts, (list, tuple)) else str(artifacts)
+    log("export %s: reading the headers of %s and %s", ecfg.format, model, src)
+    ck = Checkpoint(str(model), revision)
+    arts = Artifacts.load(artifacts)
     check_ckpt(ck, arts)  # model-free, before any weight is read
     check_complete(ck)
-    dtype = DTYPES[cfg.export.dtype]
-    if cfg.export.format == "dense":
+    dtype = DTYPES[ecfg.dtype]
+    if ecfg.format == "dense":
         plan, produce = dense_plan(ck, arts, dtype)
-        prefix = "model"
     else:
-        plan, produce = globe_plan(ck, arts, dtype, cfg.export.save_mixed)
-        prefix = "model"
+        plan, produce = globe_plan(ck, arts, dtype, ecfg.save_mixed)
     total = sum(math.prod(s) * torch.empty(0, dtype=dt).element_size() for _, dt, s in plan)
     check_writable(out, need_bytes=total, what="output_dir")
-    max_shard = int(float(cfg.export.max_shard_gb) * 1e9)
-    log("export %s: %s + %s -> %s (%.2f GB of weights in %s)", cfg.export.format, ck.dir, cfg.artifacts, out,
-        total / 1e9, cfg.export.dtype)
+    max_shard = int(float(ecfg.max_shard_gb) * 1e9)
+    log("export %s: %s + %s -> %s (%.2f GB of weights in %s)", ecfg.format, ck.dir, src, out, total / 1e9, ecfg.dtype)
     with staging_dir(out) as tmp:
-        with ShardedWriter(tmp, plan, prefix=prefix, max_shard_bytes=max_shard) as w, \
-                Progress(total, f"export {cfg.export.format}", unit="GB", scale=1e-9) as bar:
+        with ShardedWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard) as w, \
+                Progress(total, f"export {ecfg.format}", unit="GB", scale=1e-9) as bar:
             for name, t in produce():
                 w.write(name, t)
                 bar.update(t.numel() * t.element_size())
             w.close()
-        conf = _dense_config(ck, cfg) if cfg.export.format == "dense" else _globe_config(ck, arts, cfg, total)
+        if ecfg.format == "dense":
+            conf = _dense_config(ck, ecfg)
+        else:
+            conf = _globe_config(ck, arts, ecfg, cache or CacheCfg(), src, total)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        if cfg.export.format == "globe":
-            write_remote_files(tmp, conf, cfg.artifacts)
+        if ecfg.format == "globe":
+            write_remote_files(tmp, conf, [str(a) for a in artifacts] if isinstance(artifacts, (list, tuple))
+                               else str(artifacts))
         _copy_side_files(ck.dir, tmp)
-    log("exported %s model to %s: %.2f GB of weights (source %.2f GB, ratio %.3f)", cfg.export.format, out,
+    log("exported %s model to %s: %.2f GB of weights (source %.2f GB, ratio %.3f)", ecfg.format, out,
         total / 1e9, ck.bytes_on_disk() / 1e9, total / max(1, ck.bytes_on_disk()))
     return out
+
+
+def run_export(cfg: GlobeConfig) -> Path:
+    """`globe export`: the combined config unpacked into `export` (model.path, artifacts, output_dir, export,
+    and cache when the command line set it)."""
+    return export(cfg.model.path, cfg.artifacts, cfg.output_dir, cfg.export, cache=cfg.cache,
+                  revision=cfg.model.revision)
 
 
 def _check_out(output_dir: str | None) -> Path:
@@ -148,7 +167,7 @@ def check_complete(ck: Checkpoint) -> None:
     have = set(covered_names(ck))
     for L in ck.moe_layers:
         fp = compat.experts_prefix(ck.spec, L)
-        have |= {f"{fp}.gate_up_proj", f"{fp}.down_proj"}
+        have |= {f"{fp}.{compat.GATE_UP}", f"{fp}.{compat.DOWN}"}
     missing = sorted(n for n in names - have if not (tied and n.endswith("lm_head.weight")))
     if missing:
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -202,7 +221,7 @@ def dense_plan(ck: Checkpoint, arts: Artifacts, dtype: torch.dtype) -> tuple[Pla
                 for e in range(ck.num_experts):
                     fam_of[ck.expert_name(L, e, f)] = (f, L, e)
         if ck.layout == "fused":
-            fused_gu[f"{ck._fused_prefix(L)}.gate_up_proj"] = L
+            fused_gu[f"{ck._fused_prefix(L)}.{compat.GATE_UP}"] = L
     keys = _ordered_keys(ck, ck.keys())
     plan = [(k, _float_dtype(ck, k, dtype), tuple(ck.shape(k))) for k in keys]
 
@@ -213,11 +232,11 @@ def dense_plan(ck: Checkpoint, arts: Artifacts, dtype: torch.dtype) -> tuple[Pla
                 f, L, e = fam_of[k]
                 yield k, rec.get(f, L)[e].to(dtype)
             elif k in fused_gu:
-                L, p = fused_gu[k], ck.p
+                L = fused_gu[k]
                 gu = _cast(ck.tensor(k), dtype)
-                for i, f in enumerate(FAMILY_ORDER):
+                for f in FAMILY_ORDER:
                     if f in arts.families:
-                        gu[:, i * p:(i + 1) * p] = rec.get(f, L).to(dtype)
+                        compat.family_rows(gu, f).copy_(rec.get(f, L).to(dtype))
                 yield k, gu
             else:
                 yield k, _cast(ck.tensor(k), dtype)
@@ -281,22 +300,23 @@ def _composer(fam: Family, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
     return lambda i: compose_many(bc, [i], dtype)[0]
 
 
-def _dense_config(ck: Checkpoint, cfg: GlobeConfig) -> dict[str, Any]:
+def _dense_config(ck: Checkpoint, ecfg: ExportCfg) -> dict[str, Any]:
     conf = dict(ck.export_config() if hasattr(ck, "export_config") else ck.config)
-    conf["torch_dtype"] = conf["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.export.dtype]
+    conf["torch_dtype"] = conf["dtype"] = str(DTYPES[ecfg.dtype]).removeprefix("torch.")  # e.g. "bfloat16"
     return conf
 
 
-def _globe_config(ck: Checkpoint, arts: Artifacts, cfg: GlobeConfig, total: int) -> dict[str, Any]:
-    conf = _dense_config(ck, cfg)
+def _globe_config(ck: Checkpoint, arts: Artifacts, ecfg: ExportCfg, cache: CacheCfg, src: str,
+                  total: int) -> dict[str, Any]:
+    conf = _dense_config(ck, ecfg)
     base = conf["model_type"]
     conf["model_type"] = GLOBE_PREFIX + base
     conf["architectures"] = ["GlobeForCausalLM"]
     conf["auto_map"] = auto_map()
-    conf["globe"] = {**arts.meta(), "dtype": cfg.export.dtype, "save_mixed": bool(cfg.export.save_mixed),
+    conf["globe"] = {**arts.meta(), "dtype": ecfg.dtype, "save_mixed": bool(ecfg.save_mixed),
                      "experts_paths": {str(L): compat.experts_prefix(ck.spec, L) for L in ck.moe_layers},
-                     "cache": asdict(cfg.cache), "base_model_type": base, "weights_prefix": "model",
-                     "source": str(ck.dir), "artifacts": str(cfg.artifacts), "bytes_on_disk": total,
+                     "cache": asdict(cache), "base_model_type": base, "weights_prefix": "model",
+                     "source": str(ck.dir), "artifacts": src, "bytes_on_disk": total,
                      "original_bytes": ck.bytes_on_disk(), "keep_fp32": list(KEEP_FP32)}
     return conf
 

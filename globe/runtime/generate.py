@@ -22,12 +22,9 @@ def generate(cfg: GlobeConfig) -> str:
     if int(cfg.max_new_tokens) < 1:
         raise GlobeError(f"max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
     path = resolve_path(cfg.model.path, cfg.model.revision)
-    from transformers import AutoTokenizer
+    from .. import compat
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise GlobeError(f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
+    tok = compat.load_tokenizer(path)
     device = resolve_device(cfg.eval.device, "eval.device")
     dtype = None if cfg.eval.dtype == "auto" else cfg.eval.dtype
     model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import GlobeError
 
-FAMILIES = ("gate", "up")  # row order inside a block and inside gate_up_proj
+FAMILIES = ("gate", "up")  # row order inside a block: that of the fused gate/up weight (compat.GATE_UP_ORDER)
 PATHS = ("grouped", "loop", "gather")
 GATHER_MAX = 8  # T*k up to which `choose_path` picks `gather` (CPU: measured; CUDA w/o native grouped: unmeasured)
 _GMM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

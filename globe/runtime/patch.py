@@ -108,13 +108,10 @@ def store_from_family(name: str, fam: Family, moe_layers: list[int], dtype: torc
 
 @torch.no_grad()
 def dense_experts(mod: GloBEExperts) -> nn.Module:
-    """A plain transformers experts module with the reconstructed gate_up_proj (E, 2p, d)."""
-    E, p, d = mod.num_experts, mod.intermediate_dim, mod.hidden_dim
-    gu = torch.empty((E, 2 * p, d), dtype=mod.down_proj.dtype, device=mod.down_proj.device)
-    for e in range(E):
-        for i, f in enumerate(FAMILY_ORDER):
-            gu[e, i * p:(i + 1) * p] = mod.weight(f, e)
-    return compat.plain_experts(mod.info, gu, mod.down_proj)
+    """A plain transformers experts module with the reconstructed fused gate/up weight (E, 2p, d)."""
+    E = mod.num_experts
+    w = {f: torch.stack([mod.weight(f, e) for e in range(E)]) for f in FAMILY_ORDER}  # (E, p, d) each
+    return compat.plain_experts(mod.info, compat.fuse_gate_up(w["gate"], w["up"]), mod.down_proj)
 
 
 def build_caches(model: nn.Module, progress: bool = False) -> None:
@@ -154,9 +151,8 @@ def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cach
     store = GlobeStore({f: store_from_family(f, fa, layers, cd, dev) for f, fa in arts.families.items()})
     dense: dict[int, dict[str, torch.Tensor]] = {}
     for L in layers:
-        gu = compat.get_experts(model, L).gate_up_proj.detach()
-        p = info.p
-        dense[L] = {f: gu[:, i * p:(i + 1) * p].clone() for i, f in enumerate(FAMILY_ORDER) if f not in store}
+        gu = compat.gate_up_weight(compat.get_experts(model, L))
+        dense[L] = {f: compat.family_rows(gu, f).clone() for f in FAMILY_ORDER if f not in store}
     install(model, store, dense, cache, collect_stats, keep_original)
     if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
         warmup(model, warmup_ids, int(cache.warmup_tokens))

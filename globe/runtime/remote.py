@@ -32,8 +32,9 @@ MODULE_FILE = "modeling_globe.py"
 # module (None) with its relative imports removed. Nothing here is written twice by hand.
 SOURCES: list[tuple[str, list[str] | None]] = [
     ("globe.errors", ["GlobeError"]),
+    ("globe.maps", None),
     ("globe.artifacts", ["KEEP_FP32"]),
-    ("globe.compat", ["ExpertsInfo", "experts_info"]),
+    ("globe.compat", ["GATE_UP_ORDER", "ExpertsInfo", "experts_info"]),
     ("globe.runtime.kernels", None),
     ("globe.runtime.cache", None),
     ("globe.runtime.store", None),
@@ -172,18 +173,20 @@ def model_card(conf: dict[str, Any], fit_summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def write_remote_files(out: Path, conf: dict[str, Any], artifacts: str | None) -> None:
-    """modeling_globe.py and README.md into the export directory `out`."""
+def write_remote_files(out: Path, conf: dict[str, Any], artifacts: str | list[str] | None) -> None:
+    """modeling_globe.py and README.md into the export directory `out` (artifacts: the fit dir(s), whose
+    summary.json files give the model card its fit errors)."""
     g = conf["globe"]
     (out / MODULE_FILE).write_text(modeling_source(g["base_model_type"], conf["model_type"]))
+    dirs = [] if not artifacts else [artifacts] if isinstance(artifacts, str) else list(artifacts)
+    fams: dict[str, Any] = {}
     summary = None
-    if artifacts and "," not in str(artifacts) and (Path(artifacts) / "summary.json").is_file():
-        summary = json.loads((Path(artifacts) / "summary.json").read_text())
-    elif artifacts:
-        fams: dict[str, Any] = {}
-        for d in str(artifacts).split(","):
-            p = Path(d.strip()) / "summary.json"
-            if p.is_file():
-                fams.update(json.loads(p.read_text()).get("families", {}))
-        summary = {"families": fams} if fams else None
+    for d in dirs:
+        p = Path(d) / "summary.json"
+        if p.is_file():
+            one = json.loads(p.read_text())
+            summary = one if len(dirs) == 1 else summary
+            fams.update(one.get("families", {}))
+    if summary is None and fams:
+        summary = {"families": fams}
     (out / "README.md").write_text(model_card(conf, summary))

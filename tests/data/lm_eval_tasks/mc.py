@@ -53,7 +53,7 @@ def make(eval_txt: Path, n: int = N, seed: int = 0) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from globe.models import fixture_path
+    from globe.testing.models import fixture_path
 
     rows = make(Path(fixture_path()) / "eval.txt")
     DATA.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,4 +1,5 @@
-"""Models built in code: tiny ones for every registry entry, and one with real Qwen1.5-MoE dims.
+"""Test and benchmark helper (not the compression API).
+Models built in code: tiny ones for every registry entry, and one with real Qwen1.5-MoE dims.
 
 Why: no model hub is reachable here, so tests and benchmarks build their models from configs.
 `tiny_model(model_type)` gives a randomly initialised model of each registry architecture with
@@ -9,15 +10,12 @@ shared/reference, but a few layers and a small vocabulary.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FIXTURE_DIR = Path(__file__).parent / "fixture" / "qwen2moe-tiny"
-# 24 MoE layers x 60 experts, upcycled from a dense model (scripts/train_fixture2.py).
-FIXTURE2_DIR = Path(__file__).parent / "fixture" / "qwen2moe-upcycled"
+from ..fixtures import FIXTURE2_DIR, FIXTURE_DIR, fixture_info, fixture_path  # noqa: F401  (tests import them here too)
 
 # Qwen1.5-MoE-A2.7B, from shared/reference/qwen1.5-moe-a2.7b-config.json.
 QWEN15_MOE_A27B: dict[str, Any] = {
@@ -112,13 +110,3 @@ def save_model(model, path: str | Path) -> Path:
     path = Path(path)
     model.save_pretrained(path)
     return path
-
-
-def fixture_path() -> Path:
-    if not (FIXTURE_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"bundled fixture missing at {FIXTURE_DIR}")
-    return FIXTURE_DIR
-
-
-def fixture_info() -> dict[str, Any]:
-    return json.loads((fixture_path() / "training.json").read_text())

@@ -1,4 +1,5 @@
-"""Random GloBE artifacts matching a model, for tests and speed benchmarks (no fit needed).
+"""Test and benchmark helper (not the compression API).
+Random GloBE artifacts matching a model, for tests and speed benchmarks (no fit needed).
 
 Why: runtime correctness (parity, caching, export) and speed do not depend on how well the bank fits,
 so artifacts with the right shapes and realistic sparsity are enough. W_hat's RMS is set to the
@@ -29,7 +30,8 @@ def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"),
     E, p, d = info.num_experts, info.p, info.d
     r = r or max(1, p // 2)
     N = len(layers) * E
-    w_rms = float(first.gate_up_proj.detach().float().pow(2).mean().sqrt()) if not first.gate_up_proj.is_meta else 0.02
+    gu = compat.gate_up_weight(first)
+    w_rms = float(gu.float().pow(2).mean().sqrt()) if not gu.is_meta else 0.02
     fams = {}
     for f in families:
         bank = torch.randn(banks, m, r, d, generator=g)
@@ -53,12 +55,12 @@ def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"),
 
 @torch.no_grad()
 def dense_reference(model: nn.Module, arts: Artifacts) -> nn.Module:
-    """Write W_hat = arts.reconstruct() into the model's gate_up_proj (in place; use a copy)."""
+    """Write W_hat = arts.reconstruct() into the model's fused gate/up weight (in place; use a copy)."""
     for L in arts.moe_layers:
-        mod = compat.get_experts(model, L)
-        p, sl = compat.experts_info(mod).p, arts.layer_slice(L)
+        gu = compat.gate_up_weight(compat.get_experts(model, L))  # a view of the parameter
+        sl = arts.layer_slice(L)
         idx = torch.arange(sl.start, sl.stop)
-        for i, f in enumerate(("gate", "up")):
+        for f in compat.GATE_UP_ORDER:
             if f in arts.families:
-                mod.gate_up_proj[:, i * p:(i + 1) * p] = arts.families[f].reconstruct(idx).to(mod.gate_up_proj)
+                compat.family_rows(gu, f).copy_(arts.families[f].reconstruct(idx).to(gu))
     return model
