@@ -78,7 +78,6 @@ class BankCfg:
               "set bank.budget, bank.r or bank.r_frac")
         _need(int(self.r_multiple) >= 1, "bank.r_multiple", f"must be >= 1, got {self.r_multiple}")
         parse_share(self.share)  # ValueError("bank.share: ...")
-        _need(0 < float(self.r_frac) <= 4, "bank.r_frac", f"must be in (0, 4], got {self.r_frac}")
         from .maps import ACTIVATIONS  # torch, loaded when a config is built: `import globe` stays light
 
         _need(self.activation in ACTIVATIONS, "bank.activation",
