@@ -40,6 +40,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, mobe in (("default (svd only)", False), ("with train.baseline_mobe=true", True)):
             cfg = GlobeConfig.from_dict({"model": {"path": str(fixture_path())}, "output_dir": f"{tmp}/{int(mobe)}",
+                                         "bank": {"r_frac": 0.5},  # r = p/2, as when these numbers were committed
                                          "train": {"steps": a.steps, "baseline_mobe": mobe, "device": "cpu"}})
             t = time.time()
             s = run_fit(cfg, progress=False)

@@ -1,6 +1,6 @@
 """Ablation sweep on the fixture -> Pareto plot of stored parameters vs perplexity.
 
-Runs `globe fit -m` (the CLI's multirun) over m x target support at r = p/2 (m_gate follows m_up
+Runs `globe fit -m` (the CLI's multirun) over m x target support at r = p/2 (bank.r_frac=0.5) (m_gate follows m_up
 through the interpolation `bank.m_gate=${bank.m_up}`), exports each run
 (globe format, fp32), evaluates its perplexity on the fixture's eval text with `globe eval`, then
 renders `globe report` over the sweep directory, which draws the Pareto plot and table.
@@ -33,7 +33,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Path(tmp) / "sweep"
         rc = cli(["fit", "-m", f"model.path={fx}", f"output_dir={sweep}", f"bank.m_up={a.m}",
-                  "bank.m_gate=${bank.m_up}",
+                  "bank.m_gate=${bank.m_up}", "bank.r_frac=0.5",  # r = p/2 as committed (default is now bank.budget)
                   f"sparsity.target_support={a.support}", f"train.steps={a.steps}", "train.batch_size=64",
                   "train.eval_every=100", "train.baselines=false", "train.device=cpu"])
         if rc != 0:

@@ -23,6 +23,24 @@ def _need(cond: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
+def parse_share(share: str) -> int | None:
+    """Layers per bank K of `bank.share`: None for global (all layers), 1 for layer, K for group:K.
+
+    Raises ValueError("bank.share: ...") for anything else (K must be an integer >= 1).
+    """
+    s = str(share).strip()
+    if s == "global":
+        return None
+    if s == "layer":
+        return 1
+    if s.startswith("group:"):
+        k = s[len("group:"):]
+        _need(k.isdigit() and int(k) >= 1, "bank.share",
+              f"group size must be an integer >= 1, got {share!r} (e.g. group:2)")
+        return int(k)
+    raise ValueError(f"bank.share: unknown scope {share!r}; choose global, layer or group:K (K adjacent layers)")
+
+
 @dataclass
 class ModelCfg:
     path: str = ""  # local directory or hub id
@@ -34,10 +52,13 @@ class ModelCfg:
 
 @dataclass
 class BankCfg:
-    m_up: int = 32  # atoms in the global Up bank
-    m_gate: int = 32  # atoms in the global Gate bank
-    r: int | None = None  # atom rank; None -> round(r_frac * p)
-    r_frac: float = 0.5
+    m_up: int = 32  # atoms per Up bank
+    m_gate: int = 32  # atoms per Gate bank
+    r: int | None = None  # atom rank; None -> round(r_frac * p), or derived from budget when r_frac is None too
+    r_frac: float | None = None
+    budget: float | None = 0.4  # fraction of the routed Up+Gate parameters kept (r derived; fit/budget.py)
+    r_multiple: int = 8  # a budget-derived r is rounded down to a multiple of this (bf16 grouped_mm alignment)
+    share: str = "global"  # global | layer | group:K (K adjacent MoE layers per bank; fit/share.py)
     allow_r_above: bool = False  # permit r > min(p, d)
     activation: str = "silu"  # phi applied after mixing: a key of globe.maps.ACTIVATIONS
     init: str = "svd"  # svd (rotations of the common SVD row space + noise) | random | kmeans
@@ -49,7 +70,14 @@ class BankCfg:
         _need(int(self.m_up) >= 1, "bank.m_up", f"must be >= 1, got {self.m_up}")
         _need(int(self.m_gate) >= 1, "bank.m_gate", f"must be >= 1, got {self.m_gate}")
         _need(self.r is None or int(self.r) >= 1, "bank.r", f"must be >= 1, got {self.r}")
-        _need(0 < float(self.r_frac) <= 4, "bank.r_frac", f"must be in (0, 4], got {self.r_frac}")
+        _need(self.r_frac is None or 0 < float(self.r_frac) <= 4, "bank.r_frac",
+              f"must be in (0, 4], got {self.r_frac}")
+        _need(self.budget is None or 0 < float(self.budget) <= 1, "bank.budget",
+              f"must be in (0, 1], got {self.budget}")
+        _need(self.r is not None or self.r_frac is not None or self.budget is not None, "bank.budget",
+              "set bank.budget, bank.r or bank.r_frac")
+        _need(int(self.r_multiple) >= 1, "bank.r_multiple", f"must be >= 1, got {self.r_multiple}")
+        parse_share(self.share)  # ValueError("bank.share: ...")
         from .maps import ACTIVATIONS  # torch, loaded when a config is built: `import globe` stays light
 
         _need(self.activation in ACTIVATIONS, "bank.activation",
@@ -61,8 +89,12 @@ class BankCfg:
     def m(self, family: str) -> int:
         return int(self.m_up if family == "up" else self.m_gate)
 
-    def rank(self, p: int) -> int:
-        return int(self.r) if self.r is not None else max(1, round(self.r_frac * p))
+    def rank(self, p: int) -> int | None:
+        """The explicit rank (bank.r, or round(r_frac * p)); None when r comes from bank.budget
+        (globe.fit.budget.fit_rank, which needs N, d and the number of banks)."""
+        if self.r is not None:
+            return int(self.r)
+        return max(1, round(self.r_frac * p)) if self.r_frac is not None else None
 
 
 @dataclass
@@ -129,6 +161,9 @@ class TrainCfg:
     lr_codes: float | None = None  # Adam lr of the logits (None -> 5 * lr)
     eval_chunk: int = 32  # experts per chunk in full evaluations and A refits
     baseline_steps: int | None = None  # Adam steps of the MoBE-style baseline (None -> steps)
+    codes_optimizer: str = "adam"  # adam (one Adam with the bank) | row_adam (only the batch's rows move)
+    code_pass_every: int = 0  # every K steps, every expert's logits take code_pass_steps steps, bank fixed (0: off)
+    code_pass_steps: int = 1
     distributed: Any = "auto"  # sharded over torch.distributed: auto (when launched by torchrun) | true | false
 
     def __post_init__(self) -> None:
@@ -157,6 +192,10 @@ class TrainCfg:
         _need(int(self.log_every) >= 1, "train.log_every", "must be >= 1")
         _need(int(self.patience) >= 0, "train.patience", "must be >= 0")
         _need(self.baseline_steps is None or int(self.baseline_steps) >= 1, "train.baseline_steps", "must be >= 1")
+        _need(self.codes_optimizer in ("adam", "row_adam"), "train.codes_optimizer",
+              f"unknown optimizer {self.codes_optimizer!r}; adam|row_adam")
+        _need(int(self.code_pass_every) >= 0, "train.code_pass_every", "must be >= 0")
+        _need(int(self.code_pass_steps) >= 1, "train.code_pass_steps", "must be >= 1")
         _need(self.distributed in ("auto", True, False), "train.distributed",
               f"must be auto, true or false, got {self.distributed!r}")
 
@@ -255,9 +294,11 @@ class GlobeConfig:
     max_new_tokens: int = 32
     debug: bool = False
 
-    def check_shapes(self, p: int, d: int, n_experts: int) -> None:
-        """Reject values that cannot work for these expert shapes (before reading weights)."""
-        r = self.bank.rank(p)
+    def check_shapes(self, p: int, d: int, n_experts: int, layers: int = 1) -> None:
+        """Reject values that cannot work for these expert shapes (before reading weights): r above
+        min(p, d), a target support above m, a bank.budget that cannot be met (n_experts over `layers`)."""
+        from .fit.budget import fit_rank
+        r = max(fit_rank(self, f, n_experts, p, d, layers) for f in self.train.families)
         if not self.bank.allow_r_above:
             _need(r <= min(p, d), "bank.r", f"r={r} exceeds min(p, d)={min(p, d)} (set bank.allow_r_above=true)")
         for f in self.train.families:

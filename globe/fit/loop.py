@@ -12,7 +12,8 @@ Dead experts (see init.live_experts) enter every batch as exact zeros: A = 0, an
 of the objective (mean over live experts only), the temperature controller and the support stats.
 Progress: a tqdm bar on a terminal, else one log line every GLOBE_PROGRESS_EVERY_S seconds with
 step, loss, support, T, rate and ETA (globe.progress); full evaluations report their own progress.
-Shapes: W (N, p, d) stored dtype, bank (m, r, d), logits (N, m), A (N, p, r).
+Banks: `bank.share` (share.py) gives G banks of m atoms; each expert mixes its own layer's bank.
+Shapes: W (N, p, d) stored dtype, bank (G, m, r, d), logits (N, m), gain (G,), A (N, p, r).
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..maps import get_sparse_map
 from ..progress import Progress
+from .budget import fit_rank
+from .codes import FitOptimizer, code_pass
 from .dist import Dist
-from .init import check_finite, expert_scales, inv_scales, live_experts, quiet, warm_start
+from .init import check_finite, expert_scales, inv_scales, live_experts, quiet
 from .model import GlobeParams, support
+from .share import expert_banks, layer_banks, warm_start_banks
 from .solve import ridge_A
 from .temperature import TempController, support_schedule
 
@@ -137,7 +141,7 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
         idx = ids[pos]
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         alpha = prm.codes(idx.to(dev), T) if codes is None else codes[idx].to(dev)
-        M = prm.mix(alpha)
+        M = prm.mix(alpha, idx=idx.to(dev))
         A = _refit(Wb, M, L, lam)
         r2, n2 = _residual(Wb, A, M, L, False, Rw)
         obj[pos] = (r2 / torch.where(n2 > 0, n2, torch.ones_like(n2))).double().cpu()
@@ -168,13 +172,20 @@ def _support0(cfg: GlobeConfig, fam: str) -> int:
     return int(min(m, max(s0, sp.target_support)))
 
 
+def _layer_bank(cfg: GlobeConfig, N: int, E: int) -> list[int]:
+    """Bank of each MoE layer for `bank.share` (N // E layers of E experts)."""
+    return layer_banks(cfg.bank.share, max(1, N // max(1, E)))
+
+
 def _new_state(W, s, cfg: GlobeConfig, fam: str, whiten: Whiten, progress: bool | None = None,
-               dist: Dist | None = None) -> dict[str, Any]:
+               E: int | None = None, dist: Dist | None = None) -> dict[str, Any]:
     N, p, d = W.shape
-    ws = warm_start(W, s, cfg.bank.m(fam), cfg.bank.rank(p), _support0(cfg, fam),
-                    kind=cfg.sparsity.map, alpha=cfg.sparsity.alpha, gain=cfg.bank.gain0,
-                    method=cfg.bank.init, seed=cfg.bank.seed, T_min=cfg.sparsity.T_min,
-                    T_max=cfg.sparsity.T_max, whiten=whiten, progress=progress, name=fam, dist=dist)
+    E = E or N
+    kw = {"dist": dist} if dist is not None and dist.on else {}  # [dist] one bank only (checked in fit_family)
+    ws = warm_start_banks(W, s, _layer_bank(cfg, N, E), E, cfg.bank.m(fam), fit_rank(cfg, fam, N, p, d, N // E),
+                          _support0(cfg, fam), kind=cfg.sparsity.map, alpha=cfg.sparsity.alpha, gain=cfg.bank.gain0,
+                          method=cfg.bank.init, seed=cfg.bank.seed, T_min=cfg.sparsity.T_min,
+                          T_max=cfg.sparsity.T_max, whiten=whiten, progress=progress, name=fam, **kw)
     T = ws.T if cfg.sparsity.T_auto and not get_sparse_map(cfg.sparsity.map).dense else cfg.sparsity.T0
     return {"step": 0, "bank": ws.bank, "logits": ws.logits, "gain": ws.gain, "T": T, "sv": ws.sv,
             "opt": None, "best": None, "bad_evals": 0, "A_all": None, "init_T": T}
@@ -207,6 +218,10 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     dist = dist or Dist()  # [dist] single process: every dist call below is a no-op
     if dist.on and (scales is None or sink is None):
         raise GlobeError("fit_family: a sharded fit needs the scales of all experts and a sink")
+    if dist.on and (len(set(_layer_bank(cfg, W.shape[0], experts_per_layer or W.shape[0]))) > 1
+                    or cfg.train.code_pass_every):
+        raise GlobeError(f"a sharded fit supports one bank per family (bank.share=global, got {cfg.bank.share!r}) "
+                         f"and no code passes (train.code_pass_every=0, got {cfg.train.code_pass_every}) for now")
     tr, sp = cfg.train, cfg.sparsity
     dense = get_sparse_map(sp.map).dense
     N, p, d = W.shape
@@ -218,12 +233,11 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     state = dist.load_state(ckpt_path) if ckpt_path else None  # [dist] + this rank's A
     resumed = state is not None
     if state is None:
-        state = _new_state(W, s, cfg, fam, whiten, progress, dist)
-    prm = GlobeParams(state["bank"], state["logits"], state["gain"], cfg.bank.activation, sp.map, sp.alpha).to(dev)
-    lr_codes = tr.lr_codes if tr.lr_codes is not None else 5 * tr.lr
-    opt = torch.optim.Adam([{"params": [prm.bank_raw], "lr": tr.lr}, {"params": [prm.logits], "lr": lr_codes},
-                            {"params": [prm.gain], "lr": tr.lr}], betas=tuple(tr.betas), eps=tr.eps,
-                           weight_decay=tr.weight_decay)
+        state = _new_state(W, s, cfg, fam, whiten, progress, experts_per_layer, dist)
+    layer_bank = _layer_bank(cfg, N, experts_per_layer or N)
+    prm = GlobeParams(state["bank"], state["logits"], state["gain"], cfg.bank.activation, sp.map, sp.alpha,
+                      bank_of=expert_banks(layer_bank, experts_per_layer or N)).to(dev)
+    opt = FitOptimizer(prm, tr)  # Adam on bank and gain; logits by Adam or row-wise Adam (codes.py)
     if state["opt"] is not None:
         opt.load_state_dict(state["opt"])
     ctrl = TempController(state["T"], sp.target_support, sp.eta, sp.T_min, sp.T_max)
@@ -249,14 +263,13 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         before_step(fam, step)
         ts = time.time()
         f = lr_factor(step, tr.steps, sp.anneal_frac, tr.lr_schedule)
-        for grp, base in zip(opt.param_groups, (tr.lr, lr_codes, tr.lr)):
-            grp["lr"] = base * f
+        opt.set_lr_factor(f)
         idx_all = batch_indices(step, N, tr.batch_size, tr.seed)
         idx = dist.own(idx_all)  # [dist] this rank's experts of the global batch (all of them in one process)
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         didx = idx.to(dev)
         alpha = prm.codes(didx, ctrl.T)
-        M = prm.mix(alpha, tr.autocast_bf16)
+        M = prm.mix(alpha, tr.autocast_bf16, didx)
         with torch.no_grad():
             if K == 1 or step % K == 0:
                 A = _refit(Wb, M.detach(), L, lam)
@@ -273,11 +286,15 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         if not torch.isfinite(loss_all):
             where = f"; last good checkpoint (step {state['step']}) kept in {ckpt_path}" if ckpt_path else ""
             raise GlobeError(f"fit of family {fam}: loss became NaN/inf at step {step}; stopped{where}")
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         dist.reduce_grads(prm)  # [dist] sum over ranks (bank, gain; logits rows are disjoint)
-        opt.step()
+        opt.step(idx_all.to(dev))  # row_adam moves the rows of the whole batch (summed over ranks)
         prm.constrain_logits(sp.z_max)
+        if tr.code_pass_every and (step + 1) % tr.code_pass_every == 0:  # every expert's codes, bank fixed
+            code_pass(W, s, prm, ctrl.T, opt, tr.code_pass_steps, load=_load, refit=_refit, residual=_residual,
+                      rel_mean=rel_mean, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev, z_max=sp.z_max,
+                      autocast=tr.autocast_bf16, live=live)
         with torch.no_grad():
             codes_now = prm.codes(None, ctrl.T)  # (N, m) at the T this step used
             sup = support(codes_now[live_d]).float()
@@ -290,7 +307,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         batch_err = math.sqrt(float(r2_all / n2_all.clamp_min(1e-30)))
         last = {"step": step, "family": fam, "loss": float(loss_all), "rel_error": batch_err,
                 "support_median": med, "support_p95": p95, "temperature": T_used,
-                "gain": float(prm.gain.detach()), "step_time": time.time() - ts}
+                "gain": float(prm.gain.detach().mean()), "step_time": time.time() - ts}
         if step % tr.eval_every == 0 or step == tr.steps:
             ev = evaluate(W, s, prm, ctrl.T, desc=f"evaluation {fam} at step {step}", **evkw)
             last.update(eval_objective=ev["objective"], eval_rel_fro_error=ev["rel_fro_error"])
@@ -312,7 +329,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         bar.update(1)
         if ckpt_path and (step % tr.checkpoint_every == 0 or step == tr.steps or stopped_early):
             state.update(step=step, bank=prm.bank_raw.detach().cpu(), logits=prm.logits.detach().cpu(),
-                         gain=float(prm.gain.detach()), T=ctrl.T, opt=opt.state_dict(), best=best, bad_evals=bad,
+                         gain=prm.gain.detach().cpu(), T=ctrl.T, opt=opt.state_dict(), best=best, bad_evals=bad,
                          A_all=A_all, done=False)
             dist.save_state(state, ckpt_path)  # [dist] rank 0 + per-layer A
         if stopped_early:
@@ -346,10 +363,10 @@ def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, st
         mx = alpha.max(-1, keepdim=True).values
         live = live_experts(s).to(alpha.device)
         pruned = _dead_codes(torch.where(alpha >= sp.eps_prune * mx, alpha, torch.zeros_like(alpha)), live)
-        art = Family.from_fit(_unit(prm.bank_raw.detach().cpu()), pruned.cpu(), None, float(prm.gain.detach()), E,
-                              activation=cfg.bank.activation, p=p,
+        art = Family.from_fit(_unit(prm.bank_raw.detach().cpu()), pruned.cpu(), None, prm.gain.detach().cpu(), E,
+                              layer_bank=_layer_bank(cfg, N, E), activation=cfg.bank.activation, p=p,
                               meta={"map": sp.map, "alpha": sp.alpha, "temperature": T, "eps_prune": sp.eps_prune,
-                                    "target_support": sp.target_support})
+                                    "target_support": sp.target_support, "share": cfg.bank.share})
         if sink is not None:  # A goes to disk chunk by chunk, scale folded in
             writer = sink(art)
             try:
@@ -365,7 +382,7 @@ def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, st
             art.A_layers = list(post["A"].mul_(s[:, None, None]).split(E))  # scale folded in place
     sup = support(pruned[live]).float()
     sv = state["sv"]
-    r = prm.bank_raw.shape[1]
+    G, m, r = prm.bank_raw.shape[:3]
     floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))
     metrics = {
         "rel_fro_error": post["rel_fro_error"], "rel_fro_error_before_prune": pre_err,
@@ -373,8 +390,10 @@ def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, st
         "init_rel_fro_error": init_err, "init_eval_experts": state.get("init_eval_experts", N),
         "svd_floor_rank_r": floor, "median_support": float(sup.median()),
         "p95_support": float(torch.quantile(sup, 0.95)), "min_support": int(sup.min()),
-        "max_support": int(sup.max()), "temperature": T, "gain": float(prm.gain.detach()), "best_step": best["step"],
-        "steps_run": step, "stopped_early": early, "resumed": resumed, "m": prm.bank_raw.shape[0], "r": r,
+        "max_support": int(sup.max()), "temperature": T, "gain": float(prm.gain.detach().mean()),
+        "best_step": best["step"],
+        "steps_run": step, "stopped_early": early, "resumed": resumed, "m": m, "r": r,
+        "share": cfg.bank.share, "banks": G, "m_total": G * m, "gains": prm.gain.detach().cpu().tolist(),
         "stored_params": art.stored_params(), "original_params": N * p * d, "fit_time_s": time.time() - t0,
         "atom_popularity": (pruned > 0).sum(0).tolist(), "support_hist": torch.bincount(sup.long()).tolist(),
         "dead_experts": int((~live_experts(s)).sum()),

@@ -33,10 +33,11 @@ from ..io.outputs import check_writable
 from ..progress import Progress
 from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
-from .budget import mobe_rank, svd_rank
+from .budget import fit_rank_plan, mobe_rank, svd_rank
 from .dist import Dist, RankAWriter, wanted
 from .init import expert_scales, inv_scales, quiet, spectra
 from .loop import FamilyFit, fit_family
+from .share import n_banks
 from .tracking import WandbRun, require_wandb, wandb_on
 
 STATE = ".globe_fit"
@@ -202,7 +203,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     ck = Checkpoint(cfg.model.path, cfg.model.revision)  # headers only: no weight is read here
     N = len(ck.moe_layers) * ck.num_experts
     try:
-        cfg.check_shapes(ck.p, ck.hidden_size, N)
+        cfg.check_shapes(ck.p, ck.hidden_size, N, len(ck.moe_layers))
     except ValueError as e:
         raise GlobeError(str(e)) from None
     _check_calib_memory(cfg, ck, N)
@@ -210,9 +211,10 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     dist = Dist.setup(dev, len(ck.moe_layers), ck.num_experts) if wanted(cfg.train.distributed) else Dist()
     lead = dist.rank == 0  # [dist] rank 0 claims, logs and writes the outputs; the others only fit
     out = Path(cfg.output_dir)
-    r = cfg.bank.rank(ck.p)  # room for the final globe-{f}.safetensors: A (N, p, r), bank, codes, fp32
-    check_writable(out, (2 if dist.on else 1) * 4 * sum(N * ck.p * r + cfg.bank.m(f) * (r * ck.hidden_size + N)
-                                                        for f in cfg.train.families), what="output_dir")
+    plans = {f: fit_rank_plan(cfg, f, N, ck.p, ck.hidden_size, len(ck.moe_layers)) for f in cfg.train.families}
+    G = n_banks(cfg.bank.share, len(ck.moe_layers))  # room for the final globe-{f}.safetensors, fp32
+    check_writable(out, (2 if dist.on else 1) * 4 * sum(N * ck.p * plans[f].r + cfg.bank.m(f) * (
+        G * plans[f].r * ck.hidden_size + N) for f in cfg.train.families), what="output_dir")
     fp = fingerprint(cfg, ck)
     dist.on_rank0(lambda: _claim(out, fp))
     torch.manual_seed(cfg.train.seed)
@@ -250,7 +252,8 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                                                         for k, b in base.items()))
             if not math.isfinite(fit.metrics["rel_fro_error"]):
                 raise GlobeError(f"fit of family {fam} produced a non-finite error")
-            res = {"metrics": fit.metrics, "baselines": base, "family_meta": fit.artifact.family_meta()}
+            res = {"metrics": {**fit.metrics, **plans[fam].as_dict()}, "baselines": base,
+                   "family_meta": fit.artifact.family_meta()}
             if lead:
                 atomic_write(done, lambda p, res=res: Path(p).write_text(json.dumps(res, indent=1)))
             log.family_done(fam, fit)
@@ -356,12 +359,21 @@ def _summary(results: dict, cfg: GlobeConfig, ck: Checkpoint, dev: str, secs: fl
                                            "init_rel_fro_error", "svd_floor_rank_r", "temperature", "gain", "m", "r",
                                            "best_step", "steps_run", "stopped_early", "fit_time_s")}
         fam_out[fam]["stored_fraction"] = mt["stored_params"] / mt["original_params"]
+        for k in ("share", "banks", "m_total", "gains", "rank_source", "budget_asked", "budget_predicted"):
+            if k in mt:
+                fam_out[fam][k] = mt[k]
         fam_out[fam]["dead_experts"] = mt.get("dead_experts", 0)
         fam_out[fam]["baselines_time_s"] = sum(b.get("time_s", 0.0) for b in res["baselines"].values())
         for name, b in res["baselines"].items():
             base_out.setdefault(name, {})[fam] = b
             fam_out[fam][f"ratio_vs_{name}"] = mt["rel_fro_error"] / max(b["rel_fro_error"], 1e-30)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"model": str(ck.dir), "model_type": ck.model_type, "num_experts_total": len(ck.moe_layers) * ck.num_experts,
+    stored = sum(f["stored_params"] for f in fam_out.values())
+    orig = sum(f["original_params"] for f in fam_out.values())
+    asked = {f["budget_asked"] for f in fam_out.values() if f.get("budget_asked") is not None}
+    return {"budget": {"asked": asked.pop() if len(asked) == 1 else (sorted(asked) or None),
+                       "achieved": stored / max(orig, 1), "stored_params": stored, "original_params": orig,
+                       "rank_source": sorted({f.get("rank_source", "r") for f in fam_out.values()})},
+            "model": str(ck.dir), "model_type": ck.model_type, "num_experts_total": len(ck.moe_layers) * ck.num_experts,
             "families": fam_out, "baselines": base_out, "fit_time_s": secs, "peak_rss_bytes": peak, "device": dev,
             "objective": cfg.train.objective, "torch_threads": torch.get_num_threads()}
