@@ -221,7 +221,8 @@ def test_torchrun_cli_is_the_same_fit(runs, tmp_path):
     ov = [f"{s}.{k}={str(v).lower() if isinstance(v, bool) else v}" for s, d in CFG.items() for k, v in d.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOBE_DIST_TIMEOUT_S": "120"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "globe", "fit", f"output_dir={out}", *ov], capture_output=True, text=True, env=env,
+                        "-m", "globe", "fit", f"model.path={FIXTURE_DIR}", f"output_dir={out}", *ov],
+                       capture_output=True, text=True, env=env,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     printed = json.loads(p.stdout)  # rank 0 alone prints the summary
