@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from globe import GlobeConfig
-from globe.config import EvalCfg, ModelCfg
-from globe.eval.run import run_eval
-from globe.testing.models import FIXTURE_DIR
+from globe import EvalCfg, evaluate
+from globe.fixtures import FIXTURE_DIR
 
 
 def main() -> None:
@@ -26,9 +24,7 @@ def main() -> None:
     a = ap.parse_args()
     res = {}
     for name, path in (("original", a.original), ("compressed", a.compressed)):
-        cfg = GlobeConfig(model=ModelCfg(path=path),
-                          eval=EvalCfg(text=a.text, speed=True, max_tokens=a.max_tokens))
-        res[name] = run_eval(cfg)
+        res[name] = evaluate(path, EvalCfg(text=a.text, speed=True, max_tokens=a.max_tokens))
     o, c = res["original"], res["compressed"]
     res["ratios"] = {k: c[k] / o[k] for k in ("perplexity", "prefill_tok_s", "decode_tok_s", "peak_mem_bytes")
                      if o.get(k) and c.get(k)}

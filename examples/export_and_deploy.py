@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from globe import export, load_model
 from globe.config import ExportCfg
-from globe.testing.models import FIXTURE_DIR
+from globe.fixtures import FIXTURE_DIR
 
 
 def main() -> None:

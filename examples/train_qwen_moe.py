@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from globe import GlobeConfig, compress
-from globe.config import BankCfg, ModelCfg, SparsityCfg, TrainCfg
-from globe.testing.models import FIXTURE_DIR
+from globe import BankCfg, FitCfg, SparsityCfg, TrainCfg, compress
+from globe.fixtures import FIXTURE_DIR
 
 
 def main() -> None:
@@ -26,14 +25,10 @@ def main() -> None:
     ap.add_argument("--r-frac", type=float, default=0.5)
     ap.add_argument("--support", type=int, default=8)
     a = ap.parse_args()
-    cfg = GlobeConfig(
-        model=ModelCfg(path=a.model),
-        bank=BankCfg(m_up=a.m, m_gate=a.m, r_frac=a.r_frac),
-        sparsity=SparsityCfg(target_support=a.support),
-        train=TrainCfg(steps=a.steps),
-        output_dir=a.out,
-    )
-    summary = compress(cfg)
+    fit = FitCfg(bank=BankCfg(m_up=a.m, m_gate=a.m, r_frac=a.r_frac),
+                 sparsity=SparsityCfg(target_support=a.support),
+                 train=TrainCfg(steps=a.steps, eval_every=min(100, a.steps)))
+    summary = compress(a.model, a.out, fit)
     print(json.dumps(summary["families"], indent=2))
 
 

@@ -249,7 +249,9 @@ def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        # trust_remote_code=False: a globe export's auto_map names only the model's classes; without it
+        # transformers asks on stdout whether to run the export's code just to read its tokenizer files
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # missing or unreadable tokenizer files raise many types across versions
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GlobeError(f"cannot load a tokenizer from {path}{' for ' + purpose if purpose else ''}: "

@@ -162,7 +162,8 @@ def model_card(conf: dict[str, Any], fit_summary: dict[str, Any] | None) -> str:
             + "."]
     lines += ["", "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # no globe needed',
-              'tok = AutoTokenizer.from_pretrained("PATH")', "", "import globe  # or, with globe installed:",
+              'tok = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)', "",
+              "import globe  # or, with globe installed:",
               'model = globe.load_model("PATH")  # memory check, cache modes, progress', "```", "",
               "lm-eval: `lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True --tasks ...`.",
               "",
