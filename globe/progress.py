@@ -22,13 +22,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 LOGGER_NAME = "globe"
 DEFAULT_EVERY_S = float(os.environ.get("GLOBE_PROGRESS_EVERY_S", "20"))
+HEARTBEAT_MAX_IDLE = 10  # a heartbeat stops after this many intervals without progress (an abandoned bar)
 
 
 def get_logger() -> logging.Logger:
@@ -80,6 +83,7 @@ class Progress:
         self.t0 = self.last = time.monotonic()
         self.quiet = quiet
         self._bar = None
+        self._stop: threading.Event | None = None
         self.postfix = ""
         use_bar = is_tty() if bar is None else bar
         if quiet:
@@ -91,6 +95,10 @@ class Progress:
         else:
             tot = f" of {self._fmt(total)} {self.unit}" if total else ""
             get_logger().info("%s: started%s", desc, tot)
+            if self.every_s > 0:  # one update can take minutes (a chunk of a full-size family on a busy CPU)
+                self._stop = threading.Event()
+                threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop, self.every_s),
+                                 daemon=True, name=f"globe-progress-{desc}").start()
 
     def _fmt(self, v: float | None) -> str:
         if v is None:
@@ -140,6 +148,8 @@ class Progress:
             self._bar.close()
             self._bar = None
             return
+        if self._stop is not None:
+            self._stop.set()
         if self.last is not None:
             rest = [x for x in self.line().split(", ")[1:] if not x.startswith("ETA")]
             get_logger().info("%s: done, %s", self.desc, ", ".join(rest))
@@ -150,6 +160,26 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _heartbeat(ref: weakref.ref, stop: threading.Event, every_s: float) -> None:
+    """Log the progress line every `every_s` seconds in which `update` logged nothing, so a phase whose
+    single steps are slow is never silent; ends at close(), when the Progress is collected, or after
+    HEARTBEAT_MAX_IDLE intervals without any progress (a bar abandoned by an exception)."""
+    idle, seen = 0, None
+    while not stop.wait(every_s):
+        bar = ref()
+        if bar is None or bar.last is None:
+            return
+        idle = idle + 1 if bar.n == seen else 0
+        seen = bar.n
+        if idle >= HEARTBEAT_MAX_IDLE:
+            return
+        now = time.monotonic()
+        if now - bar.last >= every_s * 0.999:
+            bar.last = now
+            get_logger().info("%s", bar.line(now))
+        del bar
 
 
 def track(items: Iterable[T], desc: str, total: float | None = None, unit: str = "it", **kw) -> Iterator[T]:

@@ -86,3 +86,39 @@ def test_cli_fit_prints_progress_lines_to_a_pipe(tmp_path):
     lines = [ln for ln in run.stderr.splitlines() if " globe: fit up: " in ln]
     assert any(re.search(r"fit up: [123]/3 steps .* steps/s, ETA .*loss=.*sup=.*T=", ln) for ln in lines), run.stderr
     assert "\r" not in run.stderr.split("globe: fit up")[1]  # no tqdm carriage returns in a pipe
+
+
+def test_heartbeat_while_one_update_takes_long(caplog, monkeypatch):
+    """A phase whose single step outlasts the interval still logs (issue 8: no phase silent > 30 s);
+    close() ends the heartbeat."""
+    import time
+
+    import globe.progress as progress
+
+    monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="globe")
+    bar = progress.Progress(4, "slow phase", "chunks", bar=False, every_s=0.05)
+    time.sleep(0.3)  # one long step, no update()
+    beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow phase: 0/4 chunks")]
+    assert len(beats) >= 3, beats
+    bar.update(4)
+    bar.close()
+    n = len(caplog.records)
+    time.sleep(0.2)
+    assert len(caplog.records) == n  # nothing after close
+    assert caplog.records[-1].getMessage().startswith("slow phase: done")
+
+
+def test_heartbeat_gives_up_on_an_abandoned_bar(caplog, monkeypatch):
+    import time
+
+    import globe.progress as progress
+
+    monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
+    monkeypatch.setattr(progress, "HEARTBEAT_MAX_IDLE", 3)
+    caplog.set_level(logging.INFO, logger="globe")
+    bar = progress.Progress(4, "abandoned", "chunks", bar=False, every_s=0.03)  # never updated nor closed
+    time.sleep(0.4)
+    beats = [r for r in caplog.records if r.getMessage().startswith("abandoned: 0/4")]
+    assert 1 <= len(beats) <= 3, len(beats)
+    del bar
