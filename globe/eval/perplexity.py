@@ -102,6 +102,9 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
     if device is None:
         device = next(model.parameters()).device
     nll, count, spans = 0.0, 0, windows(ids.numel(), context, stride)
+    from ..progress import Progress
+
+    bar = Progress(ids.numel() - 1, "perplexity", "tokens", quiet=len(spans) < 4)  # a full-size model: minutes
     for begin, end, first in spans:
         x = ids[begin:end - 1].unsqueeze(0).to(device)
         n_scored = end - first
@@ -110,6 +113,8 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         target = ids[first:end].to(logits.device)
         nll += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
         count += n_scored
+        bar.update(n_scored)
+    bar.close()
     mean = nll / count
     return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": count, "nll_sum": nll,
             "windows": len(spans), "context": context, "stride": stride}
