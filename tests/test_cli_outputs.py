@@ -40,7 +40,7 @@ def test_fit_file_in_the_way(capsys, tmp_path):
 
 
 def test_fit_needs_room_for_its_artifacts(capsys, tmp_path, monkeypatch):
-    """The fixture: N = 64 experts of 88 x 128, r = 44, m = 32 per family (defaults), fp32:
+    """The fixture: N = 64 experts of 88 x 128, r = 44 (r_frac 0.5), m = 32 per family, fp32:
     A 64*88*44 + bank 32*44*128 + codes 64*32 = 430,080 floats per family -> 3,440,640 bytes."""
     need = 4 * 2 * (64 * 88 * 44 + 32 * 44 * 128 + 64 * 32)
     real = shutil.disk_usage
@@ -49,7 +49,7 @@ def test_fit_needs_room_for_its_artifacts(capsys, tmp_path, monkeypatch):
         monkeypatch.setattr(shutil, "disk_usage", lambda p, free=free: Usage(real(p).total, 0, free))
         out = tmp_path / f"fit-{ok}"
         rc, err = _run(capsys, "fit", f"model.path={FIXTURE_DIR}", f"output_dir={out}", "train.steps=2",
-                       "train.baselines=false", "train.eval_every=1")
+                       "train.baselines=false", "train.eval_every=1", "bank.r_frac=0.5")  # r = 44
         if ok:
             files = list(out.glob("globe-*.safetensors"))
             assert rc == 0 and len(files) == 2
