@@ -46,6 +46,9 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
     path = resolve_path(cfg.model.path, cfg.model.revision)
     tok = compat.load_tokenizer(path)
     if _is_globe_dir(path):
+        if cfg.artifacts:
+            raise GlobeError(f"artifacts: {path} is already a globe export; give the original checkpoint as "
+                             "model.path to apply a fit directory, or drop artifacts=")
         from ..runtime.load import load_model
 
         model = load_model(str(path), device=device, dtype=dtype, cache=cfg.cache, collect_stats=collect_stats)
@@ -54,7 +57,20 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
         if not (path / "config.json").is_file():
             raise GlobeError(f"no config.json in {path}: not a model directory")
         model, kind = compat.load_pretrained(path, dtype, device), "hf"
+        if cfg.artifacts:  # an original checkpoint with a fit directory: patched in place, as globe.patch_model
+            from ..runtime.patch import patch_model
+
+            patch_model(model, _artifacts(cfg.artifacts), cache=cfg.cache or CacheCfg(),
+                        collect_stats=collect_stats, keep_original=False)
+            kind = "globe"
     return model.eval(), tok, kind
+
+
+def _artifacts(a):
+    """A fit directory, or several (a list) holding different families, as Artifacts."""
+    from ..artifacts import Artifacts
+
+    return Artifacts.load(a)
 
 
 def _cache_S(model, cfg: GlobeConfig) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import resolve_device
+from ..common import resolve_device, to_dtype
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
@@ -27,7 +27,12 @@ def generate(cfg: GlobeConfig) -> str:
     tok = compat.load_tokenizer(path)
     device = resolve_device(cfg.eval.device, "eval.device")
     dtype = None if cfg.eval.dtype == "auto" else cfg.eval.dtype
-    model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
+    if cfg.artifacts:  # an original checkpoint with a fit directory: the same as globe eval artifacts=
+        from ..eval.run import load_for_eval
+
+        model = load_for_eval(cfg, device, to_dtype(dtype) if dtype else None)[0]
+    else:
+        model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
     enc = tok(cfg.prompt, return_tensors="pt").to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(**enc, max_new_tokens=int(cfg.max_new_tokens), do_sample=False, pad_token_id=pad)
