@@ -236,9 +236,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         warnings.simplefilter("ignore")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # OSError, ValueError, safetensors' SafetensorError on a damaged shard, ...
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise GlobeError(f"cannot load model from {path}: {msg}") from None
+            raise GlobeError(f"cannot load model from {path}: {type(e).__name__}: {msg[:200]}") from None
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -248,6 +248,11 @@ def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
     """The tokenizer saved with a model directory; GlobeError naming the directory when there is none."""
     from transformers import AutoTokenizer
 
+    d = Path(path)
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if d.is_dir() and not any((d / f).is_file() for f in files):
+        why = f" for {purpose}" if purpose else ""
+        raise GlobeError(f"no tokenizer files in {d} ({', '.join(files[:2])}, ...){why}")
     try:
         # trust_remote_code=False: a globe export's auto_map names only the model's classes; without it
         # transformers asks on stdout whether to run the export's code just to read its tokenizer files

@@ -10,6 +10,7 @@ weight is read.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +170,8 @@ class TrainCfg:
     def __post_init__(self) -> None:
         _need(int(self.steps) >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _need(int(self.batch_size) >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _need(float(self.lr) > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _need(math.isfinite(float(self.lr)) and float(self.lr) > 0, "train.lr",
+              f"must be finite and > 0, got {self.lr}")
         _need(int(self.refit_every) >= 1, "train.refit_every", "must be >= 1")
         _need(float(self.ridge) >= 0, "train.ridge", "must be >= 0")
         fams = list(self.families)
@@ -177,6 +179,8 @@ class TrainCfg:
               f"must be a non-empty subset of {list(FAMILIES)}, got {fams}")
         self.families = [f for f in FAMILIES if f in fams]
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
         _need(self.objective in ("weight", "activation"), "train.objective",
               f"unknown objective {self.objective!r}; weight|activation")
         _need(self.objective == "weight" or bool(self.calib_text), "train.calib_text",
@@ -185,7 +189,8 @@ class TrainCfg:
         _need(float(self.max_memory_gb) > 0, "train.max_memory_gb", "must be > 0")
         _need(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
               f"unknown schedule {self.lr_schedule!r}; constant|cosine")
-        _need(self.lr_codes is None or float(self.lr_codes) > 0, "train.lr_codes", "must be > 0")
+        _need(self.lr_codes is None or (math.isfinite(float(self.lr_codes)) and float(self.lr_codes) > 0),
+              "train.lr_codes", "must be finite and > 0")
         _need(int(self.eval_chunk) >= 1, "train.eval_chunk", "must be >= 1")
         _need(int(self.eval_every) >= 1, "train.eval_every", "must be >= 1")
         _need(int(self.checkpoint_every) >= 1, "train.checkpoint_every", "must be >= 1")
@@ -321,7 +326,7 @@ class GlobeConfig:
             if sub_cls is not None:
                 kwargs[key] = None if val is None and key == "cache" else _build(sub_cls, key, val or {})
             else:
-                kwargs[key] = val
+                kwargs[key] = _number(key, subs[key], val)
         return cls(**kwargs)
 
 
@@ -329,10 +334,33 @@ _SUB = {"model": ModelCfg, "bank": BankCfg, "sparsity": SparsityCfg, "train": Tr
         "cache": CacheCfg, "export": ExportCfg, "wandb": WandbCfg, "eval": EvalCfg}
 
 
+def _number(key: str, typ: str, v: Any) -> Any:
+    """A config number as its annotated type, or ValueError naming the key (a bool, "abc" or 1.5 for an int)."""
+    if v is None or not isinstance(typ, str):
+        return v
+    want = "int" if typ.startswith("int") else "float" if typ.startswith("float") else None
+    if want is None:
+        return v
+    if isinstance(v, bool):
+        raise ValueError(f"{key}: expected a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected a number, got {v!r}") from None
+    if want == "int":
+        if not x.is_integer():
+            raise ValueError(f"{key}: expected an integer, got {v!r}")
+        return int(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{key}: must be finite, got {v!r}")
+    return x
+
+
 def _build(sub_cls: type, prefix: str, val: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(sub_cls)}
+    fields = {f.name: f.type for f in dataclasses.fields(sub_cls)}
     for k in val:
-        if k not in names:
+        if k not in fields:
             raise ValueError(f"{prefix}.{k}: unknown config key")
+    val = {k: _number(f"{prefix}.{k}", fields[k], v) for k, v in val.items()}
     return sub_cls(**{k: (list(v) if isinstance(v, (list, tuple)) and k != "betas" else v)
                       for k, v in val.items()})

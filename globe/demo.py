@@ -69,6 +69,10 @@ def run_demo(out_dir: str | None = None, fast: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     fixture = fixture_path()
     out = Path(out_dir).expanduser() if out_dir else Path(tempfile.mkdtemp(prefix="globe-demo-"))
+    if out_dir and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        from .errors import GlobeError
+
+        raise GlobeError(f"demo --out {out}: exists and is not an empty directory; choose a new one")
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
 
