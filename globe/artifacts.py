@@ -278,6 +278,21 @@ class Artifacts:
         return from_meta(meta, src, device)
 
 
+def write_A_rows(w, f: str, layers: list[int], E: int, idx: torch.Tensor, A: torch.Tensor) -> None:
+    """Write rows A (n, p, r) of global experts idx (n,) (ascending, consecutive within a layer) into the
+    per-layer tensors `A_{layer}` (E, p, r) of a ShardedWriter `w`, one contiguous run at a time."""
+    idx = idx.reshape(-1).tolist()
+    A = A.detach().to("cpu", torch.float32)
+    s = 0
+    while s < len(idx):
+        li, e0 = divmod(idx[s], E)
+        t = s + 1
+        while t < len(idx) and idx[t] == idx[t - 1] + 1 and idx[t] // E == li:
+            t += 1
+        w.write_rows(key(f, "A", layers[li]), e0, A[s:t].contiguous())
+        s = t
+
+
 def family_file(f: str) -> str:
     return f"{PREFIX}-{f}.safetensors"
 
@@ -304,17 +319,7 @@ class FamilyWriter:
 
     def write_A(self, idx: torch.Tensor, A: torch.Tensor) -> None:
         """Rows A (n, p, r) of global experts idx (n,), ascending and consecutive within a layer."""
-        E = self.fam.num_experts
-        idx = idx.reshape(-1).tolist()
-        A = A.detach().to("cpu", torch.float32)
-        s = 0
-        while s < len(idx):
-            li, e0 = divmod(idx[s], E)
-            t = s + 1
-            while t < len(idx) and idx[t] == idx[t - 1] + 1 and idx[t] // E == li:
-                t += 1
-            self.w.write_rows(key(self.f, "A", self.layers[li]), e0, A[s:t].contiguous())
-            s = t
+        write_A_rows(self.w, self.f, self.layers, self.fam.num_experts, idx, A)
 
     def close(self) -> Callable[[int], torch.Tensor]:
         try:

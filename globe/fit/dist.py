@@ -375,18 +375,8 @@ class RankAWriter:
 
     def write_A(self, idx: torch.Tensor, A: torch.Tensor) -> None:
         """Rows A (n, p, r) of global experts idx (n,), ascending and consecutive within a layer."""
-        from ..artifacts import key
-        E = self.fam.num_experts
-        idx = idx.reshape(-1).tolist()
-        A = A.detach().to("cpu", torch.float32)
-        s = 0
-        while s < len(idx):
-            li, e0 = divmod(idx[s], E)
-            t = s + 1
-            while t < len(idx) and idx[t] == idx[t - 1] + 1 and idx[t] // E == li:
-                t += 1
-            self.w.write_rows(key(self.f, "A", self.layers[li]), e0, A[s:t].contiguous())
-            s = t
+        from ..artifacts import write_A_rows
+        write_A_rows(self.w, self.f, self.layers, self.fam.num_experts, idx, A)
 
     def close(self) -> Callable[[int], torch.Tensor]:
         from ..artifacts import FamilyWriter, key
