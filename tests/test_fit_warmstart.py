@@ -105,3 +105,21 @@ def test_warm_start_spectra_and_codes_with_dead_experts():
     keep = torch.arange(N) != 5
     torch.testing.assert_close(ws2.logits[keep], ws.logits[keep])
     torch.testing.assert_close(ws2.bank, ws.bank)
+
+
+def test_per_matrix_runs_each_call_on_one_thread():
+    """per_matrix's workers must run LAPACK with ONE thread, exactly as a 1-thread loop does. A worker left
+    at the process's OpenMP default sometimes used 2 threads and sometimes 1 (different rounding), so the
+    same fit with the same seed gave a different gate family in 2 of 16 runs."""
+    from globe.fit.init import per_matrix
+
+    V = torch.randn(16, 44, 128, generator=torch.Generator().manual_seed(0))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = torch.stack(per_matrix(lambda v: torch.linalg.qr(v.T).Q.T, V))
+        torch.set_num_threads(1)
+        want = torch.stack([torch.linalg.qr(v.T).Q.T for v in V])
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(got, want)

@@ -97,16 +97,25 @@ def inv_scales(s: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tenso
 
 def per_matrix(fn: Callable, batch: torch.Tensor) -> list:
     """[fn(batch[i]) for i] with ONE intra-op thread per call, calls spread over torch.get_num_threads()
-    Python threads (torch releases the GIL): no OpenMP barriers inside LAPACK, all cores busy."""
+    Python threads (torch releases the GIL): no OpenMP barriers inside LAPACK, all cores busy.
+
+    Each worker sets its own thread count: the OpenMP setting is per thread, and a worker left at the
+    process default sometimes ran LAPACK with 2 threads and sometimes with 1, which changes the rounding
+    (measured: 2 of 16 runs of the same fit gave a different gate family; tests/test_fit_warmstart.py)."""
     n = torch.get_num_threads()
     if n == 1 or batch.device.type != "cpu":
         return [fn(x) for x in batch]
     torch.set_num_threads(1)
+
+    def one(x: torch.Tensor):
+        torch.set_num_threads(1)
+        return fn(x)
+
     try:
         if batch.shape[0] == 1:
             return [fn(batch[0])]
         with ThreadPoolExecutor(min(n, batch.shape[0])) as ex:
-            return list(ex.map(fn, batch))
+            return list(ex.map(one, batch))
     finally:
         torch.set_num_threads(n)
 
