@@ -176,9 +176,30 @@ def test_memory_check_names_the_figure_and_a_mode_that_fits(tiny_dirs, tmp_path,
     assert m["full"] - est["base"] == 2 * 6 * 12 * 32 * 4
     monkeypatch.setattr(load_mod, "OVERHEAD_MIN", 0)
     monkeypatch.setattr(load_mod, "available_bytes", lambda dev: int(m["lru"] * (1 + load_mod.OVERHEAD)) + 1)
-    with pytest.raises(GlobeError, match=r"cache.mode=full needs .*cache.mode=lru cache.S_per_layer=4"):
+    with pytest.raises(GlobeError, match=r"cache.mode=full needs .*; "
+                                         r"cache.mode=(lru cache.S_per_layer=\d+|none) needs"):
         load_model(out, cache=CacheCfg(mode="full", S_per_layer=4))
     load_model(out, cache=CacheCfg(mode="lru", S_per_layer=4, warmup_tokens=0))  # fits: loads
+    # an lru that does not fit names the largest S_per_layer that does with room to spare (here 3 of 6)
+    monkeypatch.setattr(load_mod, "HINT_ROOM", 1.0)
+    room = int((est["base"] + 2 * 3 * est["block"]) * (1 + load_mod.OVERHEAD)) + 1
+    monkeypatch.setattr(load_mod, "available_bytes", lambda dev: room)
+    with pytest.raises(GlobeError, match=r"cache.mode=lru cache.S_per_layer=5 needs .*; cache.mode=lru "
+                                         r"cache.S_per_layer=3 needs"):
+        load_model(out, cache=CacheCfg(mode="lru", S_per_layer=5))
+
+
+def test_memory_hint_at_full_size():
+    """Qwen1.5-MoE-A2.7B's globe export (r 704, bf16): base 18.5e9 bytes, one block (2 r, d) = 5.77 MB,
+    24 layers, 60 experts, 24.3e9 bytes available. Worked out by hand: S <= (0.95 * 24.3e9 / 1.1 - 18.5e9)
+    / (24 * 5.767e6) = 17.96, rounded down to a multiple of 4 -> 16."""
+    from globe.runtime import load as load_mod
+
+    blk = 2 * 704 * 2048 * 2
+    est = {"modes": {"none": 18.5e9 + 8 * blk}, "block": blk}
+    hint = load_mod._fitting_hint(est, {"moe_layers": list(range(24)), "num_experts": 60}, int(24.3e9))
+    assert hint.startswith("; cache.mode=lru cache.S_per_layer=16 needs about 22.8 GB"), hint
+    assert load_mod.OVERHEAD == 0.10 and load_mod.HINT_ROOM == 0.95  # the constants the figures above assume
 
 
 def test_inspect_a_globe_export(tiny_dirs, tmp_path, capsys):

@@ -38,7 +38,8 @@ from ..config import GlobeConfig
 from ..errors import GlobeError
 
 VERBS_WITH_OVERRIDES = ("fit", "export", "eval", "generate")
-DATA_KEYS = ("prompt", "model.path", "model.revision", "output_dir", "artifacts", "output", "eval.text",
+SHORT = {"prompt": "generate.", "max_new_tokens": "generate."}  # `prompt=...` is generate.prompt=...
+DATA_KEYS = ("generate.prompt", "model.path", "model.revision", "output_dir", "artifacts", "output", "eval.text",
              "train.calib_text", "wandb.project", "wandb.entity", "wandb.run_name")
 
 
@@ -53,7 +54,7 @@ def split_data(overrides: list[str]) -> tuple[dict[str, str | None], list[str]]:
             continue
         if len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
             val = val[1:-1]
-        data[key] = None if val == "null" and key != "prompt" else val
+        data[key] = None if val == "null" and key != "generate.prompt" else val
     return data, rest
 
 
@@ -68,6 +69,7 @@ def compose(overrides: list[str]) -> GlobeConfig:
     for o in overrides:
         if "=" not in o:
             raise GlobeError(f"bad argument {o!r}: expected key=value (Hydra override syntax)")
+    overrides = [SHORT.get(o.partition("=")[0], "") + o for o in overrides]
     verbatim, overrides = split_data(overrides)
     try:
         with initialize_config_module(config_module="globe.conf", version_base=None):
@@ -181,7 +183,7 @@ def cmd_eval(overrides: list[str]) -> int:
 
 def cmd_generate(overrides: list[str]) -> int:
     conf = require_model(compose(overrides))
-    if not conf.prompt:
+    if not conf.generate.prompt:
         raise GlobeError('prompt is required: globe generate model.path=PATH prompt="..."')
     from ..runtime.generate import generate
 
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [x for x in argv if x != "--debug"]
     ap = build_parser()
     a = ap.parse_args(argv)
+    previous = _terminate_cleanly()
     try:
         if a.verb == "inspect":
             return cmd_inspect(a)
@@ -254,7 +257,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous)
     return 1
+
+
+class Terminated(BaseException):
+    """SIGTERM (kill, a scheduler's time limit) raised in the main thread, so staging directories and
+    temp files are removed on the way out exactly as for Ctrl-C. SIGKILL cannot be caught: a hidden
+    `.NAME.tmp-*` directory next to the output can then remain and is safe to delete."""
+
+
+def _terminate_cleanly():
+    """Install the SIGTERM -> Terminated handler; returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(signum, frame):
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, _raise)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
+BIG_PARAMS = 1e9  # above this many parameters, perplexity and speed always report progress
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None,
                device: torch.device | str | None = None) -> dict:
@@ -104,7 +107,9 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
     nll, count, spans = 0.0, 0, windows(ids.numel(), context, stride)
     from ..progress import Progress
 
-    bar = Progress(ids.numel() - 1, "perplexity", "tokens", quiet=len(spans) < 4)  # a full-size model: minutes
+    # a few windows of a small model take a second (no lines); one window of a full-size model, minutes
+    big = sum(p.numel() for p in model.parameters()) > BIG_PARAMS
+    bar = Progress(ids.numel() - 1, "perplexity", "tokens", quiet=len(spans) < 4 and not big)
     for begin, end, first in spans:
         x = ids[begin:end - 1].unsqueeze(0).to(device)
         n_scored = end - first

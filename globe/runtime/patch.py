@@ -118,7 +118,7 @@ def build_caches(model: nn.Module, progress: bool = False) -> None:
     """Compose the `full` tables of every layer, then release the banks (no longer read)."""
     layers = globe_layers(model)
     items = list(layers.values())
-    if progress:
+    if progress and any(m.mode == "full" for m in items):  # lru / none: nothing is composed ahead
         from ..progress import track
         items = track(items, "compose full cache", unit="layers")
     for mod in items:
