@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from globe.fit.loop import _load, _refit, _residual, evaluate
-from globe.fit.model import GlobeParams, support
+from globe.fit.model import GlobeParams
 from globe.fit.temperature import TempController
+from globe.maps import support
 
 
 def sync(dev):
@@ -63,7 +64,7 @@ def main() -> None:
             idx = torch.randperm(a.experts, generator=g)[:bs]
             Wb, L = _load(W, s, idx, None, dev)
             alpha = prm.codes(idx.to(dev), ctrl.T)
-            M = prm.mix(alpha)
+            M = prm.compose(alpha)
             with torch.no_grad():
                 A = _refit(Wb, M.detach(), L, 1e-4)
             r2, n2 = _residual(Wb, A, M, L, False)

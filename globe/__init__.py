@@ -9,11 +9,12 @@ Public API (lazy imports keep `import globe` light; one narrow typed config per 
     load_model(path, cache=CacheCfg(...))                  -> model (a globe export rebuilt patched)
     patch_model(model, artifacts, cache=CacheCfg(...)) / unpatch_model(model)
     evaluate(model, EvalCfg(...), artifacts=None, cache=None) -> dict
+    generate(model, GenerateCfg(prompt=...), artifacts=None, cache=None) -> str
     inspect(path), Checkpoint, Artifacts, GlobeError; configs: FitCfg, BankCfg, SparsityCfg, TrainCfg,
-    WandbCfg, ExportCfg, CacheCfg, EvalCfg. GlobeConfig is the CLI's combined config.
+    WandbCfg, ExportCfg, CacheCfg, EvalCfg, GenerateCfg. GlobeConfig is the CLI's combined config.
 """
 
-from .config import BankCfg, CacheCfg, EvalCfg, ExportCfg, GlobeConfig, SparsityCfg, TrainCfg, WandbCfg
+from .config import BankCfg, CacheCfg, EvalCfg, ExportCfg, GenerateCfg, GlobeConfig, SparsityCfg, TrainCfg, WandbCfg
 from .errors import GlobeError
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ _LAZY = {
     "Artifacts": ("globe.artifacts", "Artifacts"),
     "compress": ("globe.api", "compress"),
     "evaluate": ("globe.api", "evaluate"),
+    "generate": ("globe.api", "generate"),
     "FitCfg": ("globe.api", "FitCfg"),
     "patch_model": ("globe.runtime.patch", "patch_model"),
     "unpatch_model": ("globe.runtime.patch", "unpatch_model"),
@@ -41,5 +43,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'globe' has no attribute {name!r}")
 
 
-__all__ = ["BankCfg", "CacheCfg", "EvalCfg", "ExportCfg", "GlobeConfig", "GlobeError", "SparsityCfg", "TrainCfg",
-           "WandbCfg", *_LAZY]
+__all__ = ["BankCfg", "CacheCfg", "EvalCfg", "ExportCfg", "GenerateCfg", "GlobeConfig", "GlobeError", "SparsityCfg",
+           "TrainCfg", "WandbCfg", *_LAZY]

@@ -6,6 +6,7 @@ peft's `get_peft_model(model, cfg)`):
     load_model(path, cache=CacheCfg(...))                    -> nn.Module      (`globe eval/generate` load it)
     patch_model(model, artifacts, cache=CacheCfg(...)) / unpatch_model(model)
     evaluate(model, EvalCfg(...), artifacts=None, cache=None) -> dict          (`globe eval`)
+    generate(model, GenerateCfg(prompt=...), artifacts=None, cache=None) -> str (`globe generate`)
 
 Why: a verb that takes the whole combined config makes one field mean different things per verb
 (`output_dir` is the fit directory for one and the export directory for another) and lets settings a
@@ -19,7 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import BankCfg, CacheCfg, EvalCfg, GlobeConfig, ModelCfg, SparsityCfg, TrainCfg, WandbCfg
+from .common import check_type
+from .config import BankCfg, CacheCfg, EvalCfg, GenerateCfg, GlobeConfig, ModelCfg, SparsityCfg, TrainCfg, WandbCfg
 
 
 @dataclass
@@ -42,6 +44,10 @@ def _path(x: str | os.PathLike, what: str) -> str:
     if not isinstance(x, (str, os.PathLike)) or not str(x):
         raise ValueError(f"{what}: expected a path or hub id, got {x!r}")
     return str(x)
+
+
+def _arts(a: str | os.PathLike | list[str] | None) -> str | list[str] | None:
+    return a if a is None or isinstance(a, list) else str(a)
 
 
 def compress(model: str | os.PathLike, output_dir: str | os.PathLike, config: FitCfg | None = None, *,
@@ -75,7 +81,22 @@ def evaluate(model: str | os.PathLike, config: EvalCfg | None = None, *,
     `output` when given. Raises GlobeError on bad input before the model loads."""
     from .eval.run import run_eval
 
-    cfg = GlobeConfig(model=ModelCfg(path=_path(model, "model"), revision=revision), eval=config or EvalCfg(),
-                      cache=cache, artifacts=artifacts if artifacts is None or isinstance(artifacts, list)
-                      else str(artifacts), output=None if output is None else str(output))
+    cfg = GlobeConfig(model=ModelCfg(path=_path(model, "model"), revision=revision),
+                      eval=check_type(config, EvalCfg, "config") or EvalCfg(),
+                      cache=check_type(cache, CacheCfg, "cache"), artifacts=_arts(artifacts),
+                      output=None if output is None else str(output))
     return run_eval(cfg)
+
+
+def generate(model: str | os.PathLike, config: GenerateCfg, *, artifacts: str | os.PathLike | list[str] | None = None,
+             cache: CacheCfg | None = None, revision: str | None = None) -> str:
+    """Greedy-decode config.max_new_tokens tokens after config.prompt with `model` (an original checkpoint,
+    a dense export or a globe export; `artifacts` patches an original checkpoint with a fit directory) on
+    config.device / config.dtype. Returns prompt + continuation as text. Raises GlobeError on bad input."""
+    from .runtime.generate import generate as run_generate
+
+    c = check_type(config, GenerateCfg, "config")
+    if c is None:
+        raise ValueError("config: expected a GenerateCfg with a prompt")
+    return run_generate(GlobeConfig(model=ModelCfg(path=_path(model, "model"), revision=revision), generate=c,
+                                    cache=check_type(cache, CacheCfg, "cache"), artifacts=_arts(artifacts)))

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .errors import GlobeError
+from .io.outputs import scratch_dir
 from .io.tensors import DictSource, TensorDir
 from .io.writer import ShardedWriter
 from .maps import get_activation
@@ -69,6 +70,12 @@ def dense_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     out = torch.zeros(n, m)
     out[rows, indices.long()] = values.float()
     return out
+
+
+def globe_params(N: int, p: int, d: int, m: int, r: int, nnz: int, banks: int = 1) -> int:
+    """Stored numbers of one fitted family: banks x (m r d atoms + 1 gain) + N adapters (p, r) + nnz codes
+    (the one formula; Family.stored_params adds the optional column scale)."""
+    return banks * (m * r * d + 1) + N * p * r + nnz
 
 
 @dataclass
@@ -138,7 +145,7 @@ class Family:
         return lb[idx.long() // self.num_experts]
 
     # ---- math ------------------------------------------------------------------------------------
-    def mixed(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def compose(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """tilde_B for experts idx (all if None): (n, r, d) = phi(g_b * codes @ bank_b) * col_scale."""
         idx = torch.arange(self.codes.shape[0]) if idx is None else idx.reshape(-1).cpu()
         G, m, r, d = self.bank.shape
@@ -163,13 +170,12 @@ class Family:
         for layer in li.unique().tolist():
             sel = (li == layer).nonzero().flatten()
             A[sel] = self.A_layer(layer)[idx[sel] % E].float().cpu()
-        return torch.bmm(A, self.mixed(idx).float().cpu())
+        return torch.bmm(A, self.compose(idx).float().cpu())
 
     def stored_params(self) -> int:
         """Everything kept for this family: banks, all A_i, nonzero codes, gains, column scale."""
         n, m, p, r, d = self.shape
-        extra = 0 if self.col_scale is None else d
-        return self.n_banks * (m * r * d + 1) + n * p * r + self.nnz() + extra
+        return globe_params(n, p, d, m, r, self.nnz(), self.n_banks) + (0 if self.col_scale is None else d)
 
     def family_meta(self) -> dict[str, Any]:
         n, m, p, r, d = self.shape
@@ -308,7 +314,7 @@ class FamilyWriter:
 
     def __init__(self, dest: str | os.PathLike, f: str, fam: Family, layers: list[int]):
         self.dest, self.f, self.fam, self.layers = Path(dest), f, fam, list(layers)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".globe-write-", dir=self.dest.parent))
+        self.tmp = scratch_dir(self.dest.parent)
         self.w = ShardedWriter(self.tmp, fam.plan(f, self.layers), prefix="family", max_shard_bytes=1 << 62)
         try:
             for k, t in fam.tensors(f, [], torch.float32):  # no layers: every tensor but A
@@ -338,7 +344,7 @@ class FamilyWriter:
 def write_family_file(out: Path, f: str, arts: Artifacts, name: str | None = None) -> Path:
     """One family's tensors (fp32) into out/`name` (default globe-{f}.safetensors), atomically."""
     fam = arts.families[f]
-    tmp = Path(tempfile.mkdtemp(prefix=".globe-write-", dir=out))
+    tmp = scratch_dir(out)
     try:
         with ShardedWriter(tmp, fam.plan(f, arts.moe_layers), prefix="family", max_shard_bytes=1 << 62) as w:
             for k, t in fam.tensors(f, arts.moe_layers):
@@ -485,6 +491,9 @@ def atomic_write(path: str | os.PathLike, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file should look like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

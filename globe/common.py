@@ -7,6 +7,8 @@ that the machine lacks must fail in one line naming the config key; dtype names 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import GlobeError
@@ -70,3 +72,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def check_type(x: Any, cls: type, what: str) -> Any:
+    """x itself when it is a `cls` (or None); else ValueError naming the argument (a dict or a GlobeConfig
+    passed where a narrow config belongs fails here, not deep inside a verb)."""
+    if x is not None and not isinstance(x, cls):
+        raise ValueError(f"{what}: expected a {cls.__name__}, got {type(x).__name__}")
+    return x

@@ -244,6 +244,19 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     return model.eval()
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' logger at ERROR for the duration (its warnings about our own config are noise)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
     """The tokenizer saved with a model directory; GlobeError naming the directory when there is none."""
     from transformers import AutoTokenizer
@@ -256,7 +269,10 @@ def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
     try:
         # trust_remote_code=False: a globe export's auto_map names only the model's classes; without it
         # transformers asks on stdout whether to run the export's code just to read its tokenizer files
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        # (transformers also warns that a `globe_<base>` config "instantiates a model of type ``" while it
+        # looks for the tokenizer class: true and harmless here, so its logger is quiet for this call)
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # missing or unreadable tokenizer files raise many types across versions
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GlobeError(f"cannot load a tokenizer from {path}{' for ' + purpose if purpose else ''}: "
@@ -406,3 +422,30 @@ def run_layer(mod: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor
     with torch.no_grad():
         out = mod(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def base_classes(model_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) the installed transformers registers for `model_type` (e.g.
+    Qwen2MoeConfig, Qwen2MoeForCausalLM); the generated modeling file of a globe export subclasses them."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    cfg_cls = CONFIG_MAPPING[model_type]
+    return cfg_cls, AutoModelForCausalLM._model_mapping[cfg_cls]
+
+
+def _cache_kwarg() -> str:
+    """The forward() keyword that carries the KV cache: `cache` from transformers 5.24 (which renamed
+    `past_key_values` and warns that the old name goes in 5.40); `past_key_values` before (5.23 accepted
+    `cache=` but ignored it, so decoding then recomputed from scratch and logits differed)."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def decode_step(model: nn.Module, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """One greedy step with a KV cache: ids (B, T) -> (next ids (B, 1), the cache to pass next time).
+    cache None starts a new one (prefill)."""
+    key = _cache_kwarg()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache})
+    return out.logits[:, -1].argmax(-1, keepdim=True), getattr(out, key)

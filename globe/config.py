@@ -283,6 +283,21 @@ class EvalCfg:
 
 
 @dataclass
+class GenerateCfg:
+    """`globe generate`: greedy decoding of max_new_tokens tokens after prompt, on its own device/dtype."""
+    prompt: str | None = None
+    max_new_tokens: int = 32
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _need(self.prompt is None or isinstance(self.prompt, str), "generate.prompt", "must be a string")
+        _need(int(self.max_new_tokens) >= 1, "generate.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _need(self.device in DEVICES, "generate.device", f"unknown device {self.device!r}")
+        _need(self.dtype in DTYPES, "generate.dtype", f"unknown dtype {self.dtype!r}")
+
+
+@dataclass
 class GlobeConfig:
     model: ModelCfg = field(default_factory=ModelCfg)
     bank: BankCfg = field(default_factory=BankCfg)
@@ -295,8 +310,7 @@ class GlobeConfig:
     output_dir: str | None = None
     artifacts: str | list[str] | None = None  # a fit directory, or several holding different families
     output: str | None = None
-    prompt: str | None = None
-    max_new_tokens: int = 32
+    generate: GenerateCfg = field(default_factory=GenerateCfg)
     debug: bool = False
 
     def check_shapes(self, p: int, d: int, n_experts: int, layers: int = 1) -> None:
@@ -331,7 +345,8 @@ class GlobeConfig:
 
 
 _SUB = {"model": ModelCfg, "bank": BankCfg, "sparsity": SparsityCfg, "train": TrainCfg,
-        "cache": CacheCfg, "export": ExportCfg, "wandb": WandbCfg, "eval": EvalCfg}
+        "cache": CacheCfg, "export": ExportCfg, "wandb": WandbCfg, "eval": EvalCfg,
+        "generate": GenerateCfg}
 
 
 def _number(key: str, typ: str, v: Any) -> Any:

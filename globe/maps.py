@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,3 +128,24 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 register_activation(Activation("silu", F.silu, _silu_, _silu_grad))
 register_activation(Activation("tanh", torch.tanh, torch.Tensor.tanh_, lambda x: 1 - torch.tanh(x) ** 2))
 register_activation(Activation("identity", _identity, _identity, torch.ones_like))
+
+
+# ---- statistics of codes (the fit's logs, wandb histograms, diagnostics all read these) -----------------
+def support(codes: torch.Tensor) -> torch.Tensor:
+    """Nonzero codes per expert: codes (..., m) -> (...,) int64."""
+    return (codes != 0).sum(-1)
+
+
+def code_stats(codes: torch.Tensor) -> dict[str, Any]:
+    """Summary of codes (N, m): support_counts[k] = experts with k nonzero codes (k = 0..m),
+    atom_popularity[j] = experts using atom j, atom_mass[j] = sum of |codes| on atom j, unused_atoms,
+    median_support, mean_support."""
+    codes = codes.detach().float().cpu()
+    nz = codes != 0
+    sup = nz.sum(-1)
+    pop = nz.sum(0)
+    return {"support_counts": torch.bincount(sup, minlength=codes.shape[-1] + 1).tolist(),
+            "median_support": float(sup.float().median()) if sup.numel() else 0.0,
+            "mean_support": float(sup.float().mean()) if sup.numel() else 0.0,
+            "atom_popularity": pop.tolist(), "atom_mass": codes.abs().sum(0).tolist(),
+            "unused_atoms": int((pop == 0).sum())}

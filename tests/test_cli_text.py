@@ -24,7 +24,7 @@ NASTY = [
 
 @pytest.mark.parametrize("text", NASTY)
 def test_prompt_verbatim(text):
-    assert compose([f"prompt={text}"]).prompt == text
+    assert compose([f"prompt={text}"]).generate.prompt == text
 
 
 @pytest.mark.parametrize("key", ["model.path", "output_dir", "artifacts", "output", "eval.text", "train.calib_text",
@@ -42,20 +42,21 @@ def test_path_keys_verbatim(key, tmp_path):
 
 
 def test_outer_quotes_and_null():
-    data, rest = split_data(['artifacts="A,B"', "output='x y'", 'prompt=""hi""', "output_dir=null", "prompt2=1",
+    data, rest = split_data(['artifacts="A,B"', "output='x y'", 'generate.prompt=""hi""', "output_dir=null",
+                             "prompt2=1",
                              "bank.m_up=4"])
-    assert data == {"artifacts": "A,B", "output": "x y", "prompt": '"hi"', "output_dir": None}
+    assert data == {"artifacts": "A,B", "output": "x y", "generate.prompt": '"hi"', "output_dir": None}
     assert rest == ["prompt2=1", "bank.m_up=4"]
-    assert compose(["prompt=null"]).prompt == "null"
+    assert compose(["prompt=null"]).generate.prompt == "null"
     assert compose(["model.revision=null"]).model.revision is None
 
 
 def test_config_keys_still_hydra():
     conf = compose(["bank.m_up=16", "bank.m_gate=${bank.m_up}", "train.families=[up]", "prompt=${bank.m_up}"])
-    assert conf.bank.m_gate == 16 and conf.train.families == ["up"] and conf.prompt == "${bank.m_up}"
+    assert conf.bank.m_gate == 16 and conf.train.families == ["up"] and conf.generate.prompt == "${bank.m_up}"
     assert expand_sweep(["bank.m_up=2,3", "output_dir=a,b", "model.path=x,y"]) == [
         ["bank.m_up=2", "output_dir=a,b", "model.path=x,y"], ["bank.m_up=3", "output_dir=a,b", "model.path=x,y"]]
-    assert set(DATA_KEYS) >= {"prompt", "model.path", "output_dir", "artifacts", "output", "eval.text",
+    assert set(DATA_KEYS) >= {"generate.prompt", "model.path", "output_dir", "artifacts", "output", "eval.text",
                               "train.calib_text"}
 
 

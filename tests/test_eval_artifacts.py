@@ -32,7 +32,7 @@ def test_eval_and_generate_apply_artifacts(tmp_path, capsys):
     gens = {}
     for name, args in (("patched", [f"artifacts={fit}"]), ("export", None)):
         path = out if args is None else FIXTURE_DIR
-        assert main(["generate", f"model.path={path}", "prompt=def main(", "max_new_tokens=12", "eval.dtype=fp32",
+        assert main(["generate", f"model.path={path}", "prompt=def main(", "max_new_tokens=12", "generate.dtype=fp32",
                      *(args or [])]) == 0
         gens[name] = capsys.readouterr().out
     assert gens["patched"] == gens["export"]

@@ -8,10 +8,10 @@ import torch
 from globe.config import GlobeConfig
 from globe.fit.budget import globe_params, rank_for_budget, svd_rank
 from globe.fit.loop import evaluate, fit_family
-from globe.fit.model import GlobeParams, sparse_map, support
+from globe.fit.model import GlobeParams, sparse_map
 from globe.fit.solve import ridge_A
 from globe.fit.temperature import TempController, calibrate
-from globe.maps import SPARSE_MAPS, get_activation
+from globe.maps import SPARSE_MAPS, get_activation, support
 
 
 def planted(N=64, m=8, r=6, p=12, d=24, s=3, seed=0, g=1.5, phi="silu"):
@@ -97,7 +97,7 @@ def test_fitted_A_equals_lstsq_with_bank_and_codes_fixed():
     W = torch.randn(N, p, d, generator=gen)
     s = torch.ones(N)
     ev = evaluate(W, s, prm, 1.0, lam=0.0, keep_A=True)
-    M = prm.mixed(None, 1.0).detach()
+    M = prm.compose_experts(None, 1.0).detach()
     ref = torch.linalg.lstsq(M.transpose(1, 2), W.transpose(1, 2)).solution.transpose(1, 2)
     torch.testing.assert_close(ev["A"], ref, atol=1e-4, rtol=1e-4)
 

@@ -41,7 +41,7 @@ def test_mix_uses_each_experts_own_bank_and_gain():
                       torch.tensor([0.7, 1.3, 2.0]), "silu", bank_of=bank_of)
     idx = torch.tensor([7, 0, 4, 1])
     alpha = prm.codes(idx, 0.5)
-    got = prm.mix(alpha, idx=idx)
+    got = prm.compose(alpha, idx=idx)
     B = unit_atoms(prm.bank_raw.detach())
     for k, i in enumerate(idx.tolist()):
         b = int(bank_of[i])
@@ -51,7 +51,7 @@ def test_mix_uses_each_experts_own_bank_and_gain():
     gb = prm.bank_raw.grad.abs().sum(dim=(1, 2, 3))
     assert gb[0] > 0 and gb[1] > 0 and gb[2] > 0  # experts of banks 2, 0, 1 in the batch
     prm.zero_grad()
-    prm.mix(prm.codes(torch.tensor([0, 1]), 0.5), idx=torch.tensor([0, 1])).sum().backward()
+    prm.compose(prm.codes(torch.tensor([0, 1]), 0.5), idx=torch.tensor([0, 1])).sum().backward()
     gb = prm.bank_raw.grad.abs().sum(dim=(1, 2, 3))
     assert gb[0] > 0 and gb[1] == 0 and gb[2] == 0 and prm.gain.grad[1:].abs().sum() == 0
 

@@ -10,8 +10,7 @@ import torch
 
 from globe.config import BankCfg, SparsityCfg
 from globe.errors import GlobeError
-from globe.fit.model import support
-from globe.maps import ACTIVATIONS, SPARSE_MAPS, get_activation, get_sparse_map, sparse_map
+from globe.maps import ACTIVATIONS, SPARSE_MAPS, get_activation, get_sparse_map, sparse_map, support
 
 
 @pytest.mark.parametrize("name", sorted(SPARSE_MAPS))

@@ -107,7 +107,7 @@ def test_sparse_codes_roundtrip_and_compose_matches_artifact():
     st = store_from_family("up", fa, [0, 2], torch.float32, "cpu")
     for i in range(6):
         L, e = [0, 2][i // 3], i % 3
-        want = fa.mixed(torch.tensor([i]))[0]
+        want = fa.compose(torch.tensor([i]))[0]
         torch.testing.assert_close(st.compose(L, e, torch.float32), want, rtol=1e-6, atol=1e-6)
         bank = fa.bank[fa.layer_bank[i // 3]].reshape(5, -1)  # independent: dense codes @ bank
         ref = torch.tanh(float(fa.gain[fa.layer_bank[i // 3]]) * (codes[i] @ bank)).reshape(4, 7) * fa.col_scale

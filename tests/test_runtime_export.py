@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+import globe
 from globe import compat
 from globe.common import DTYPES
-from globe.config import GlobeConfig
+from globe.config import GenerateCfg, GlobeConfig
 from globe.errors import GlobeError
 from globe.runtime import patch_model
 from globe.runtime.export import is_globe_dir
@@ -154,8 +155,11 @@ def test_fixture_generate_globe_and_dense_exports(tmp_path):
             assert (g / name).is_file() and (d / name).is_file()
     ids = torch.randint(3, 4000, (1, 32), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_logits(load_model(g), ids), _logits(load_model(d), ids), rtol=1e-4, atol=1e-4)
-    texts = [generate(GlobeConfig.from_dict(dict(model=dict(path=str(p)), prompt="Once upon a time",
-                                                 max_new_tokens=8))) for p in (g, d)]
+    texts = [globe.generate(p, GenerateCfg(prompt="Once upon a time", max_new_tokens=8)) for p in (g, d)]
     assert texts[0] == texts[1] and texts[0].startswith("Once upon a time")
     with pytest.raises(GlobeError, match="prompt"):
         generate(GlobeConfig.from_dict(dict(model=dict(path=str(g)))))
+    with pytest.raises(ValueError, match="config: expected a GenerateCfg"):
+        globe.generate(g, dict(prompt="x"))
+    with pytest.raises(ValueError, match="generate.max_new_tokens"):
+        GenerateCfg(prompt="x", max_new_tokens=0)

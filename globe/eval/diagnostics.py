@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import maps
 from ..artifacts import Artifacts, Family
 from ..errors import GlobeError
 
@@ -80,27 +81,17 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def code_stats(fa: Family) -> dict[str, Any]:
-    """Support histogram, atom popularity and pairwise atom coherence (artifact only)."""
-    codes = fa.codes.float()
-    nz = codes != 0
-    support = nz.sum(1)
-    sizes, counts = torch.unique(support, return_counts=True)
+    """maps.code_stats of the family's codes (support histogram, atom popularity/mass) plus pairwise
+    atom coherence (artifact only)."""
+    st = maps.code_stats(fa.codes)
+    counts = st.pop("support_counts")
     atoms = fa.bank.float().reshape(-1, fa.bank.shape[-2] * fa.bank.shape[-1])  # every atom of every bank
     unit = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
     coh = (unit @ unit.T).abs()
     m = coh.shape[0]
     off = coh[~torch.eye(m, dtype=torch.bool)] if m > 1 else torch.zeros(1)
-    return {
-        "support_hist": {str(int(s)): int(c) for s, c in zip(sizes, counts)},
-        "median_support": float(support.float().median()),
-        "mean_support": float(support.float().mean()),
-        "atom_popularity": [int(x) for x in nz.sum(0)],
-        "atom_mass": [float(x) for x in codes.abs().sum(0)],
-        "unused_atoms": int((nz.sum(0) == 0).sum()),
-        "coherence_max": float(off.max()),
-        "coherence_mean": float(off.mean()),
-        "_coherence": coh,
-    }
+    return {"support_hist": {str(k): c for k, c in enumerate(counts) if c}, **st,
+            "coherence_max": float(off.max()), "coherence_mean": float(off.mean()), "_coherence": coh}
 
 
 @torch.no_grad()

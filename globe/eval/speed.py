@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .. import compat
 from ..common import sync
 from ..errors import GlobeError
 from .perplexity import max_positions
@@ -59,22 +60,15 @@ class RssSampler:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def _step(model, ids: torch.Tensor, past):
-    # transformers 5.23 warns that `past_key_values` is deprecated in favour of `cache`, but silently
-    # ignores `cache=` (logits then differ from a full forward): keep the argument that works.
-    out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
-
-
 def _run(model, prompt: torch.Tensor, n_decode: int, device: torch.device) -> tuple[float, float]:
     """Prefill `prompt` (1, N), then greedily decode n_decode tokens. Returns (prefill_s, decode_s)."""
     sync(device)
     t0 = time.perf_counter()
-    nxt, past = _step(model, prompt, None)
+    nxt, past = compat.decode_step(model, prompt, None)
     sync(device)
     t1 = time.perf_counter()
     for _ in range(n_decode):
-        nxt, past = _step(model, nxt, past)
+        nxt, past = compat.decode_step(model, nxt, past)
     sync(device)
     return t1 - t0, time.perf_counter() - t1
 
@@ -99,11 +93,22 @@ def measure_speed(model, prefill_tokens: int = 512, decode_tokens: int = 64, see
     cfg = getattr(model.config, "text_config", None) or model.config
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, int(cfg.vocab_size), (1, n), generator=g).to(device)
+    from ..progress import Progress
+    from .perplexity import BIG_PARAMS
+
+    runs = max(1, int(repeats))
+    big = sum(p.numel() for p in model.parameters()) > BIG_PARAMS  # a full-size model: minutes per run
+    bar = Progress(runs + bool(warmup), "speed (prefill + decode runs)", "runs", quiet=not big)
     if warmup:
         _run(model, prompt, min(k, 4), device)
+        bar.update()
 
     def timed() -> list[tuple[float, float]]:
-        return [_run(model, prompt, k, device) for _ in range(max(1, int(repeats)))]
+        out = []
+        for _ in range(runs):
+            out.append(_run(model, prompt, k, device))
+            bar.update()
+        return out
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -116,6 +121,7 @@ def measure_speed(model, prefill_tokens: int = 512, decode_tokens: int = 64, see
         with RssSampler() as rss:
             times = timed()
         peak, kind = int(rss.peak), "cpu_peak_rss"
+    bar.close()
     pre_s = statistics.median(t[0] for t in times)
     dec_s = statistics.median(t[1] for t in times)
     return {"prefill_tok_s": n / pre_s, "decode_tok_s": k / dec_s, "prefill_s": pre_s, "decode_s": dec_s,

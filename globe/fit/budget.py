@@ -21,9 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-
-def globe_params(N: int, p: int, d: int, m: int, r: int, nnz: int, banks: int = 1) -> int:
-    return banks * (m * r * d + 1) + N * p * r + nnz
+from ..artifacts import globe_params
 
 
 def rank_for_budget(frac: float, N: int, p: int, d: int, m: int, support: int, r_max: int | None = None,

@@ -138,7 +138,7 @@ def code_pass(W: torch.Tensor, s: torch.Tensor, prm: GlobeParams, T: float, opt:
         for k in range(steps):
             z = prm.logits.detach()[didx].requires_grad_()
             alpha = sparse_map(z, T, prm.map_kind, prm.map_alpha)
-            M = prm.mix(alpha, autocast, didx, fixed_bank=True)
+            M = prm.compose(alpha, autocast, didx, fixed_bank=True)
             with torch.no_grad():
                 A = refit(Wb, M.detach(), L, lam)
             r2, n2 = residual(Wb, A, M, L, autocast, Rw)

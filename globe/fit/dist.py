@@ -37,7 +37,6 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 
 from ..errors import GlobeError
+from ..io.outputs import scratch_dir
 
 TIMEOUT_ENV = "GLOBE_DIST_TIMEOUT_S"  # collective timeout: rank 0 assembles family files while the rest wait
 DEFAULT_TIMEOUT_S = 7200
@@ -366,7 +366,7 @@ class RankAWriter:
         from ..io.writer import ShardedWriter
         self.d, self.dir, self.f, self.fam, self.layers, self.dest = dist, Path(state_dir), f, fam, list(layers), dest
         n, m, p, r, d = fam.shape
-        self.tmp = Path(tempfile.mkdtemp(prefix=".globe-write-", dir=self.dir))
+        self.tmp = scratch_dir(self.dir)
         plan = [(key(f, "A", self.layers[li]), torch.float32, (fam.num_experts, p, r)) for li in dist.layers]
         self.w = ShardedWriter(self.tmp, plan, prefix="rank", max_shard_bytes=1 << 62)
 

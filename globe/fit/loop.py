@@ -31,13 +31,13 @@ import torch
 from ..artifacts import Family
 from ..config import GlobeConfig
 from ..errors import GlobeError
-from ..maps import get_sparse_map
+from ..maps import get_sparse_map, support
 from ..progress import Progress
 from .budget import fit_rank
 from .codes import FitOptimizer, code_pass
 from .dist import Dist
 from .init import check_finite, expert_scales, inv_scales, live_experts, quiet
-from .model import GlobeParams, support
+from .model import GlobeParams
 from .share import expert_banks, layer_banks, warm_start_banks
 from .solve import ridge_A
 from .temperature import TempController, support_schedule
@@ -141,7 +141,7 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
         idx = ids[pos]
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         alpha = prm.codes(idx.to(dev), T) if codes is None else codes[idx].to(dev)
-        M = prm.mix(alpha, idx=idx.to(dev))
+        M = prm.compose(alpha, idx=idx.to(dev))
         A = _refit(Wb, M, L, lam)
         r2, n2 = _residual(Wb, A, M, L, False, Rw)
         obj[pos] = (r2 / torch.where(n2 > 0, n2, torch.ones_like(n2))).double().cpu()
@@ -269,7 +269,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         Wb, L, Rw = _load(W, s, idx, whiten, dev, rows)
         didx = idx.to(dev)
         alpha = prm.codes(didx, ctrl.T)
-        M = prm.mix(alpha, tr.autocast_bf16, didx)
+        M = prm.compose(alpha, tr.autocast_bf16, didx)
         with torch.no_grad():
             if K == 1 or step % K == 0:
                 A = _refit(Wb, M.detach(), L, lam)

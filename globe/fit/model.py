@@ -16,18 +16,13 @@ import torch
 from ..errors import GlobeError
 from ..maps import get_activation, sparse_map
 
-__all__ = ["GlobeParams", "sparse_map", "support", "unit_atoms"]
+__all__ = ["GlobeParams", "sparse_map", "unit_atoms"]
 
 
 def unit_atoms(raw: torch.Tensor) -> torch.Tensor:
     """(..., m, r, d) atoms rescaled to unit RMS each."""
     rms = raw.pow(2).mean(dim=(-2, -1), keepdim=True).clamp_min(1e-30).sqrt()
     return raw / rms
-
-
-def support(alpha: torch.Tensor) -> torch.Tensor:
-    """Number of nonzero codes per expert: (n,) int."""
-    return (alpha > 0).sum(-1)
 
 
 class GlobeParams(torch.nn.Module):
@@ -63,8 +58,8 @@ class GlobeParams(torch.nn.Module):
         z = self.logits if idx is None else self.logits[idx]
         return sparse_map(z, T, self.map_kind, self.map_alpha)
 
-    def mix(self, alpha: torch.Tensor, autocast: bool = False, idx: torch.Tensor | None = None,
-            fixed_bank: bool = False) -> torch.Tensor:
+    def compose(self, alpha: torch.Tensor, autocast: bool = False, idx: torch.Tensor | None = None,
+                fixed_bank: bool = False) -> torch.Tensor:
         """tilde_B = phi(g_b * alpha @ B_b): (n, m) -> (n, r, d) fp32, b = bank of each expert.
 
         idx (n,): the experts of the rows of alpha (needed when G > 1; None: all N experts in order).
@@ -93,8 +88,9 @@ class GlobeParams(torch.nn.Module):
             gain = gains[b][:, None]
         return get_activation(self.activation).fn((gain * pre).reshape(-1, r, d))
 
-    def mixed(self, idx: torch.Tensor | None, T: float, autocast: bool = False) -> torch.Tensor:
-        return self.mix(self.codes(idx, T), autocast, idx)
+    def compose_experts(self, idx: torch.Tensor | None, T: float, autocast: bool = False) -> torch.Tensor:
+        """tilde_B of experts idx (all if None) from their current codes at temperature T: (n, r, d)."""
+        return self.compose(self.codes(idx, T), autocast, idx)
 
     @torch.no_grad()
     def constrain_logits(self, z_max: float) -> None:

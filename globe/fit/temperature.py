@@ -12,8 +12,7 @@ import math
 
 import torch
 
-from ..maps import get_sparse_map, sparse_map
-from .model import support
+from ..maps import get_sparse_map, sparse_map, support
 
 
 class TempController:

@@ -23,6 +23,7 @@ import torch
 
 from ..config import GlobeConfig
 from ..errors import GlobeError
+from ..maps import code_stats
 
 MAX_BINS = 512  # wandb.Histogram limit
 
@@ -56,13 +57,6 @@ def _bars(counts: list[int]) -> tuple[list[int], list[int]]:
     return c, [i * k for i in range(len(c))] + [n]
 
 
-def code_stats(codes: torch.Tensor) -> tuple[list[int], list[int]]:
-    """codes (N, m) -> (support-size counts indexed by size 0..m, experts per atom (m,))."""
-    nz = codes > 0
-    sup = torch.bincount(nz.sum(-1).long().cpu(), minlength=codes.shape[-1] + 1)
-    return sup.tolist(), nz.sum(0).long().cpu().tolist()
-
-
 class WandbRun:
     """One wandb run for one `run_fit` call; `close(ok)` finishes it (exit code 0 or 1)."""
 
@@ -88,7 +82,8 @@ class WandbRun:
             self.fams.add(fam)
 
     def _hists(self, codes: torch.Tensor, prefix: str) -> dict[str, Any]:
-        sup, pop = code_stats(codes)
+        st = code_stats(codes)
+        sup, pop = st["support_counts"], st["atom_popularity"]
         H = self.wandb.Histogram
         return {f"{prefix}support_size": H(np_histogram=_bars(sup)),
                 f"{prefix}atom_popularity": H(np_histogram=_bars(pop))}

@@ -62,6 +62,12 @@ def check_file_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return p
 
 
+def scratch_dir(parent: str | os.PathLike) -> Path:
+    """A fresh hidden directory `.globe-write-*` inside `parent` for files that are renamed into place
+    when complete (a family file, a rank's adapter rows); the caller removes it."""
+    return Path(tempfile.mkdtemp(prefix=".globe-write-", dir=parent))
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path, replace: bool = False) -> Iterator[Path]:
     """A temporary directory next to `out`, renamed onto it at the end; on any error it is removed and

@@ -39,7 +39,7 @@ class GloBEExperts(nn.Module):
     """Routed experts of one MoE layer with Up/Gate from the global banks; see the module docstring."""
 
     def __init__(self, info: ExpertsInfo, down_proj: nn.Parameter, store: GlobeStore, layer: int,
-                 dense: dict[str, torch.Tensor] | None = None, mode: str = "full", capacity: int = 16,
+                 dense: dict[str, torch.Tensor] | None = None, mode: str = "full", S_per_layer: int = 16,
                  compose_full: bool = False, collect_stats: bool = False, build: bool = True):
         super().__init__()
         dense = dict(dense or {})
@@ -50,8 +50,8 @@ class GloBEExperts(nn.Module):
                              f"fitted={fitted} dense={sorted(dense)}")
         if mode not in MODES:
             raise GlobeError(f"unknown cache mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "lru" and int(capacity) < 1:
-            raise GlobeError(f"cache capacity must be >= 1, got {capacity}")
+        if mode == "lru" and int(S_per_layer) < 1:
+            raise GlobeError(f"cache.S_per_layer must be >= 1, got {S_per_layer}")
         self.info, self.layer = info, layer
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, d, p
         self.act_fn = info.act_fn
@@ -75,7 +75,7 @@ class GloBEExperts(nn.Module):
             self.rows[f] = (off, off + w)
             off += w
         self.mode = mode if fitted else "none"
-        self.capacity, self.collect_stats = int(capacity), bool(collect_stats)
+        self.S_per_layer, self.collect_stats = int(S_per_layer), bool(collect_stats)
         self.register_buffer("table", None, persistent=False)  # (E, R, d) in full mode
         self.slab: SlabCache | None = None  # lru / none: made on first use in the current dtype/device
         self.stats: dict[str, int] | None = {"hits": 0, "misses": 0} if collect_stats else None
@@ -110,7 +110,7 @@ class GloBEExperts(nn.Module):
         """Write the blocks of local `experts` into out[b] (one batched composition call)."""
         st = self.store
         fams = {f: st[f].bank_codes() for f in self.fitted if not st[f].has_mixed}
-        mixed = {f: st[f].mixed(self.layer) for f in self.fitted if st[f].has_mixed}
+        mixed = {f: st[f].saved_tilde_B(self.layer) for f in self.fitted if st[f].has_mixed}
         compose_blocks(fams, self.layer_weights(), st[self.fitted[0]].base(self.layer), experts, out, mixed or None)
 
     def build_cache(self) -> None:
@@ -121,7 +121,7 @@ class GloBEExperts(nn.Module):
 
     def _slab(self) -> SlabCache:
         if self.slab is None:
-            cap = self.capacity if self.mode == "lru" else 0
+            cap = self.S_per_layer if self.mode == "lru" else 0
             self.slab = SlabCache(cap, self.num_experts, self.block_shape, self.compute_dtype, self.down_proj.device,
                                   self._compose, self.collect_stats)
         return self.slab
@@ -156,7 +156,7 @@ class GloBEExperts(nn.Module):
                 st.update(hits=0, misses=0)
 
     # ---- composition ---------------------------------------------------------------------------
-    def mixed(self, f: str, e: int) -> torch.Tensor:
+    def tilde_B(self, f: str, e: int) -> torch.Tensor:
         """tilde_B of family f for expert e: (r, d) in the compute dtype."""
         if self.table is not None and not self.compose_full:
             lo, hi = self.rows[f]
@@ -170,7 +170,7 @@ class GloBEExperts(nn.Module):
         if self.compose_full and self.table is not None:
             lo, hi = self.rows[f]
             return self.table[e, lo:hi].float()
-        return self.A(f)[e].float() @ self.mixed(f, e).float()
+        return self.A(f)[e].float() @ self.tilde_B(f, e).float()
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -16,24 +16,24 @@ from .load import load_model
 
 @torch.no_grad()
 def generate(cfg: GlobeConfig) -> str:
-    """Greedy-decode cfg.max_new_tokens tokens after cfg.prompt; returns prompt + continuation as text."""
-    if not cfg.prompt:
+    """Greedy-decode cfg.generate.max_new_tokens tokens after cfg.generate.prompt on cfg.generate.device /
+    dtype; returns prompt + continuation as text. The CLI entry of `globe.generate`."""
+    g = cfg.generate
+    if not g.prompt:
         raise GlobeError("prompt: give the text to continue (prompt=\"...\")")
-    if int(cfg.max_new_tokens) < 1:
-        raise GlobeError(f"max_new_tokens: must be >= 1, got {cfg.max_new_tokens}")
     path = resolve_path(cfg.model.path, cfg.model.revision)
     from .. import compat
 
     tok = compat.load_tokenizer(path)
-    device = resolve_device(cfg.eval.device, "eval.device")
-    dtype = None if cfg.eval.dtype == "auto" else cfg.eval.dtype
+    device = resolve_device(g.device, "generate.device")
+    dtype = None if g.dtype == "auto" else g.dtype
     if cfg.artifacts:  # an original checkpoint with a fit directory: the same as globe eval artifacts=
         from ..eval.run import load_for_eval
 
         model = load_for_eval(cfg, device, to_dtype(dtype) if dtype else None)[0]
     else:
         model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
-    enc = tok(cfg.prompt, return_tensors="pt").to(device)
+    enc = tok(g.prompt, return_tensors="pt").to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = model.generate(**enc, max_new_tokens=int(cfg.max_new_tokens), do_sample=False, pad_token_id=pad)
+    out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad)
     return tok.decode(out[0], skip_special_tokens=True)

@@ -27,6 +27,8 @@ from typing import Any
 
 import globe
 
+from .. import compat
+
 MODULE_FILE = "modeling_globe.py"
 # What the modeling file defines, in definition order: selected top-level names of a module, or a whole
 # module (None) with its relative imports removed. Nothing here is written twice by hand.
@@ -112,17 +114,9 @@ def _source(module: str, names: list[str] | None) -> str:
     return f"# ---- from {module.replace('.', '/')}.py\n" + "\n\n".join(keep) + "\n"
 
 
-def base_classes(base_model_type: str) -> tuple[type, type]:
-    """(config class, causal-LM class) of the installed transformers for a model_type."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-    cfg_cls = CONFIG_MAPPING[base_model_type]
-    return cfg_cls, AutoModelForCausalLM._model_mapping[cfg_cls]
-
-
 def modeling_source(base_model_type: str, model_type: str) -> str:
     """The text of modeling_globe.py for an export of `base_model_type`."""
-    cfg_cls, lm_cls = base_classes(base_model_type)
+    cfg_cls, lm_cls = compat.base_classes(base_model_type)
     mods = [m.rsplit(".", 1)[-1] for m, _ in SOURCES]
     parts = [HEADER.format(version=globe.__version__, modules=", ".join(mods), cfg_mod=cfg_cls.__module__,
                            cfg_cls=cfg_cls.__name__, lm_mod=lm_cls.__module__, lm_cls=lm_cls.__name__)]

@@ -44,7 +44,7 @@ def skeleton_dense(meta: dict[str, Any], dtype: torch.dtype,
 
 
 def swap_experts(model: nn.Module, store: GlobeStore, paths: dict[int, str], dense: dict[int, dict[str, torch.Tensor]],
-                 mode: str = "full", capacity: int = 16, compose_full: bool = False, collect_stats: bool = False,
+                 mode: str = "full", S_per_layer: int = 16, compose_full: bool = False, collect_stats: bool = False,
                  build: bool = True) -> dict[int, nn.Module]:
     """Register `store` as model.globe and replace the experts module at each path by a GloBEExperts
     (Down is the original Parameter). Returns {layer: the replaced module}."""
@@ -54,7 +54,7 @@ def swap_experts(model: nn.Module, store: GlobeStore, paths: dict[int, str], den
         parent = model.get_submodule(parent_path)
         orig = getattr(parent, attr)
         new = GloBEExperts(experts_info(orig), orig.down_proj, store, int(L), dense.get(int(L), {}), mode=mode,
-                           capacity=int(capacity), compose_full=compose_full, collect_stats=collect_stats,
+                           S_per_layer=int(S_per_layer), compose_full=compose_full, collect_stats=collect_stats,
                            build=build)
         setattr(parent, attr, new)
         originals[int(L)] = orig

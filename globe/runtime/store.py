@@ -65,7 +65,7 @@ class FamilyStore(nn.Module):
         """Adapters of MoE layer `layer` (a decoder-layer index): (E, p, r)."""
         return getattr(self, f"A_{layer}")
 
-    def mixed(self, layer: int) -> torch.Tensor | None:
+    def saved_tilde_B(self, layer: int) -> torch.Tensor | None:
         """Stored tilde_B (E, r, d) of a save_mixed export, else None."""
         return getattr(self, f"mixed_{layer}") if self.has_mixed else None
 
@@ -103,7 +103,7 @@ class FamilyStore(nn.Module):
 
     def compose(self, layer: int, e: int, dtype: torch.dtype) -> torch.Tensor:
         """tilde_B of expert e of MoE layer `layer`: (r, d) in dtype (stored tilde_B if save_mixed)."""
-        mx = self.mixed(layer)
+        mx = self.saved_tilde_B(layer)
         if mx is not None:
             return mx[e].to(dtype)
         return compose_many(self.bank_codes(), [self.base(layer) + e], dtype)[0]

@@ -46,7 +46,7 @@ def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"),
                              layer_bank=[li % banks for li in range(len(layers))],
                              col_scale=(torch.rand(d, generator=g) + 0.5) if col_scale else None,
                              meta={"map": "random", "seed": seed})
-        mixed_rms = float(fa.mixed(torch.arange(min(N, 8))).pow(2).mean().sqrt())
+        mixed_rms = float(fa.compose(torch.arange(min(N, 8))).pow(2).mean().sqrt())
         fa.A_layers = list((torch.randn(N, p, r, generator=g) * (w_rms / (mixed_rms * r**0.5))).split(E))
         fams[f] = fa
     return Artifacts(families=fams, model_type=compat.text_config(model.config).model_type, moe_layers=layers,

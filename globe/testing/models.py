@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import compat
 from ..fixtures import FIXTURE2_DIR, FIXTURE_DIR, fixture_info, fixture_path  # noqa: F401  (tests import them here too)
 
 # Qwen1.5-MoE-A2.7B, from shared/reference/qwen1.5-moe-a2.7b-config.json.
@@ -30,33 +31,30 @@ _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attentio
                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
                pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+TINY: dict[str, dict[str, Any]] = {  # model_type -> its tiny config (classes: compat.base_classes)
+    "qwen2_moe": dict(
         num_hidden_layers=3, moe_intermediate_size=24, shared_expert_intermediate_size=48,
-        num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1], decoder_sparse_step=1)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1], decoder_sparse_step=1),
+    "qwen3_moe": dict(
         num_hidden_layers=3, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
-        mlp_only_layers=[0], decoder_sparse_step=1, head_dim=16)),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
-        num_hidden_layers=2, intermediate_size=24, num_experts=6, num_experts_per_tok=2)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
-        num_hidden_layers=2, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)),
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        mlp_only_layers=[0], decoder_sparse_step=1, head_dim=16),
+    "olmoe": dict(
+        num_hidden_layers=2, intermediate_size=24, num_experts=6, num_experts_per_tok=2),
+    "mixtral": dict(
+        num_hidden_layers=2, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+    "deepseek_v2": dict(
         num_hidden_layers=3, moe_intermediate_size=24, n_routed_experts=6, n_shared_experts=1,
         num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+    "deepseek_v3": dict(
         num_hidden_layers=3, moe_intermediate_size=24, n_routed_experts=6, n_shared_experts=1,
         num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)),
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
 }
 
 
 def _classes(model_type: str):
-    import transformers
-
-    cfg_name, model_name, extra = TINY[model_type]
-    return getattr(transformers, cfg_name), getattr(transformers, model_name), extra
+    return (*compat.base_classes(model_type), TINY[model_type])
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -79,8 +77,7 @@ def real_dim_model(num_layers: int = 2, vocab_size: int = 1024, seed: int = 0,
 
     random=False leaves the weights at zero (fast; for shape/count tests only).
     """
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
+    Qwen2MoeConfig, Qwen2MoeForCausalLM = compat.base_classes("qwen2_moe")
     kw = {**QWEN15_MOE_A27B, "num_hidden_layers": num_layers, "vocab_size": vocab_size,
           "max_position_embeddings": 4096, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if num_experts is not None:
