@@ -168,3 +168,11 @@ def test_bytes_column_uses_the_exported_dtype(tmp_path):
     line = next(ln for ln in md.splitlines() if ln.startswith("| globe"))
     assert "| 4000 |" in line.replace(",", "") and "fp32, as the fit stores them" in md
     assert comparison_table(list(rows.values()), 2)
+
+
+def test_eval_of_a_dense_export_is_not_labelled_original(tmp_path):
+    from globe.eval.report import eval_records
+
+    (tmp_path / "eval_a.json").write_text(json.dumps({"model_kind": "hf", "perplexity": 10.0}))
+    (tmp_path / "eval_b.json").write_text(json.dumps({"model_kind": "dense", "perplexity": 10.5}))
+    assert [r["label"] for r in eval_records(tmp_path)] == ["original", "dense export"]

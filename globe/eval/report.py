@@ -6,7 +6,8 @@ Why: one command turns a run dir into something to read. What is drawn depends o
   summary.json + eval JSON files (`perplexity`)         comparison table original / GloBE / SVD / MoBE
   sub-directories with summary.json (a sweep)           Pareto plot of stored params vs perplexity
 An eval JSON is any *.json in the dir holding one `globe eval` object, a list of them, or {"runs": [...]};
-its row label is its `label` key, else its `model_kind` ("hf" -> original), else the file name.
+its row label is its `label` key, else its `model_kind` ("hf" -> original, "dense" -> dense export), else
+the file name.
 Bytes in the table are stored params x the element size of the dtype actually exported (read from the
 config.json of a globe export an eval record measured; fp32 when the run was not exported).
 The report lands in RUN_DIR/report/ (report.md, *.png, diagnostics.json), built in a temporary dir
@@ -30,6 +31,8 @@ ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FAMS = ("up", "gate")
 
 
+KIND_LABELS = {"hf": "original", "dense": "dense export"}  # eval JSON model_kind -> table row
+
 def _load_json(p: Path) -> Any:
     try:
         return json.loads(p.read_text())
@@ -49,7 +52,7 @@ def eval_records(d: Path) -> list[dict[str, Any]]:
         for it in items:
             if isinstance(it, dict) and ("perplexity" in it or "hit_rate_by_S" in it):
                 kind = it.get("model_kind")
-                label = it.get("label") or ({"hf": "original"}.get(kind, kind) if kind else p.stem)
+                label = it.get("label") or (KIND_LABELS.get(kind, kind) if kind else p.stem)
                 recs.append({**it, "label": str(label)})
     return recs
 

@@ -39,7 +39,7 @@ def _is_globe_dir(path: Path) -> bool:
 
 
 def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, collect_stats: bool = False):
-    """(model, tokenizer, kind) for cfg.model.path; kind is 'globe' or 'hf'."""
+    """(model, tokenizer, kind) for cfg.model.path; kind is 'globe', 'dense' (a globe dense export) or 'hf'."""
     from .. import compat
     from ..io.checkpoint import resolve_path
 
@@ -56,7 +56,10 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
     else:
         if not (path / "config.json").is_file():
             raise GlobeError(f"no config.json in {path}: not a model directory")
-        model, kind = compat.load_pretrained(path, dtype, device), "hf"
+        from ..runtime.export import DENSE_KEY
+
+        dense = DENSE_KEY in json.loads((path / "config.json").read_text())
+        model, kind = compat.load_pretrained(path, dtype, device), "dense" if dense else "hf"
         if cfg.artifacts:  # an original checkpoint with a fit directory: patched in place, as globe.patch_model
             from ..runtime.patch import patch_model
 

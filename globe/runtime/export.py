@@ -106,8 +106,8 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
                 w.write(name, t)
                 bar.update(t.numel() * t.element_size())
             w.close()
-        if ecfg.format == "dense":
-            conf = _dense_config(ck, ecfg)
+        if ecfg.format == "dense":  # plain transformers config, plus where the weights came from
+            conf = {**_dense_config(ck, ecfg), DENSE_KEY: {"source": str(ck.dir), "artifacts": src}}
         else:
             conf = _globe_config(ck, arts, ecfg, cache or CacheCfg(), src, total)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
@@ -303,6 +303,9 @@ def _composer(fam: Family, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
                    None if fam.col_scale is None else fam.col_scale.float(),
                    [b for b in fam.layer_bank for _ in range(fam.num_experts)])
     return lambda i: compose_many(bc, [i], dtype)[0]
+
+
+DENSE_KEY = "globe_dense_export"  # config.json of a dense export: {source, artifacts}; eval labels it "dense"
 
 
 def _dense_config(ck: Checkpoint, ecfg: ExportCfg) -> dict[str, Any]:
