@@ -378,15 +378,18 @@ def _open_dir(d: Path):
             meta = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             raise GlobeError(f"corrupt artifact config {cfg}: {e}") from None
+        if not isinstance(meta, dict):
+            raise GlobeError(f"corrupt artifact config {cfg}: expected a JSON object, got {type(meta).__name__}")
         if meta.get("format") == "globe-artifacts" and int(meta.get("version", 0)) == 1:
             return _convert_v1(d, meta)
         _check_version(meta, cfg)
         return meta, TensorDir(d, PREFIX)
     if export_cfg.is_file():
         try:
-            meta = json.loads(export_cfg.read_text()).get("globe")
+            conf = json.loads(export_cfg.read_text())
         except json.JSONDecodeError as e:
             raise GlobeError(f"corrupt {export_cfg}: {e}") from None
+        meta = conf.get("globe") if isinstance(conf, dict) else None
         if meta:
             _check_version(meta, export_cfg)
             return meta, TensorDir(d, meta.get("weights_prefix", "model"))

@@ -17,11 +17,20 @@ from typing import Any
 FAMILIES = ("up", "gate")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+DATASETS = ("wikitext2", "wikitext2raw", "wikitext")  # eval.dataset names (globe.eval.perplexity)
 
 
 def _need(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{key}: {msg}")
+
+
+def _numbers(cfg: Any, prefix: str) -> None:
+    """Every int/float field of a config dataclass as its annotated type, in place; ValueError naming the key
+    for a bool, text, a fraction where an integer belongs or a non-finite float (Python callers get the same
+    one-line errors as the command line)."""
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _number(f"{prefix}.{f.name}", f.type, getattr(cfg, f.name)))
 
 
 def parse_share(share: str) -> int | None:
@@ -68,6 +77,7 @@ class BankCfg:
     mobe_m: int | None = None  # MoBE-style baseline: atoms per layer (None -> max(2, m // layers))
 
     def __post_init__(self) -> None:
+        _numbers(self, "bank")
         _need(int(self.m_up) >= 1, "bank.m_up", f"must be >= 1, got {self.m_up}")
         _need(int(self.m_gate) >= 1, "bank.m_gate", f"must be >= 1, got {self.m_gate}")
         _need(self.r is None or int(self.r) >= 1, "bank.r", f"must be >= 1, got {self.r}")
@@ -115,6 +125,7 @@ class SparsityCfg:
     z_max: float = 1.0  # cap on the per-expert std of the logits (they cannot outrun T); 0 = no cap
 
     def __post_init__(self) -> None:
+        _numbers(self, "sparsity")
         from .maps import SPARSE_MAPS
 
         _need(self.map in SPARSE_MAPS, "sparsity.map",
@@ -168,6 +179,7 @@ class TrainCfg:
     distributed: Any = "auto"  # sharded over torch.distributed: auto (when launched by torchrun) | true | false
 
     def __post_init__(self) -> None:
+        _numbers(self, "train")
         _need(int(self.steps) >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _need(int(self.batch_size) >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _need(math.isfinite(float(self.lr)) and float(self.lr) > 0, "train.lr",
@@ -215,6 +227,7 @@ class CacheCfg:
     compose_full: bool = False  # cache A_i @ tilde_B_i (p x d) instead of tilde_B_i
 
     def __post_init__(self) -> None:
+        _numbers(self, "cache")
         _need(self.mode in ("full", "lru", "none"), "cache.mode", f"unknown mode {self.mode!r}")
         _need(int(self.S_per_layer) >= 1, "cache.S_per_layer", "must be >= 1")
         _need(self.dtype in DTYPES, "cache.dtype", f"unknown dtype {self.dtype!r}")
@@ -229,8 +242,11 @@ class ExportCfg:
     dtype: str = "bf16"
     save_mixed: bool = False  # store each expert's tilde_B_i (True) or bank + sparse codes (False)
     max_shard_gb: float = 5.0  # output shards of at most this many GB (+ model.safetensors.index.json)
+    overwrite: bool = False  # replace an existing output_dir that holds an earlier globe or dense export
 
     def __post_init__(self) -> None:
+        _numbers(self, "export")
+        _need(isinstance(self.overwrite, bool), "export.overwrite", f"must be true or false, got {self.overwrite!r}")
         _need(self.format in ("globe", "dense"), "export.format", f"unknown format {self.format!r}")
         _need(self.dtype in ("fp32", "bf16", "fp16"), "export.dtype", f"unknown dtype {self.dtype!r}")
         _need(float(self.max_shard_gb) > 0, "export.max_shard_gb", f"must be > 0, got {self.max_shard_gb}")
@@ -246,6 +262,7 @@ class WandbCfg:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _numbers(self, "wandb")
         _need(self.mode in ("online", "offline", "disabled"), "wandb.mode", f"unknown mode {self.mode!r}")
 
 
@@ -270,6 +287,7 @@ class EvalCfg:
     threads: int | None = None  # torch CPU threads during eval (None: leave as is); 1 steadies timings on busy CPUs
 
     def __post_init__(self) -> None:
+        _numbers(self, "eval")
         _need(int(self.context) >= 2, "eval.context", "must be >= 2")
         _need(self.threads is None or int(self.threads) >= 1, "eval.threads", "must be >= 1")
         _need(self.stride is None or int(self.stride) >= 1, "eval.stride", "must be >= 1")
@@ -280,6 +298,10 @@ class EvalCfg:
               "must be a list of directories")
         _need(self.task_limit is None or int(self.task_limit) >= 1, "eval.task_limit", "must be >= 1")
         _need(int(self.task_batch_size) >= 1, "eval.task_batch_size", "must be >= 1")
+        _need(self.max_tokens is None or int(self.max_tokens) >= 2, "eval.max_tokens",
+              f"must be >= 2 (tokens to score), got {self.max_tokens}")
+        _need(self.dataset is None or str(self.dataset).lower().replace("-", "").replace("_", "") in DATASETS,
+              "eval.dataset", f"unknown dataset {self.dataset!r}; supported: wikitext2 (or eval.text=FILE)")
 
 
 @dataclass
@@ -291,6 +313,7 @@ class GenerateCfg:
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        _numbers(self, "generate")
         _need(self.prompt is None or isinstance(self.prompt, str), "generate.prompt", "must be a string")
         _need(int(self.max_new_tokens) >= 1, "generate.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _need(self.device in DEVICES, "generate.device", f"unknown device {self.device!r}")
@@ -351,11 +374,15 @@ _SUB = {"model": ModelCfg, "bank": BankCfg, "sparsity": SparsityCfg, "train": Tr
 
 def _number(key: str, typ: str, v: Any) -> Any:
     """A config number as its annotated type, or ValueError naming the key (a bool, "abc" or 1.5 for an int)."""
-    if v is None or not isinstance(typ, str):
+    if not isinstance(typ, str):
         return v
     want = "int" if typ.startswith("int") else "float" if typ.startswith("float") else None
     if want is None:
         return v
+    if v is None:
+        if "None" in typ:
+            return v
+        raise ValueError(f"{key}: expected a number, got None")
     if isinstance(v, bool):
         raise ValueError(f"{key}: expected a number, got {v!r}")
     try:

@@ -75,7 +75,7 @@ def compose(overrides: list[str]) -> GlobeConfig:
         with initialize_config_module(config_module="globe.conf", version_base=None):
             cfg = h_compose(config_name="default", overrides=list(overrides))
         data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: `bank=5` (a group given a number)
         raise GlobeError(f"bad override: {str(e).splitlines()[0]}") from None
     for key, val in verbatim.items():  # after Hydra: an explicit value beats a group's default
         if key == "artifacts" and val and "," in val and not Path(val).is_dir():
@@ -85,6 +85,12 @@ def compose(overrides: list[str]) -> GlobeConfig:
         for part in sec:
             node = node.setdefault(part, {})
         node[leaf] = val
+    keys = {o.lstrip("+~").partition("=")[0]: o.partition("=")[2] for o in overrides}
+    if "cache.S_per_layer" in keys and keys.get("cache", keys.get("cache.mode")) != "lru":
+        from ..progress import log
+        log("cache.S_per_layer=%s without cache=lru: the model runs with cache.mode=%s (S_per_layer only sets "
+            "the simulated hit rate of eval.hit_rate); add cache=lru to run an lru cache",
+            keys["cache.S_per_layer"], keys.get("cache", keys.get("cache.mode", "full")))
     if not any(o.lstrip("+~").startswith("cache") for o in overrides):
         data.pop("cache", None)  # no cache setting on the command line: a globe export's saved ones apply
     try:

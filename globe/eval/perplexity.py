@@ -15,25 +15,11 @@ scored positions (`logits_to_keep`), so memory is (1, n_scored, vocab) rather th
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from ..errors import GlobeError
-
-
-def load_text(path: str | Path) -> str:
-    """Read a UTF-8 text file; missing, unreadable or empty -> GlobeError."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise GlobeError(f"eval text file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise GlobeError(f"cannot read eval text file {p}: {e}") from None
-    if not text.strip():
-        raise GlobeError(f"eval text file is empty: {p}")
-    return text
+from ..io.text import load_text  # noqa: F401  (part of this module's API)
 
 
 def load_dataset_text(name: str, split: str = "test") -> str:

@@ -33,11 +33,13 @@ FAMS = ("up", "gate")
 
 KIND_LABELS = {"hf": "original", "dense": "dense export"}  # eval JSON model_kind -> table row
 
-def _load_json(p: Path) -> Any:
+def _load_json(p: Path, obj: bool = False) -> Any:
+    """The JSON in p, or None when unreadable (or, with obj, not an object)."""
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        x = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return x if not obj or isinstance(x, dict) else None
 
 
 def eval_records(d: Path) -> list[dict[str, Any]]:
@@ -150,7 +152,7 @@ def find_runs(d: Path, depth: int = 3) -> list[Path]:
 def sweep_points(runs: list[Path]) -> list[dict[str, Any]]:
     pts = []
     for rd in runs:
-        s = _load_json(rd / "summary.json") or {}
+        s = _load_json(rd / "summary.json", obj=True) or {}
         fams = s.get("families") or {}
         if not fams:
             continue
@@ -209,7 +211,11 @@ def _build(run: Path, out: Path, checkpoint: str | None) -> None:
 
     md = [f"# GloBE report: `{run.name}`\n"]
     is_run = (run / "globe_config.json").is_file()
-    summary = _load_json(run / "summary.json") if (run / "summary.json").is_file() else None
+    summary = None
+    if (run / "summary.json").is_file():
+        summary = _load_json(run / "summary.json", obj=True)
+        if summary is None:
+            raise GlobeError(f"corrupt {run / 'summary.json'}: not a JSON object")
     evals = eval_records(run)
     dt = export_dtype(evals)  # the dtype actually exported; without an export, the fit's own fp32 files
     elem, dt_note = (ELEM_BYTES[dt], f"{dt}, as exported") if dt else (4, "fp32, as the fit stores them")

@@ -59,6 +59,9 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
         from ..runtime.export import DENSE_KEY
 
         dense = DENSE_KEY in json.loads((path / "config.json").read_text())
+        if cfg.cache is not None and not cfg.artifacts:
+            from ..progress import log
+            log("eval: %s is not a globe export (its experts are dense); the cache settings do not apply", path)
         model, kind = compat.load_pretrained(path, dtype, device), "dense" if dense else "hf"
         if cfg.artifacts:  # an original checkpoint with a fit directory: patched in place, as globe.patch_model
             from ..runtime.patch import patch_model

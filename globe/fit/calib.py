@@ -38,13 +38,12 @@ def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
 
 def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int) -> torch.Tensor:
     """Token ids (t,) of the first n_tokens of `text`, with the checkpoint's own tokenizer."""
-    text = Path(text)
-    if not text.is_file():
-        raise GlobeError(f"calibration text not found: {text}")
     from .. import compat
+    from ..io.text import load_text
 
+    body = load_text(text, "calibration text")
     tok = compat.load_tokenizer(ck.dir, "calibration")
-    ids = tok(text.read_text(), return_tensors="pt")["input_ids"][0][:n_tokens]
+    ids = tok(body, return_tensors="pt")["input_ids"][0][:n_tokens]
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
     return ids

@@ -32,7 +32,7 @@ from ..artifacts import Family
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..maps import get_sparse_map, support
-from ..progress import Progress
+from ..progress import Progress, log
 from .budget import fit_rank
 from .codes import FitOptimizer, code_pass
 from .dist import Dist
@@ -381,6 +381,11 @@ def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, st
             post = evaluate(W, s, prm, T, codes=pruned, keep_A=True, desc=f"prune and refit A {fam}", **evkw)
             art.A_layers = list(post["A"].mul_(s[:, None, None]).split(E))  # scale folded in place
     sup = support(pruned[live]).float()
+    target = cfg.sparsity.target_support
+    if not get_sparse_map(cfg.sparsity.map).dense and abs(float(sup.median()) - target) > max(1.0, 0.25 * target):
+        log("fit %s: median support %.0f, far from sparsity.target_support=%d: temperature control had too few "
+            "steps (%d) to settle; raise train.steps (a few hundred on small models)", fam, float(sup.median()),
+            target, step)
     sv = state["sv"]
     G, m, r = prm.bank_raw.shape[:3]
     floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))

@@ -207,6 +207,9 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     except ValueError as e:
         raise GlobeError(str(e)) from None
     _check_calib_memory(cfg, ck, N)
+    if cfg.train.objective == "activation":  # a binary, empty or too-short text fails here, before any output
+        from .calib import calib_ids
+        calib_ids(ck, cfg.train.calib_text, cfg.train.calib_tokens)
     dev = str(resolve_device(cfg.train.device, "train.device"))  # 'cuda' | 'mps' | 'cpu'
     dist = Dist.setup(dev, len(ck.moe_layers), ck.num_experts) if wanted(cfg.train.distributed) else Dist()
     lead = dist.rank == 0  # [dist] rank 0 claims, logs and writes the outputs; the others only fit

@@ -81,7 +81,7 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
     or the disk is too small; nothing half-written is left at `output_dir`. Returns output_dir."""
     ecfg = check_type(config, ExportCfg, "config") or ExportCfg()
     check_type(cache, CacheCfg, "cache")
-    out = _check_out(output_dir)
+    out = _check_out(output_dir, ecfg.overwrite)
     if not artifacts:
         raise GlobeError("artifacts: give the fit output directory (artifacts=DIR)")
     src = ", ".join(map(str, artifacts)) if isinstance(artifacts, (list, tuple)) else str(artifacts)
@@ -99,7 +99,7 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
     check_writable(out, need_bytes=total, what="output_dir")
     max_shard = int(float(ecfg.max_shard_gb) * 1e9)
     log("export %s: %s + %s -> %s (%.2f GB of weights in %s)", ecfg.format, ck.dir, src, out, total / 1e9, ecfg.dtype)
-    with staging_dir(out) as tmp:
+    with staging_dir(out, replace=ecfg.overwrite) as tmp:
         with ShardedWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard) as w, \
                 Progress(total, f"export {ecfg.format}", unit="GB", scale=1e-9) as bar:
             for name, t in produce():
@@ -115,8 +115,8 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
             write_remote_files(tmp, conf, [str(a) for a in artifacts] if isinstance(artifacts, (list, tuple))
                                else str(artifacts))
         _copy_side_files(ck.dir, tmp)
-    log("exported %s model to %s: %.2f GB of weights (source %.2f GB, ratio %.3f)", ecfg.format, out,
-        total / 1e9, ck.bytes_on_disk() / 1e9, total / max(1, ck.bytes_on_disk()))
+    log("exported %s model to %s: %.2f GB of weights in %s (the source's are %.2f GB on disk: ratio %.3f)",
+        ecfg.format, out, total / 1e9, ecfg.dtype, ck.bytes_on_disk() / 1e9, total / max(1, ck.bytes_on_disk()))
     return out
 
 
@@ -127,14 +127,28 @@ def run_export(cfg: GlobeConfig) -> Path:
                   revision=cfg.model.revision)
 
 
-def _check_out(output_dir: str | None) -> Path:
+def _check_out(output_dir: str | None, overwrite: bool = False) -> Path:
     if not output_dir:
         raise GlobeError("output_dir: required (where to write the exported model)")
     out = Path(output_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise GlobeError(f"output_dir {out} exists and is not empty; choose a new directory")
+        if not overwrite:
+            raise GlobeError(f"output_dir {out} exists and is not empty; choose a new directory "
+                             "(or export.overwrite=true to replace an earlier export)")
+        if not _is_export(out):
+            raise GlobeError(f"output_dir {out} is not an earlier globe or dense export; export.overwrite only "
+                             "replaces those")
     check_writable(out, what="output_dir")
     return out
+
+
+def _is_export(d: Path) -> bool:
+    """d holds an export this package wrote (config.json with a `globe` or DENSE_KEY section)."""
+    try:
+        conf = json.loads((d / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(conf, dict) and ("globe" in conf or DENSE_KEY in conf)
 
 
 def check_ckpt(ck: Checkpoint, arts: Artifacts) -> None:

@@ -5,6 +5,9 @@ Why: `globe generate model.path=OUT prompt="..."` is the smoke test a user runs 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ..common import resolve_device, to_dtype
@@ -25,6 +28,13 @@ def generate(cfg: GlobeConfig) -> str:
     from .. import compat
 
     tok = compat.load_tokenizer(path)
+    n_prompt = len(tok(g.prompt)["input_ids"])
+    conf_file = Path(path) / "config.json"
+    conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
+    limit = conf.get("max_position_embeddings") if isinstance(conf, dict) else None
+    if isinstance(limit, int) and n_prompt + int(g.max_new_tokens) > limit:  # before the model loads
+        raise GlobeError(f"generate.max_new_tokens: the prompt's {n_prompt} tokens + {g.max_new_tokens} new "
+                         f"exceed the model's max_position_embeddings={limit}")
     device = resolve_device(g.device, "generate.device")
     dtype = None if g.dtype == "auto" else g.dtype
     if cfg.artifacts:  # an original checkpoint with a fit directory: the same as globe eval artifacts=

@@ -1,0 +1,100 @@
+"""Bad input found by this stop's bad-input trial: one line, exit 2 (CLI) or ValueError/GlobeError naming
+the problem (Python), nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import globe
+from globe.cli.main import main
+from globe.errors import GlobeError
+from globe.fixtures import FIXTURE_DIR
+from globe.testing.artifacts import random_artifacts
+from globe.testing.models import save_model, tiny_model
+
+
+def one_line(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err and err[-1].startswith("error: "), err
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("make,key", [
+    (lambda: globe.GenerateCfg(prompt="x", max_new_tokens="abc"), "generate.max_new_tokens"),
+    (lambda: globe.GenerateCfg(prompt="x", max_new_tokens=2.7), "generate.max_new_tokens"),
+    (lambda: globe.GenerateCfg(prompt="x", max_new_tokens=True), "generate.max_new_tokens"),
+    (lambda: globe.CacheCfg(S_per_layer="lots"), "cache.S_per_layer"),
+    (lambda: globe.EvalCfg(context=None), "eval.context"),
+    (lambda: globe.EvalCfg(max_tokens=-5), "eval.max_tokens"),
+    (lambda: globe.EvalCfg(dataset="bogus"), "eval.dataset"),
+    (lambda: globe.ExportCfg(overwrite="yes"), "export.overwrite"),
+])
+def test_python_configs_name_the_key(make, key):
+    with pytest.raises(ValueError, match=key):
+        make()
+
+
+def test_group_given_a_number(capsys, tmp_path):
+    assert "bad override" in one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}",
+                                               "bank=5"])
+
+
+def test_eval_rejects_negative_max_tokens_and_unknown_dataset(capsys):
+    assert "eval.max_tokens" in one_line(capsys, ["eval", f"model.path={FIXTURE_DIR}", "eval.max_tokens=-5"])
+    assert "eval.dataset" in one_line(capsys, ["eval", f"model.path={FIXTURE_DIR}", "eval.dataset=bogus",
+                                               f"eval.text={FIXTURE_DIR / 'eval.txt'}"])
+
+
+def test_generate_beyond_the_context_is_refused_before_loading(capsys):
+    msg = one_line(capsys, ["generate", f"model.path={FIXTURE_DIR}", "prompt=hi", "max_new_tokens=100000000"])
+    assert "max_position_embeddings" in msg
+
+
+@pytest.mark.parametrize("body", [b"\x80\x81\xfe" * 1000, b""])
+def test_binary_or_empty_calibration_text_leaves_nothing(body, capsys, tmp_path):
+    bad = tmp_path / "calib.txt"
+    bad.write_bytes(body)
+    out = tmp_path / "fit"
+    msg = one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={out}", "train.objective=activation",
+                            f"train.calib_text={bad}", "train.steps=2"])
+    assert "calibration text" in msg and not out.exists()
+
+
+def test_corrupt_fit_files(tmp_path, capsys):
+    model = tiny_model("qwen2_moe")
+    src = save_model(model, tmp_path / "src")
+    fit = tmp_path / "fit"
+    random_artifacts(model).save(fit)
+    (fit / "summary.json").write_text('"str"')
+    assert "summary.json" in one_line(capsys, ["report", str(fit)])
+    (fit / "globe_config.json").write_text("[]")
+    msg = one_line(capsys, ["export", f"model.path={src}", f"artifacts={fit}", f"output_dir={tmp_path / 'x'}"])
+    assert "globe_config.json" in msg and "JSON object" in msg and not (tmp_path / "x").exists()
+    with pytest.raises(GlobeError, match="JSON object"):
+        globe.Artifacts.load([fit])
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+    model = tiny_model("qwen2_moe")
+    src = save_model(model, tmp_path / "src")
+    fit = tmp_path / "fit"
+    random_artifacts(model).save(fit)
+    out = tmp_path / "out"
+    args = ["export", f"model.path={src}", f"artifacts={fit}", f"output_dir={out}", "export.format=dense"]
+    assert main(args) == 0
+    assert "export.overwrite=true" in one_line(capsys, args)  # refused without the flag, named in the message
+    (out / "marker").write_text("x")
+    assert main([*args, "export.overwrite=true"]) == 0
+    assert not (out / "marker").exists() and json.loads((out / "config.json").read_text())["globe_dense_export"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    msg = one_line(capsys, ["export", f"model.path={src}", f"artifacts={fit}", f"output_dir={other}",
+                            "export.overwrite=true"])
+    assert "not an earlier globe or dense export" in msg and (other / "notes.txt").read_text() == "mine"
+    shutil.rmtree(out)
