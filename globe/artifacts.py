@@ -229,6 +229,7 @@ class Artifacts:
     expert_intermediate_size: int
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # resolved fit config as a dict
+    source_digest: dict[str, str] = field(default_factory=dict)  # family -> Checkpoint.expert_digest at fit time
 
     def layer_slice(self, layer: int) -> slice:
         li = self.moe_layers.index(layer)
@@ -239,7 +240,8 @@ class Artifacts:
         return {"format": FORMAT, "version": VERSION, "model_type": self.model_type, "source": self.source,
                 "moe_layers": list(self.moe_layers), "num_experts": self.num_experts,
                 "hidden_size": self.hidden_size, "expert_intermediate_size": self.expert_intermediate_size,
-                "families": {f: fa.family_meta() for f, fa in self.families.items()}, "config": self.config}
+                "families": {f: fa.family_meta() for f, fa in self.families.items()}, "config": self.config,
+                "source_digest": dict(self.source_digest)}
 
     def validate(self) -> None:
         n = len(self.moe_layers) * self.num_experts
@@ -433,7 +435,8 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
         arts = Artifacts(families=fams, model_type=meta["model_type"], moe_layers=layers, num_experts=E,
                          hidden_size=int(meta["hidden_size"]),
                          expert_intermediate_size=int(meta["expert_intermediate_size"]),
-                         source=meta.get("source", ""), config=meta.get("config", {}))
+                         source=meta.get("source", ""), config=meta.get("config", {}),
+                         source_digest=dict(meta.get("source_digest") or {}))
     except (KeyError, TypeError, ValueError) as e:
         raise GlobeError(f"artifact metadata incomplete or malformed ({type(e).__name__}: {e})") from None
     arts.validate()
@@ -484,6 +487,7 @@ def merge(parts: list[Artifacts], where: str) -> Artifacts:
         if dup:
             raise GlobeError(f"artifacts {where}: family {sorted(dup)[0]} appears twice")
         base.families.update(other.families)
+        base.source_digest = {**base.source_digest, **other.source_digest}
     return base
 
 

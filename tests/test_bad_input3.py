@@ -98,3 +98,24 @@ def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
                             "export.overwrite=true"])
     assert "not an earlier globe or dense export" in msg and (other / "notes.txt").read_text() == "mine"
     shutil.rmtree(out)
+
+
+def test_export_warns_when_the_model_is_not_the_fit_source(tmp_path, capsys, caplog, monkeypatch):
+    """Same shapes, other weights: the export works but says so (the fit records a digest of its source)."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="globe")
+    warned = "differ from those the artifacts were fitted on"
+    a = save_model(tiny_model("qwen2_moe", seed=0), tmp_path / "a")
+    b = save_model(tiny_model("qwen2_moe", seed=1), tmp_path / "b")
+    fit = tmp_path / "fit"
+    assert main(["fit", f"model.path={a}", f"output_dir={fit}", "bank.m_up=4", "bank.m_gate=4",
+                 "sparsity.target_support=2", "train.steps=2", "train.batch_size=4", "train.baselines=false"]) == 0
+    digest = json.loads((fit / "globe_config.json").read_text())["source_digest"]
+    assert set(digest) == {"up", "gate"}
+    caplog.clear()
+    assert main(["export", f"model.path={a}", f"artifacts={fit}", f"output_dir={tmp_path / 'ea'}"]) == 0
+    assert not any(warned in r.getMessage() for r in caplog.records)
+    assert main(["export", f"model.path={b}", f"artifacts={fit}", f"output_dir={tmp_path / 'eb'}"]) == 0
+    assert any(warned in r.getMessage() for r in caplog.records)

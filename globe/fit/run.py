@@ -313,7 +313,8 @@ def _rank_peaks(dist: Dist, dev: str) -> dict:
 def _artifacts(ck: Checkpoint, cfg: GlobeConfig, families: dict) -> Artifacts:
     return Artifacts(families=families, model_type=ck.model_type, moe_layers=list(ck.moe_layers),
                      num_experts=ck.num_experts, hidden_size=ck.hidden_size, expert_intermediate_size=ck.p,
-                     source=str(ck.dir), config=cfg.to_dict())
+                     source=str(ck.dir), config=cfg.to_dict(),
+                     source_digest={f: ck.expert_digest(f) for f in cfg.train.families})
 
 
 def _svdvals(W: torch.Tensor, sc: torch.Tensor, chunk: int = 8, progress: bool | None = None,

@@ -354,6 +354,14 @@ class Checkpoint:
                 raise GlobeError(f"{self.dir}: expert tensor {name} is stored as {self.stored_dtype_str(name)}; "
                                  "expert weights must be floating point (fp32, bf16, fp16 or FP8 with block scales)")
 
+    def expert_digest(self, family: str) -> str:
+        """A short sha256 of expert 0 of the first MoE layer of `family`, as fp32 values: what a fit records
+        to recognise its source later (the same weights saved in another float dtype keep their digest)."""
+        import hashlib
+
+        w = self.expert(self.moe_layers[0], 0, family, torch.float32).contiguous()
+        return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
+
     def expert(self, layer: int, e: int, family: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One routed expert's matrix: gate/up (p, d), down (d, p); stored dtype (FP8: dequantized, bf16)
         unless `dtype` is given."""

@@ -159,6 +159,10 @@ def check_ckpt(ck: Checkpoint, arts: Artifacts) -> None:
     for n, g, w in zip(names, got, want):
         if g != w:
             raise GlobeError(f"artifacts do not match the model: {n} {w} in the artifacts, {g} in {ck.dir}")
+    for f, digest in sorted(arts.source_digest.items()):
+        if f in arts.families and ck.expert_digest(f) != digest:
+            log("warning: the %s experts of %s differ from those the artifacts were fitted on (%s): the "
+                "export combines this model with another model's fit", f, ck.dir, arts.source or "unknown source")
 
 
 def model_names(ck: Checkpoint) -> tuple[set[str], bool]:
