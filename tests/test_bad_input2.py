@@ -5,18 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from cli_helpers import one_line
 
-from globe.cli.main import main
 from globe.config import GlobeConfig, TrainCfg
 from globe.fixtures import FIXTURE_DIR
-
-
-def one_line(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err and err[-1].startswith("error: "), err
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 @pytest.mark.parametrize("kv,key", [("bank.m_up=abc", "bank.m_up"), ("bank.m_up=true", "bank.m_up"),

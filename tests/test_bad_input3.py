@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from cli_helpers import one_line
 
 import globe
 from globe.cli.main import main
@@ -14,14 +15,6 @@ from globe.errors import GlobeError
 from globe.fixtures import FIXTURE_DIR
 from globe.testing.artifacts import random_artifacts
 from globe.testing.models import save_model, tiny_model
-
-
-def one_line(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err and err[-1].startswith("error: "), err
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 @pytest.mark.parametrize("make,key", [
