@@ -78,5 +78,6 @@ def check_type(x: Any, cls: type, what: str) -> Any:
     """x itself when it is a `cls` (or None); else ValueError naming the argument (a dict or a GlobeConfig
     passed where a narrow config belongs fails here, not deep inside a verb)."""
     if x is not None and not isinstance(x, cls):
-        raise ValueError(f"{what}: expected a {cls.__name__}, got {type(x).__name__}")
+        article = "an" if cls.__name__[:1] in "AEIOU" else "a"
+        raise ValueError(f"{what}: expected {article} {cls.__name__}, got {type(x).__name__}")
     return x

@@ -138,6 +138,8 @@ def _check_out(output_dir: str | None, overwrite: bool = False) -> Path:
         if not _is_export(out):
             raise GlobeError(f"output_dir {out} is not an earlier globe or dense export; export.overwrite only "
                              "replaces those")
+        log("export: export.overwrite=true: the whole directory %s (an earlier export, %d files) is replaced "
+            "when the new export is complete", out, sum(1 for f in out.rglob("*") if f.is_file()))
     check_writable(out, what="output_dir")
     return out
 
