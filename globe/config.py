@@ -123,6 +123,7 @@ class SparsityCfg:
     support0: int | None = None  # support target at step 0 (None -> min(m, 3 * target_support))
     anneal_frac: float = 0.5  # fraction of steps over which the support target decays to target_support
     z_max: float = 1.0  # cap on the per-expert std of the logits (they cannot outrun T); 0 = no cap
+    recalibrate: float = 0.0  # > 1: re-set T by bisection when the median support leaves [tgt/x, tgt*x]; 0 = off
 
     def __post_init__(self) -> None:
         _numbers(self, "sparsity")
@@ -139,6 +140,8 @@ class SparsityCfg:
         _need(float(self.l1) >= 0, "sparsity.l1", f"must be >= 0, got {self.l1}")
         _need(0 <= float(self.eps_prune) < 1, "sparsity.eps_prune", f"must be in [0, 1), got {self.eps_prune}")
         _need(self.support0 is None or int(self.support0) >= 1, "sparsity.support0", "must be >= 1")
+        _need(float(self.recalibrate) == 0 or float(self.recalibrate) > 1, "sparsity.recalibrate",
+              f"must be 0 (off) or > 1 (a factor), got {self.recalibrate}")
         _need(0 <= float(self.anneal_frac) <= 1, "sparsity.anneal_frac", f"must be in [0, 1], got {self.anneal_frac}")
         _need(float(self.z_max) >= 0, "sparsity.z_max", f"must be >= 0, got {self.z_max}")
 

@@ -40,7 +40,7 @@ from .init import check_finite, expert_scales, inv_scales, live_experts, quiet
 from .model import GlobeParams
 from .share import expert_banks, layer_banks, warm_start_banks
 from .solve import ridge_A
-from .temperature import TempController, support_schedule
+from .temperature import TempController, calibrate, support_schedule
 
 INIT_EVAL_MAX = 512  # experts in the warm start's error estimate (all of them up to this many)
 Whiten = Callable[[torch.Tensor], torch.Tensor] | None  # expert idx (n,) -> L (n, d, d)
@@ -222,6 +222,9 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
                     or cfg.train.code_pass_every):
         raise GlobeError(f"a sharded fit supports one bank per family (bank.share=global, got {cfg.bank.share!r}) "
                          f"and no code passes (train.code_pass_every=0, got {cfg.train.code_pass_every}) for now")
+    if dist.on and cfg.sparsity.recalibrate:
+        raise GlobeError("a sharded fit does not support sparsity.recalibrate yet (each rank holds its own "
+                         "experts' logits); set sparsity.recalibrate=0")
     tr, sp = cfg.train, cfg.sparsity
     dense = get_sparse_map(sp.map).dense
     N, p, d = W.shape
@@ -302,7 +305,13 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         T_used = ctrl.T
         tgt = support_schedule(step + 1, tr.steps, sp.target_support, _support0(cfg, fam), sp.anneal_frac)
         if not dense:  # a dense map (softmax) has full support at any T: nothing to control
-            ctrl.update(med, tgt)
+            x = float(sp.recalibrate)
+            if x > 1 and not tgt / x <= med <= tgt * x:  # far off: jump, then keep controlling
+                with torch.no_grad():
+                    z = prm.logits.detach()[live_d] if bool(live_d.any()) else prm.logits.detach()
+                    ctrl.T = calibrate(z, max(1, round(tgt)), sp.map, sp.alpha, ctrl.T_min, ctrl.T_max)
+            else:
+                ctrl.update(med, tgt)
         step += 1
         batch_err = math.sqrt(float(r2_all / n2_all.clamp_min(1e-30)))
         last = {"step": step, "family": fam, "loss": float(loss_all), "rel_error": batch_err,
@@ -384,7 +393,8 @@ def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, st
     target = cfg.sparsity.target_support
     if not get_sparse_map(cfg.sparsity.map).dense and abs(float(sup.median()) - target) > max(1.0, 0.25 * target):
         log("fit %s: median support %.0f, far from sparsity.target_support=%d: temperature control had too few "
-            "steps (%d) to settle; raise train.steps (a few hundred on small models)", fam, float(sup.median()),
+            "steps (%d) to settle; raise train.steps (a few hundred on small models) or set sparsity.recalibrate=2",
+            fam, float(sup.median()),
             target, step)
     sv = state["sv"]
     G, m, r = prm.bank_raw.shape[:3]
