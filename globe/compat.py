@@ -16,6 +16,7 @@ It also builds models without materialising their weights (`empty_model`) and re
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from collections.abc import Iterator
@@ -433,6 +434,7 @@ def base_classes(model_type: str) -> tuple[type, type]:
     return cfg_cls, AutoModelForCausalLM._model_mapping[cfg_cls]
 
 
+@functools.cache
 def _cache_kwarg() -> str:
     """The forward() keyword that carries the KV cache: `cache` from transformers 5.24 (which renamed
     `past_key_values` and warns that the old name goes in 5.40); `past_key_values` before (5.23 accepted

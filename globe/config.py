@@ -388,6 +388,8 @@ def _number(key: str, typ: str, v: Any) -> Any:
         raise ValueError(f"{key}: expected a number, got None")
     if isinstance(v, bool):
         raise ValueError(f"{key}: expected a number, got {v!r}")
+    if isinstance(v, int) and want == "int":
+        return v  # exact, however large (a seed)
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -406,6 +408,5 @@ def _build(sub_cls: type, prefix: str, val: dict[str, Any]) -> Any:
     for k in val:
         if k not in fields:
             raise ValueError(f"{prefix}.{k}: unknown config key")
-    val = {k: _number(f"{prefix}.{k}", fields[k], v) for k, v in val.items()}
     return sub_cls(**{k: (list(v) if isinstance(v, (list, tuple)) and k != "betas" else v)
                       for k, v in val.items()})

@@ -197,7 +197,7 @@ def test_memory_hint_at_full_size():
     from globe.runtime import load as load_mod
 
     blk = 2 * 704 * 2048 * 2
-    est = {"modes": {"none": 18.5e9 + 8 * blk}, "block": blk}
+    est = {"base": 18.5e9, "modes": {"none": 18.5e9 + 8 * blk}, "block": blk}
     hint = load_mod._fitting_hint(est, {"moe_layers": list(range(24)), "num_experts": 60}, int(24.3e9))
     assert hint.startswith("; cache.mode=lru cache.S_per_layer=12 needs about 22.6 GB"), hint
     assert load_mod.OVERHEAD == 0.12 and load_mod.HINT_ROOM == 0.95  # the constants the figures above assume

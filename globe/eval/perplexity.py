@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..config import DATASETS
 from ..errors import GlobeError
 from ..io.text import load_text  # noqa: F401  (part of this module's API)
 
@@ -25,7 +26,7 @@ from ..io.text import load_text  # noqa: F401  (part of this module's API)
 def load_dataset_text(name: str, split: str = "test") -> str:
     """WikiText-2 (raw) through `datasets`, joined with blank lines like the HF perplexity guide."""
     key = name.lower().replace("-", "").replace("_", "")
-    if key not in ("wikitext2", "wikitext2raw", "wikitext"):
+    if key not in DATASETS:
         raise GlobeError(f"unknown eval.dataset {name!r}; supported: wikitext2 (or pass eval.text=FILE)")
     try:
         import datasets
@@ -68,6 +69,11 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 BIG_PARAMS = 1e9  # above this many parameters, perplexity and speed always report progress
 
 
+def is_big(model) -> bool:
+    """More than BIG_PARAMS parameters: a forward can take minutes on a CPU, so progress is always shown."""
+    return sum(p.numel() for p in model.parameters()) > BIG_PARAMS
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None,
                device: torch.device | str | None = None) -> dict:
@@ -94,8 +100,7 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
     from ..progress import Progress
 
     # a few windows of a small model take a second (no lines); one window of a full-size model, minutes
-    big = sum(p.numel() for p in model.parameters()) > BIG_PARAMS
-    bar = Progress(ids.numel() - 1, "perplexity", "tokens", quiet=len(spans) < 4 and not big)
+    bar = Progress(ids.numel() - 1, "perplexity", "tokens", quiet=len(spans) < 4 and not is_big(model))
     for begin, end, first in spans:
         x = ids[begin:end - 1].unsqueeze(0).to(device)
         n_scored = end - first

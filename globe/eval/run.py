@@ -4,8 +4,8 @@ Why one entry point: the CLI composes a GlobeConfig and calls `run_eval(cfg)`; t
 benchmarks call the same function, so every number in the docs comes from one code path.
 
 `cfg.model.path` may be an original HF checkpoint, a dense export (plain transformers directory) or a
-GloBE export (detected with `globe.runtime.export.is_globe_dir`, loaded with its `load_model`, which
-applies cfg.cache). The returned object always has the keys
+GloBE export (told apart by `globe.runtime.export.export_kind`, loaded with `load_model`, which applies
+cfg.cache). The returned object always has the keys
     perplexity, nll_per_token, tokens, prefill_tok_s, decode_tok_s, peak_mem_bytes, cache_hit_rate,
     device, dtype
 (null where not asked) plus extras: model_path, model_kind, context, stride, windows, speed details,
@@ -30,53 +30,34 @@ KEYS = ("perplexity", "nll_per_token", "tokens", "prefill_tok_s", "decode_tok_s"
         "cache_hit_rate", "device", "dtype")
 
 
-def _is_globe_dir(path: Path) -> bool:
-    try:
-        from ..runtime.export import is_globe_dir
-    except ImportError:
-        return False
-    return bool(is_globe_dir(str(path)))
-
-
 def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, collect_stats: bool = False):
     """(model, tokenizer, kind) for cfg.model.path; kind is 'globe', 'dense' (a globe dense export) or 'hf'."""
     from .. import compat
+    from ..artifacts import Artifacts
     from ..io.checkpoint import resolve_path
+    from ..runtime.export import export_kind
+    from ..runtime.load import load_model
 
     path = resolve_path(cfg.model.path, cfg.model.revision)
     tok = compat.load_tokenizer(path)
-    if _is_globe_dir(path):
-        if cfg.artifacts:
-            raise GlobeError(f"artifacts: {path} is already a globe export; give the original checkpoint as "
-                             "model.path to apply a fit directory, or drop artifacts=")
-        from ..runtime.load import load_model
+    kind = export_kind(path)
+    if kind == "globe" and cfg.artifacts:
+        raise GlobeError(f"artifacts: {path} is already a globe export; give the original checkpoint as "
+                         "model.path to apply a fit directory, or drop artifacts=")
+    if kind is None and not (path / "config.json").is_file():
+        raise GlobeError(f"no config.json in {path}: not a model directory")
+    # cache settings: a globe export applies them; with artifacts= they go to patch_model below; on any other
+    # model load_model says they do not apply
+    model = load_model(str(path), device=device, dtype=dtype, cache=None if cfg.artifacts else cfg.cache,
+                       collect_stats=collect_stats)
+    kind = kind or "hf"
+    if cfg.artifacts:  # an original checkpoint with a fit directory: patched in place, as globe.patch_model
+        from ..runtime.patch import patch_model
 
-        model = load_model(str(path), device=device, dtype=dtype, cache=cfg.cache, collect_stats=collect_stats)
+        patch_model(model, Artifacts.load(cfg.artifacts), cache=cfg.cache or CacheCfg(),
+                    collect_stats=collect_stats, keep_original=False)
         kind = "globe"
-    else:
-        if not (path / "config.json").is_file():
-            raise GlobeError(f"no config.json in {path}: not a model directory")
-        from ..runtime.export import DENSE_KEY
-
-        dense = DENSE_KEY in json.loads((path / "config.json").read_text())
-        if cfg.cache is not None and not cfg.artifacts:
-            from ..progress import log
-            log("eval: %s is not a globe export (its experts are dense); the cache settings do not apply", path)
-        model, kind = compat.load_pretrained(path, dtype, device), "dense" if dense else "hf"
-        if cfg.artifacts:  # an original checkpoint with a fit directory: patched in place, as globe.patch_model
-            from ..runtime.patch import patch_model
-
-            patch_model(model, _artifacts(cfg.artifacts), cache=cfg.cache or CacheCfg(),
-                        collect_stats=collect_stats, keep_original=False)
-            kind = "globe"
     return model.eval(), tok, kind
-
-
-def _artifacts(a):
-    """A fit directory, or several (a list) holding different families, as Artifacts."""
-    from ..artifacts import Artifacts
-
-    return Artifacts.load(a)
 
 
 def _cache_S(model, cfg: GlobeConfig) -> int:

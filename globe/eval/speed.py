@@ -94,11 +94,10 @@ def measure_speed(model, prefill_tokens: int = 512, decode_tokens: int = 64, see
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, int(cfg.vocab_size), (1, n), generator=g).to(device)
     from ..progress import Progress
-    from .perplexity import BIG_PARAMS
+    from .perplexity import is_big
 
     runs = max(1, int(repeats))
-    big = sum(p.numel() for p in model.parameters()) > BIG_PARAMS  # a full-size model: minutes per run
-    bar = Progress(runs + bool(warmup), "speed (prefill + decode runs)", "runs", quiet=not big)
+    bar = Progress(runs + bool(warmup), "speed (prefill + decode runs)", "runs", quiet=not is_big(model))
     if warmup:
         _run(model, prompt, min(k, 4), device)
         bar.update()

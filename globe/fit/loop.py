@@ -31,7 +31,7 @@ import torch
 from ..artifacts import Family
 from ..config import GlobeConfig
 from ..errors import GlobeError
-from ..maps import get_sparse_map, support
+from ..maps import code_stats, get_sparse_map, support
 from ..progress import Progress, log
 from .budget import fit_rank
 from .codes import FitOptimizer, code_pass
@@ -394,8 +394,7 @@ def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, st
     if not get_sparse_map(cfg.sparsity.map).dense and abs(float(sup.median()) - target) > max(1.0, 0.25 * target):
         log("fit %s: median support %.0f, far from sparsity.target_support=%d: temperature control had too few "
             "steps (%d) to settle; raise train.steps (a few hundred on small models) or set sparsity.recalibrate=2",
-            fam, float(sup.median()),
-            target, step)
+            fam, float(sup.median()), target, step)
     sv = state["sv"]
     G, m, r = prm.bank_raw.shape[:3]
     floor = math.sqrt(float((sv[:, r:].pow(2).sum(1) * s.pow(2)).sum() / (sv.pow(2).sum(1) * s.pow(2)).sum()))
@@ -410,7 +409,8 @@ def _finish(W, s, prm, best, cfg, fam, *, whiten, rows, dev, state, init_err, st
         "steps_run": step, "stopped_early": early, "resumed": resumed, "m": m, "r": r,
         "share": cfg.bank.share, "banks": G, "m_total": G * m, "gains": prm.gain.detach().cpu().tolist(),
         "stored_params": art.stored_params(), "original_params": N * p * d, "fit_time_s": time.time() - t0,
-        "atom_popularity": (pruned > 0).sum(0).tolist(), "support_hist": torch.bincount(sup.long()).tolist(),
+        "atom_popularity": code_stats(pruned)["atom_popularity"],
+        "support_hist": code_stats(pruned[live])["support_counts"],
         "dead_experts": int((~live_experts(s)).sum()),
     }
     return FamilyFit(artifact=art, metrics=metrics)

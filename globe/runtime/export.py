@@ -59,13 +59,21 @@ Plan = list[tuple[str, torch.dtype, tuple[int, ...]]]
 Producer = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
 
+def export_kind(path: Any) -> str | None:
+    """'globe' when `path` holds a globe export (config.json with a `globe` section), 'dense' for a dense
+    export (DENSE_KEY), None otherwise (an original checkpoint, anything unreadable)."""
+    try:
+        conf = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(conf, dict):
+        return None
+    return "globe" if "globe" in conf else "dense" if DENSE_KEY in conf else None
+
+
 def is_globe_dir(path: Any) -> bool:
     """True when `path` holds a GloBE export (config.json with a `globe` section)."""
-    cfg = Path(path) / "config.json"
-    try:
-        return cfg.is_file() and "globe" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, OSError):
-        return False
+    return export_kind(path) == "globe"
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -135,22 +143,13 @@ def _check_out(output_dir: str | None, overwrite: bool = False) -> Path:
         if not overwrite:
             raise GlobeError(f"output_dir {out} exists and is not empty; choose a new directory "
                              "(or export.overwrite=true to replace an earlier export)")
-        if not _is_export(out):
+        if export_kind(out) is None:
             raise GlobeError(f"output_dir {out} is not an earlier globe or dense export; export.overwrite only "
                              "replaces those")
         log("export: export.overwrite=true: the whole directory %s (an earlier export, %d files) is replaced "
             "when the new export is complete", out, sum(1 for f in out.rglob("*") if f.is_file()))
     check_writable(out, what="output_dir")
     return out
-
-
-def _is_export(d: Path) -> bool:
-    """d holds an export this package wrote (config.json with a `globe` or DENSE_KEY section)."""
-    try:
-        conf = json.loads((d / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(conf, dict) and ("globe" in conf or DENSE_KEY in conf)
 
 
 def check_ckpt(ck: Checkpoint, arts: Artifacts) -> None:

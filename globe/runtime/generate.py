@@ -28,7 +28,8 @@ def generate(cfg: GlobeConfig) -> str:
     from .. import compat
 
     tok = compat.load_tokenizer(path)
-    n_prompt = len(tok(g.prompt)["input_ids"])
+    enc = tok(g.prompt, return_tensors="pt")
+    n_prompt = int(enc["input_ids"].shape[-1])
     conf_file = Path(path) / "config.json"
     conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
     limit = conf.get("max_position_embeddings") if isinstance(conf, dict) else None
@@ -43,7 +44,7 @@ def generate(cfg: GlobeConfig) -> str:
         model = load_for_eval(cfg, device, to_dtype(dtype) if dtype else None)[0]
     else:
         model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
-    enc = tok(g.prompt, return_tensors="pt").to(device)
+    enc = enc.to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad)
     return tok.decode(out[0], skip_special_tokens=True)

@@ -188,7 +188,7 @@ def _fitting_hint(est: dict[str, Any], meta: dict[str, Any], avail: int) -> str:
     """'; cache.mode=lru cache.S_per_layer=S needs about X GB' for the largest S (a multiple of 4 from 8
     on) that fits in HINT_ROOM of the available memory, else `none`'s figure, else a way out."""
     L, E = len(meta["moe_layers"]), int(meta["num_experts"])
-    base, per_block = est["modes"]["none"] - min(E, 8) * est["block"], est["block"]
+    base, per_block = est["base"], est["block"]
     for S in range(E, 1, -1):
         need = _with_overhead(base + L * S * per_block)
         if need <= HINT_ROOM * avail and (S < 8 or S % 4 == 0):
