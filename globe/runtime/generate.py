@@ -46,5 +46,28 @@ def generate(cfg: GlobeConfig) -> str:
         model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
     enc = enc.to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad)
+    from ..eval.perplexity import is_big
+
+    streamer = _Progress(int(g.max_new_tokens)) if is_big(model) else None  # full size: seconds per token
+    out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad,
+                         streamer=streamer)
+    if streamer is not None:
+        streamer.end()
     return tok.decode(out[0], skip_special_tokens=True)
+
+
+class _Progress:
+    """A transformers generation streamer (put / end) that only counts new tokens into a Progress."""
+
+    def __init__(self, total: int):
+        from ..progress import Progress
+
+        self.bar, self.prompt_seen = Progress(total, "generate", "tokens"), False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:  # the first call carries the prompt
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
