@@ -54,8 +54,10 @@ def test_lru_capacity_never_exceeded_random_trace():
 
 def test_none_mode_composes_every_call():
     none, calls = _counting_slab(0, E=4)
-    none.lookup([1, 2])
-    none.lookup([1])
+    for ids in ([1, 2], [1]):
+        blocks = none.lookup(ids)
+        assert calls[-1:] != [ids]  # composed where used, not at lookup
+        assert all(torch.equal(blocks.block(e), torch.full((2, 3), float(e))) for e in ids)
     assert calls == [[1, 2], [1]] and none.stats == {"hits": 0, "misses": 3} and none.keys() == []
 
 

@@ -215,6 +215,32 @@ def test_modes_bit_identical_over_a_sequence(layer, dtype):
             assert len(cache.keys()) <= S
 
 
+@pytest.mark.parametrize("S", [0, 2])
+def test_lazy_part_is_composed_a_chunk_at_a_time_on_the_grouped_path(S, monkeypatch):
+    """Misses beyond the slab (all of them in `none`) are composed `COMPOSE_CHUNK` at a time, each chunk
+    multiplied before the next is composed; the result equals the full table's bit for bit."""
+    import globe.runtime.kernels as K
+
+    monkeypatch.setattr(K, "COMPOSE_CHUNK", 3)
+    E = 10
+    fams, lw, table, comp = make_layer(E=E)
+    sizes = []
+
+    def counting(ids, out):
+        sizes.append(len(ids))
+        comp(ids, out)
+
+    cache = SlabCache(S, E, (lw.block_rows, 32), torch.float32, "cpu", counting)
+    idx, w = routing(40, E, 2, seed=5)
+    h = torch.randn(40, 32, generator=torch.Generator().manual_seed(1))
+    act, counts = active_experts(idx, E)
+    assert len(act) == E  # every expert active: E - S misses go to the lazy part
+    got = experts_forward(h, idx, w, lw, cache.lookup(act, counts), "grouped", counts)
+    want = experts_forward(h, idx, w, lw, Blocks([table]), "grouped")
+    assert torch.equal(got, want)
+    assert sizes == ([3, 3, 3, 1] if S == 0 else [2, 3, 3, 2])  # with S = 2 the slab's misses come first
+
+
 # ---- composition ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw", [{}, *({"activation": a, "col_scale": True} for a in sorted(ACTIVATIONS))])
 def test_compose_many_matches_reference_and_is_batch_independent(kw):
@@ -250,9 +276,12 @@ def test_slab_cache_policy_worked_example():
     assert calls[-1] == [5] and sc.keys() == [3, 5] and sc.slot_of[5] == 0
     sc.lookup([3])  # hit: no compose, 3 becomes most recent
     assert len(calls) == 2 and sc.keys() == [5, 3]
-    b = sc.lookup([0, 2, 3, 4])  # 3 is kept; one slot for misses (the highest id), the rest in a temp part
-    assert sc.keys() == [3, 4] and calls[-2:] == [[4], [0, 2]]
+    b = sc.lookup([0, 2, 3, 4])  # 3 is kept; one slot for misses (the highest id), the rest in a lazy part
+    assert sc.keys() == [3, 4] and calls[-1] == [4]
     assert len(b.parts) == 2 and b.parts[1].shape[0] == 2 and b.groups[0] == 2 and b.groups[2] == 3
+    b.block(0)  # indexing composes the lazy part, once
+    b.block(2)
+    assert calls[-2:] == [[4], [0, 2]]
     assert sc.stats == {"hits": 2, "misses": 6}
     sc.clear()
     assert sc.keys() == [] and sc.nbytes() == 2 * 4

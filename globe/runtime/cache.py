@@ -10,7 +10,8 @@ ops over a prefix of experts sorted by nnz; never a GEMM whose blocking depends 
 
 `SlabCache` keeps at most S composed blocks of one layer in a preallocated slab (S, R, d) with an
 expert -> slot map and composes misses in one `compose_blocks` call straight into their slots
-(S = 0: compose every call, mode `none`). `simulate_lru` replays a routing trace through the same
+(S = 0: compose every call, mode `none`); misses beyond S are composed where the kernel uses them, a
+few at a time (`kernels.LazyPart`), so `none` never holds a whole layer of blocks. `simulate_lru` replays a routing trace through the same
 policy, so the hit rates `globe eval` reports are the runtime's.
 """
 
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import GlobeError
 from ..maps import get_activation
-from .kernels import Blocks, LayerWeights
+from .kernels import Blocks, LayerWeights, LazyPart
 
 MODES = ("full", "lru", "none")
 
@@ -195,7 +196,8 @@ class SlabCache:
 
     lookup(active, counts): the active experts' blocks as `Blocks`. Hits stay in their slots; misses are
     composed in one compose(experts, out) call, straight into free or evicted slots (never a slot of
-    this call's own active experts); misses beyond S go to a temporary part. Recency: this call's
+    this call's own active experts); misses beyond S go to a `LazyPart`, composed where the kernel
+    uses it (a chunk of blocks at a time on the grouped path). Recency: this call's
     experts become the most recent, touched in ascending (tokens, id), so when more than S are active
     the slab keeps the hits, then the misses with the most tokens. capacity 0 composes every call
     (mode `none`).
@@ -238,12 +240,10 @@ class SlabCache:
         for e in active:
             if e in self.slot_of:
                 groups[e] = self.slot_of[e]
-        if to_temp:
-            temp = torch.empty((len(to_temp), *self.shape), dtype=self.dtype, device=self.device)
-            self.compose(to_temp, temp)
+        if to_temp:  # composed where used, a chunk at a time (kernels.LazyPart)
+            parts.append(LazyPart(to_temp, self.compose, self.shape, self.dtype, self.device))
             for j, e in enumerate(to_temp):
                 groups[e] = self.capacity + j
-            parts.append(temp)
         if not parts:  # no active expert and no slab
             parts = [torch.empty((0, *self.shape), dtype=self.dtype, device=self.device)]
         return Blocks(parts, torch.tensor(groups, dtype=torch.int64).to(self.device), groups)

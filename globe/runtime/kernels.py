@@ -145,15 +145,60 @@ class LayerWeights:
         return max((hi for _, hi in self.rows.values()), default=0)
 
 
+COMPOSE_CHUNK = 8  # blocks of a LazyPart composed at a time by the grouped path (its peak: 8 blocks)
+
+
+class LazyPart:
+    """Blocks of `experts` (local ids) not composed yet: shape (G, R, d) like a part.
+
+    Why: in `none` mode a 256-token prefill at full size activates all 60 experts of a layer, 346 MB
+    of blocks composed at once; the grouped path instead composes them `chunk` at a time into one
+    reused buffer and runs each chunk's GEMM before composing the next, so the peak is one chunk.
+    Indexing (loop and gather paths) composes the whole part once. Each expert's block has the same
+    bits either way (composition is batch independent, cache.py).
+    """
+
+    def __init__(self, experts: Sequence[int], compose: Callable, shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, chunk: int | None = None):
+        self.experts, self.compose = list(experts), compose
+        self.chunk = max(1, int(COMPOSE_CHUNK if chunk is None else chunk))
+        self.shape = (len(self.experts), *shape)
+        self.dtype, self.device = dtype, device
+        self._whole: torch.Tensor | None = None
+
+    def materialize(self) -> torch.Tensor:
+        """Every block (G, R, d), composed on first use."""
+        if self._whole is None:
+            self._whole = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            if self.experts:
+                self.compose(self.experts, self._whole)
+        return self._whole
+
+    def __getitem__(self, g):
+        return self.materialize()[g]
+
+    def chunks(self):
+        """(first group, blocks (c, R, d)) per chunk, composed into one reused buffer (valid until the next)."""
+        if self._whole is not None:
+            yield 0, self._whole
+            return
+        buf = torch.empty((min(self.chunk, self.shape[0]), *self.shape[1:]), dtype=self.dtype, device=self.device)
+        for s in range(0, self.shape[0], self.chunk):
+            ids = self.experts[s:s + self.chunk]
+            self.compose(ids, buf[:len(ids)])
+            yield s, buf[:len(ids)]
+
+
 @dataclass
 class Blocks:
     """Where this call's blocks live: parts (G_j, R, d) whose groups are numbered consecutively.
 
-    group_of (E,) int64 on the device and its host copy `groups` map an active expert to its group;
-    both None means parts == [table (E, R, d)] indexed by expert (no host state needed).
+    A part is a tensor (a table, an lru slab) or a `LazyPart` (misses beyond the slab, composed where
+    used). group_of (E,) int64 on the device and its host copy `groups` map an active expert to its
+    group; both None means parts == [table (E, R, d)] indexed by expert (no host state needed).
     """
 
-    parts: list[torch.Tensor]
+    parts: list[torch.Tensor | LazyPart]
     group_of: torch.Tensor | None = None
     groups: list[int] | None = None
 
@@ -264,7 +309,10 @@ def _gather_blocks(blocks: Blocks, flat: torch.Tensor) -> torch.Tensor:
     if blocks.group_of is None:
         return blocks.parts[0].index_select(0, flat)
     ids = flat.tolist()
-    return torch.stack([blocks.block(e) for e in ids]) if ids else blocks.parts[0][:0]
+    if not ids:
+        p0 = blocks.parts[0]
+        return torch.empty((0, *p0.shape[1:]), dtype=p0.dtype, device=p0.device)
+    return torch.stack([blocks.block(e) for e in ids])
 
 
 def _grouped_parts(hidden, flat, k, cd, blocks: Blocks, order, counts) -> torch.Tensor:
@@ -281,11 +329,14 @@ def _grouped_parts(hidden, flat, k, cd, blocks: Blocks, order, counts) -> torch.
             gcounts[blocks.groups[e]] += c
     outs, g0, row0 = [], 0, 0
     for part in blocks.parts:
-        G_j = part.shape[0]
-        rows = sum(gcounts[g0:g0 + G_j])
-        if rows:
-            outs.append(gmm(xg[row0:row0 + rows], part, offs_g[g0:g0 + G_j] - row0, gcounts[g0:g0 + G_j]))
-        g0, row0 = g0 + G_j, row0 + rows
+        pieces = part.chunks() if isinstance(part, LazyPart) else [(0, part)]
+        for c0, w in pieces:  # a lazy part: one chunk composed, multiplied, then the next
+            a, G_c = g0 + c0, w.shape[0]
+            rows = sum(gcounts[a:a + G_c])
+            if rows:
+                outs.append(gmm(xg[row0:row0 + rows], w, offs_g[a:a + G_c] - row0, gcounts[a:a + G_c]))
+            row0 += rows
+        g0 += part.shape[0]
     if not outs:  # no assignment at all
         return xg.new_empty((0, blocks.parts[0].shape[1]))
     zg = outs[0] if len(outs) == 1 else torch.cat(outs)
