@@ -11,8 +11,8 @@ ops over a prefix of experts sorted by nnz; never a GEMM whose blocking depends 
 `SlabCache` keeps at most S composed blocks of one layer in a preallocated slab (S, R, d) with an
 expert -> slot map and composes misses in one `compose_blocks` call straight into their slots
 (S = 0: compose every call, mode `none`); misses beyond S are composed where the kernel uses them, a
-few at a time (`kernels.LazyPart`), so `none` never holds a whole layer of blocks. `simulate_lru` replays a routing trace through the same
-policy, so the hit rates `globe eval` reports are the runtime's.
+few at a time (`kernels.LazyPart`), so `none` never holds a whole layer of blocks. `simulate_lru`
+replays a routing trace through the same policy, so the hit rates `globe eval` reports are the runtime's.
 """
 
 from __future__ import annotations
