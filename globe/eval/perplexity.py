@@ -74,6 +74,22 @@ def is_big(model) -> bool:
     return sum(p.numel() for p in model.parameters()) > BIG_PARAMS
 
 
+CE_ROWS = 32  # logits rows upcast to fp32 at a time: 2 x 32 x 151,936 x 4 B = 39 MB for Qwen's vocabulary
+
+
+def nll_sum(logits: torch.Tensor, target: torch.Tensor, rows: int | None = None) -> float:
+    """Sum of -log p(target) for logits (n, vocab) in any dtype, fp32 math, `rows` rows at a time.
+
+    Why: `cross_entropy(logits.float())` over a whole window holds the fp32 copy and its log-softmax
+    at once (2 x 256 x 151,936 x 4 B = 311 MB at Qwen1.5-MoE's vocabulary), on top of the weights.
+    """
+    total, rows = 0.0, rows or CE_ROWS
+    for s in range(0, target.numel(), rows):
+        total += float(torch.nn.functional.cross_entropy(logits[s:s + rows].float(), target[s:s + rows],
+                                                         reduction="sum"))
+    return total
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None,
                device: torch.device | str | None = None) -> dict:
@@ -106,8 +122,7 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         n_scored = end - first
         # logits at positions first-1 .. end-2 (the last n_scored fed) predict targets first .. end-1
         logits = model(input_ids=x, use_cache=False, logits_to_keep=n_scored).logits[0]
-        target = ids[first:end].to(logits.device)
-        nll += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+        nll += nll_sum(logits, ids[first:end].to(logits.device))
         count += n_scored
         bar.update(n_scored)
     bar.close()
