@@ -95,8 +95,8 @@ def main() -> None:
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = cache
         res_file = Path(a.out).with_suffix(".child.json")
         res_file.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "--child", str(res_file), "--export", a.export, "--mode", a.mode, "--S", str(a.S),
-               "--windows", str(a.windows), "--context", str(a.context), "--threads", str(a.threads),
+        cmd = [sys.executable, __file__, "--child", str(res_file), "--export", a.export, "--mode", a.mode,
+               "--S", str(a.S), "--windows", str(a.windows), "--context", str(a.context), "--threads", str(a.threads),
                "--ce-rows", rows]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode or not res_file.exists():

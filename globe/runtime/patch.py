@@ -183,14 +183,20 @@ def to_dense_model(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def warmup(model: nn.Module, ids: torch.Tensor | None = None, tokens: int = 2048, chunk: int = 512) -> None:
-    """Calibration pass filling the LRU caches; stats are reset afterwards."""
+    """Calibration pass filling the LRU caches; stats are reset afterwards. Reports progress on big
+    models (at full size on a CPU, 256 tokens take 20-40 s)."""
+    from ..eval.perplexity import is_big
+    from ..progress import Progress
+
     if ids is None:
         vocab = int(compat.text_config(model.config).vocab_size)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (1, tokens), generator=g)
     ids = ids.reshape(-1)[:tokens].to(compat.model_device(model))
-    for s in range(0, ids.numel(), chunk):
-        model(input_ids=ids[s:s + chunk].unsqueeze(0), use_cache=False)
+    with torch.no_grad(), Progress(ids.numel(), "lru warm-up", "tokens", quiet=not is_big(model)) as bar:
+        for s in range(0, ids.numel(), chunk):
+            model(input_ids=ids[s:s + chunk].unsqueeze(0), use_cache=False)
+            bar.update(min(chunk, ids.numel() - s))
     reset_cache_stats(model)
 
 
