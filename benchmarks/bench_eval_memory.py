@@ -8,7 +8,8 @@ whole (256, 151,936) logits to fp32 at once. Each setting runs in its own proces
 read by oneDNN at its first primitive): load, then `--windows` windows of `--context` tokens scored with
 `globe.eval.perplexity.perplexity`, RSS after each and the sampled peak (every 3 ms).
 
-    python benchmarks/bench_eval_memory.py --export /work/big/bench/export-globe --mode none --windows 3
+    python benchmarks/bench_fullsize.py --ckpt CKPT --work WORK --phases export_globe   # WORK/export-globe
+    python benchmarks/bench_eval_memory.py --export WORK/export-globe --mode none --windows 3
 
 -> benchmarks/results/eval_memory_fullsize.json. Settings: `default` leaves ONEDNN_PRIMITIVE_CACHE_CAPACITY
 unset (oneDNN's 1024), a number sets it; `ce_rows` is `nll_sum`'s rows per fp32 chunk (0: the whole window).
@@ -70,15 +71,15 @@ def child(a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True)
-    ap.add_argument("--mode", default="none")
-    ap.add_argument("--S", type=int, default=8)
-    ap.add_argument("--windows", type=int, default=3)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export", required=True, help="a globe export directory")
+    ap.add_argument("--mode", default="none", help="cache.mode (default: %(default)s)")
+    ap.add_argument("--S", type=int, default=8, help="cache.S_per_layer with --mode lru (default: %(default)s)")
+    ap.add_argument("--windows", type=int, default=3, help="windows scored (default: %(default)s)")
+    ap.add_argument("--context", type=int, default=256, help="tokens per window (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each child (default: %(default)s)")
     ap.add_argument("--settings", nargs="+", default=["default:32", "128:32", "0:32", "128:0"],
                     help="CACHE:CE_ROWS pairs (CACHE: default or a number)")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=str(OUT), help="results JSON (default: the committed %(default)s)")
     ap.add_argument("--child", default=None, help="(internal) run one setting, write its JSON here")
     ap.add_argument("--ce-rows", type=int, default=32)
     a = ap.parse_args()

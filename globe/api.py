@@ -41,8 +41,11 @@ class FitCfg:
 
 
 def _path(x: str | os.PathLike, what: str) -> str:
-    if not isinstance(x, (str, os.PathLike)) or not str(x):
-        raise ValueError(f"{what}: expected a path or hub id, got {x!r}")
+    if not isinstance(x, (str, os.PathLike)):  # e.g. a loaded model: name its type, not its whole repr
+        raise ValueError(f"{what}: expected a path or hub id (a checkpoint or export directory), "
+                         f"got a {type(x).__name__}")
+    if not str(x):
+        raise ValueError(f"{what}: expected a path or hub id, got an empty string")
     return str(x)
 
 

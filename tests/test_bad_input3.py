@@ -112,3 +112,17 @@ def test_export_warns_when_the_model_is_not_the_fit_source(tmp_path, capsys, cap
     assert not any(warned in r.getMessage() for r in caplog.records)
     assert main(["export", f"model.path={b}", f"artifacts={fit}", f"output_dir={tmp_path / 'eb'}"]) == 0
     assert any(warned in r.getMessage() for r in caplog.records)
+
+
+def test_api_model_argument_names_the_type_not_the_repr():
+    """globe.generate(loaded_model, ...) used to raise with the model's whole multi-line repr."""
+    import globe
+    from globe.config import GenerateCfg
+    from globe.testing.models import tiny_model
+
+    with pytest.raises(ValueError) as e:
+        globe.generate(tiny_model("qwen2_moe", seed=0), GenerateCfg(prompt="x"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model: expected a path or hub id") and "Qwen2MoeForCausalLM" in msg
+    with pytest.raises(ValueError, match="empty string"):
+        globe.generate("", GenerateCfg(prompt="x"))
