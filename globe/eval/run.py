@@ -8,8 +8,8 @@ GloBE export (told apart by `globe.runtime.export.export_kind`, loaded with `loa
 cfg.cache). The returned object always has the keys
     perplexity, nll_per_token, tokens, prefill_tok_s, decode_tok_s, peak_mem_bytes, cache_hit_rate,
     device, dtype
-(null where not asked) plus extras: model_path, model_kind, context, stride, windows, speed details,
-hit_rate_by_S, zero_shot, seconds.
+(null where not asked) plus extras: model_path, model_kind, cache (globe models: mode, S_per_layer), context,
+stride, windows, speed details, hit_rate_by_S, zero_shot, seconds.
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(KEYS)
     out.update(device=device.type, dtype=dtype_name(dtype), model_path=str(cfg.model.path), model_kind=kind,
                threads=torch.get_num_threads(), load_s=time.perf_counter() - t0)
+    cache = (getattr(model, "_globe", None) or {}).get("cache")  # the cache settings a globe model runs with
+    out["cache"] = None if cache is None else {"mode": cache.mode, "S_per_layer": int(cache.S_per_layer)}
     ids = tokenize(tok, text, ev.max_tokens) if text is not None else None
     if ids is not None:
         if device.type == "cpu":
