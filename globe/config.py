@@ -26,9 +26,10 @@ def _need(cond: bool, key: str, msg: str) -> None:
 
 
 def _numbers(cfg: Any, prefix: str) -> None:
-    """Every int/float field of a config dataclass as its annotated type, in place; ValueError naming the key
-    for a bool, text, a fraction where an integer belongs or a non-finite float (Python callers get the same
-    one-line errors as the command line)."""
+    """Every int/float/bool/list[int] field of a config dataclass as its annotated type, in place; ValueError
+    naming the key for a bool or text where a number belongs, a fraction where an integer belongs, a
+    non-finite float, or a word other than true/false for a flag (Python callers get the same one-line
+    errors as the command line)."""
     for f in dataclasses.fields(cfg):
         setattr(cfg, f.name, _number(f"{prefix}.{f.name}", f.type, getattr(cfg, f.name)))
 
@@ -379,6 +380,12 @@ def _number(key: str, typ: str, v: Any) -> Any:
     """A config number as its annotated type, or ValueError naming the key (a bool, "abc" or 1.5 for an int)."""
     if not isinstance(typ, str):
         return v
+    if typ == "bool":
+        return _bool(key, v)
+    if typ == "list[int]":
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"{key}: expected a list of integers, e.g. [4,8,16], got {v!r}")
+        return [_number(f"{key}[{i}]", "int", x) for i, x in enumerate(v)]
     want = "int" if typ.startswith("int") else "float" if typ.startswith("float") else None
     if want is None:
         return v
@@ -401,6 +408,17 @@ def _number(key: str, typ: str, v: Any) -> Any:
     if not math.isfinite(x):
         raise ValueError(f"{key}: must be finite, got {v!r}")
     return x
+
+
+def _bool(key: str, v: Any) -> bool:
+    """A bool, or the text true/false (any case); ValueError naming the key for anything else, so a typo
+    like `eval.speed=nope` or `export.overwrite=yes` is refused instead of read as true."""
+    if isinstance(v, bool):
+        return v
+    t = v.strip().lower() if isinstance(v, str) else None
+    if t in ("true", "false"):
+        return t == "true"
+    raise ValueError(f"{key}: expected true or false, got {v!r}")
 
 
 def _build(sub_cls: type, prefix: str, val: dict[str, Any]) -> Any:

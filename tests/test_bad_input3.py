@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from cli_helpers import one_line
 
 import globe
@@ -126,3 +127,51 @@ def test_api_model_argument_names_the_type_not_the_repr():
     assert "\n" not in msg and msg.startswith("model: expected a path or hub id") and "Qwen2MoeForCausalLM" in msg
     with pytest.raises(ValueError, match="empty string"):
         globe.generate("", GenerateCfg(prompt="x"))
+
+
+def test_flags_and_lists_are_checked(capsys):
+    """A typo in a flag used to read as true (eval.speed=nope ran the speed test); S_values=abc crashed."""
+    from globe.config import CacheCfg, EvalCfg
+
+    assert CacheCfg(enabled="false").mode == "none" and EvalCfg(speed="TRUE").speed is True
+    with pytest.raises(ValueError, match="cache.enabled"):
+        CacheCfg(enabled="off")
+    for bad, key in ((dict(speed="nope"), "eval.speed"), (dict(S_values="abc"), "eval.S_values"),
+                     (dict(S_values=["a"]), "eval.S_values[0]"), (dict(S_values=5), "eval.S_values")):
+        with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            EvalCfg(**bad)
+    assert EvalCfg(S_values=["4", 8]).S_values == [4, 8]
+    msg = one_line(capsys, ["eval", f"model.path={FIXTURE_DIR}", f"eval.text={FIXTURE_DIR / 'eval.txt'}",
+                            "eval.speed=nope"])
+    assert "eval.speed" in msg and "true or false" in msg
+
+
+def test_export_with_a_broken_globe_section_is_one_line(tmp_path, capsys):
+    model = tiny_model("qwen2_moe")
+    src = save_model(model, tmp_path / "src")
+    fit = tmp_path / "fit"
+    random_artifacts(model).save(fit)
+    out = tmp_path / "out"
+    assert main(["export", f"model.path={src}", f"artifacts={fit}", f"output_dir={out}"]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    for bad in ({"mode": "bogus"}, {"S_per_layer": -3}, None, "x"):
+        c = json.loads(json.dumps(conf))
+        if bad == "x":
+            c["globe"] = "x"
+        else:
+            c["globe"]["cache"] = bad
+        (out / "config.json").write_text(json.dumps(c))
+        msg = one_line(capsys, ["eval", f"model.path={out}", "eval.speed=true", "eval.prefill_tokens=4",
+                                "eval.decode_tokens=2"])
+        assert "config.json" in msg, (bad, msg)
+
+
+def test_nll_sum_checks_rows_and_shapes():
+    from globe.eval.perplexity import nll_sum
+
+    logits, target = torch.randn(12, 5), torch.zeros(12, dtype=torch.long)
+    for rows in (0, -1):
+        with pytest.raises(ValueError, match="rows"):
+            nll_sum(logits, target, rows)
+    with pytest.raises(ValueError, match="must agree"):
+        nll_sum(logits, target[:10], 5)

@@ -80,10 +80,17 @@ CE_ROWS = 32  # logits rows upcast to fp32 at a time: 2 x 32 x 151,936 x 4 B = 3
 def nll_sum(logits: torch.Tensor, target: torch.Tensor, rows: int | None = None) -> float:
     """Sum of -log p(target) for logits (n, vocab) in any dtype, fp32 math, `rows` rows at a time.
 
-    Why: `cross_entropy(logits.float())` over a whole window holds the fp32 copy and its log-softmax
+    Raises ValueError for rows < 1 or shapes that disagree. Why: `cross_entropy(logits.float())` over a
+    whole window holds the fp32 copy and its log-softmax
     at once (2 x 256 x 151,936 x 4 B = 311 MB at Qwen1.5-MoE's vocabulary), on top of the weights.
     """
-    total, rows = 0.0, rows or CE_ROWS
+    rows = CE_ROWS if rows is None else int(rows)
+    if rows < 1:
+        raise ValueError(f"nll_sum: rows must be >= 1, got {rows}")
+    if logits.ndim != 2 or target.ndim != 1 or logits.shape[0] != target.numel():
+        raise ValueError(f"nll_sum: logits (n, vocab) and target (n,) must agree, got {tuple(logits.shape)} "
+                         f"and {tuple(target.shape)}")
+    total = 0.0
     for s in range(0, target.numel(), rows):
         total += float(torch.nn.functional.cross_entropy(logits[s:s + rows].float(), target[s:s + rows],
                                                          reduction="sum"))

@@ -65,9 +65,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         return compat.load_pretrained(p, to_dtype(dtype), dev)
     conf = json.loads((p / "config.json").read_text())
     meta = conf.pop("globe")
+    if not isinstance(meta, dict):
+        raise GlobeError(f"{p / 'config.json'}: the globe section must be an object, got {type(meta).__name__}")
     _check_version(meta, p / "config.json")
     dt = to_dtype(dtype, DTYPES[meta["dtype"]])
-    cache = cache or CacheCfg(**meta.get("cache", {}))
+    if cache is None:
+        saved = meta.get("cache", {})
+        try:
+            cache = CacheCfg(**saved)
+        except (TypeError, ValueError) as e:  # a hand-edited export: name the file, one line
+            raise GlobeError(f"{p / 'config.json'}: globe.cache {saved!r} is not valid: {e}") from None
     src = TensorDir(p, meta.get("weights_prefix", "model"))
     if check_memory:
         check_memory_for(meta, src, cache, dt, dev)
