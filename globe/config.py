@@ -249,8 +249,7 @@ class ExportCfg:
     overwrite: bool = False  # replace an existing output_dir that holds an earlier globe or dense export
 
     def __post_init__(self) -> None:
-        _numbers(self, "export")
-        _need(isinstance(self.overwrite, bool), "export.overwrite", f"must be true or false, got {self.overwrite!r}")
+        _numbers(self, "export")  # overwrite: a bool or the text true/false, nothing else (it deletes files)
         _need(self.format in ("globe", "dense"), "export.format", f"unknown format {self.format!r}")
         _need(self.dtype in ("fp32", "bf16", "fp16"), "export.dtype", f"unknown dtype {self.dtype!r}")
         _need(float(self.max_shard_gb) > 0, "export.max_shard_gb", f"must be > 0, got {self.max_shard_gb}")

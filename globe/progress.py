@@ -195,3 +195,12 @@ def track(items: Iterable[T], desc: str, total: float | None = None, unit: str =
 def log(msg: str, *args: object) -> None:
     """One INFO line on the globe logger (visible by default, see the module docstring)."""
     get_logger().info(msg, *args)
+
+
+BIG_PARAMS = 1e9  # above this many parameters, every forward-bound phase reports progress
+
+
+def is_big(model) -> bool:
+    """More than BIG_PARAMS parameters: one forward can take seconds to minutes on a CPU, so perplexity,
+    speed, generate and the lru warm-up always show progress."""
+    return sum(p.numel() for p in model.parameters()) > BIG_PARAMS

@@ -18,6 +18,14 @@ from globe.testing.artifacts import random_artifacts
 from globe.testing.models import save_model, tiny_model
 
 
+def _src_and_fit(tmp_path):
+    """A saved tiny Qwen2-MoE and a fit directory of random artifacts for it."""
+    model = tiny_model("qwen2_moe")
+    src = save_model(model, tmp_path / "src")
+    random_artifacts(model).save(tmp_path / "fit")
+    return src, tmp_path / "fit"
+
+
 @pytest.mark.parametrize("make,key", [
     (lambda: globe.GenerateCfg(prompt="x", max_new_tokens="abc"), "generate.max_new_tokens"),
     (lambda: globe.GenerateCfg(prompt="x", max_new_tokens=2.7), "generate.max_new_tokens"),
@@ -60,10 +68,7 @@ def test_binary_or_empty_calibration_text_leaves_nothing(body, capsys, tmp_path)
 
 
 def test_corrupt_fit_files(tmp_path, capsys):
-    model = tiny_model("qwen2_moe")
-    src = save_model(model, tmp_path / "src")
-    fit = tmp_path / "fit"
-    random_artifacts(model).save(fit)
+    src, fit = _src_and_fit(tmp_path)
     (fit / "summary.json").write_text('"str"')
     assert "summary.json" in one_line(capsys, ["report", str(fit)])
     (fit / "globe_config.json").write_text("[]")
@@ -74,10 +79,7 @@ def test_corrupt_fit_files(tmp_path, capsys):
 
 
 def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
-    model = tiny_model("qwen2_moe")
-    src = save_model(model, tmp_path / "src")
-    fit = tmp_path / "fit"
-    random_artifacts(model).save(fit)
+    src, fit = _src_and_fit(tmp_path)
     out = tmp_path / "out"
     args = ["export", f"model.path={src}", f"artifacts={fit}", f"output_dir={out}", "export.format=dense"]
     assert main(args) == 0
@@ -117,9 +119,7 @@ def test_export_warns_when_the_model_is_not_the_fit_source(tmp_path, capsys, cap
 
 def test_api_model_argument_names_the_type_not_the_repr():
     """globe.generate(loaded_model, ...) used to raise with the model's whole multi-line repr."""
-    import globe
     from globe.config import GenerateCfg
-    from globe.testing.models import tiny_model
 
     with pytest.raises(ValueError) as e:
         globe.generate(tiny_model("qwen2_moe", seed=0), GenerateCfg(prompt="x"))
@@ -147,10 +147,7 @@ def test_flags_and_lists_are_checked(capsys):
 
 
 def test_export_with_a_broken_globe_section_is_one_line(tmp_path, capsys):
-    model = tiny_model("qwen2_moe")
-    src = save_model(model, tmp_path / "src")
-    fit = tmp_path / "fit"
-    random_artifacts(model).save(fit)
+    src, fit = _src_and_fit(tmp_path)
     out = tmp_path / "out"
     assert main(["export", f"model.path={src}", f"artifacts={fit}", f"output_dir={out}"]) == 0
     conf = json.loads((out / "config.json").read_text())

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import globe.eval.perplexity as perplexity
 import globe.progress as progress
 from globe.cli.main import main
 from globe.fixtures import FIXTURE_DIR
 
 
 def test_generate_progress_on_big_models(monkeypatch, caplog, capsys):
-    monkeypatch.setattr(perplexity, "BIG_PARAMS", 0)  # the fixture counts as big
+    monkeypatch.setattr(progress, "BIG_PARAMS", 0)  # the fixture counts as big
     monkeypatch.setattr(progress, "DEFAULT_EVERY_S", 0.0)
     monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
     caplog.set_level(logging.INFO, logger="globe")
@@ -27,7 +26,7 @@ def test_lru_warmup_progress_on_big_models(monkeypatch, caplog):
     from globe.runtime.patch import warmup
     from globe.testing.models import tiny_model
 
-    monkeypatch.setattr(perplexity, "BIG_PARAMS", 0)
+    monkeypatch.setattr(progress, "BIG_PARAMS", 0)
     monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
     caplog.set_level(logging.INFO, logger="globe")
     warmup(tiny_model("qwen2_moe", seed=0), tokens=10, chunk=4)

@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 # see a new row count per expert per call, so the cache keeps growing: at full size, scoring 3 windows of
 # 256 tokens in cache.mode=none grew resident memory by 0.69 GB after load with the default, 0.49 GB with
 # 128 and 0.32 GB with 0 (benchmarks/results/eval_memory_fullsize.json; README "Compressing
-# Qwen1.5-MoE-A2.7B"); 0 made small bf16 GEMMs about 2x slower, 128 did not. The Python API leaves the
-# process environment alone: set the variable yourself before the first matmul (docs/runtime.md).
+# Qwen1.5-MoE-A2.7B"); 0 made full-size expert GEMMs 1.8-2.0x slower, 128 did not (onednn_cache_cpu.json).
+# The Python API leaves the process environment alone: set the variable yourself before the first matmul
+# (docs/runtime.md).
 ONEDNN_CACHE_CAPACITY = 128
 
 

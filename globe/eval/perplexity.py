@@ -66,14 +66,6 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-BIG_PARAMS = 1e9  # above this many parameters, perplexity and speed always report progress
-
-
-def is_big(model) -> bool:
-    """More than BIG_PARAMS parameters: a forward can take minutes on a CPU, so progress is always shown."""
-    return sum(p.numel() for p in model.parameters()) > BIG_PARAMS
-
-
 CE_ROWS = 32  # logits rows upcast to fp32 at a time: 2 x 32 x 151,936 x 4 B = 39 MB for Qwen's vocabulary
 
 
@@ -120,7 +112,7 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
     if device is None:
         device = next(model.parameters()).device
     nll, count, spans = 0.0, 0, windows(ids.numel(), context, stride)
-    from ..progress import Progress
+    from ..progress import Progress, is_big
 
     # a few windows of a small model take a second (no lines); one window of a full-size model, minutes
     bar = Progress(ids.numel() - 1, "perplexity", "tokens", quiet=len(spans) < 4 and not is_big(model))

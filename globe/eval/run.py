@@ -62,17 +62,19 @@ def load_for_eval(cfg: GlobeConfig, device: torch.device, dtype: torch.dtype, co
 
 def _cache_S(model, cfg: GlobeConfig) -> int:
     """The LRU capacity this eval reports a hit rate for: the command line's, else the loaded model's."""
+    from ..runtime.patch import cache_cfg
+
     if cfg.cache is not None:
         return int(cfg.cache.S_per_layer)
-    g = getattr(model, "_globe", None) or {}
-    return int(getattr(g.get("cache"), "S_per_layer", CacheCfg.S_per_layer))
+    return int(getattr(cache_cfg(model), "S_per_layer", CacheCfg.S_per_layer))
 
 
 def _runtime_stats(model) -> dict[str, Any] | None:
     """Counted hits/misses of the runtime's LRU caches (GloBE model loaded with collect_stats), else None."""
-    if getattr(model, "_globe", None) is None:
+    from ..runtime.patch import cache_stats, is_patched
+
+    if not is_patched(model):
         return None
-    from ..runtime.patch import cache_stats
 
     st = cache_stats(model) or {}
     if not st.get("hits") and not st.get("misses"):
@@ -131,7 +133,9 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(KEYS)
     out.update(device=device.type, dtype=dtype_name(dtype), model_path=str(cfg.model.path), model_kind=kind,
                threads=torch.get_num_threads(), load_s=time.perf_counter() - t0)
-    cache = (getattr(model, "_globe", None) or {}).get("cache")  # the cache settings a globe model runs with
+    from ..runtime.patch import cache_cfg
+
+    cache = cache_cfg(model)  # the cache settings a globe model runs with
     out["cache"] = None if cache is None else {"mode": cache.mode, "S_per_layer": int(cache.S_per_layer)}
     ids = tokenize(tok, text, ev.max_tokens) if text is not None else None
     if ids is not None:

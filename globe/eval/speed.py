@@ -93,8 +93,7 @@ def measure_speed(model, prefill_tokens: int = 512, decode_tokens: int = 64, see
     cfg = getattr(model.config, "text_config", None) or model.config
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, int(cfg.vocab_size), (1, n), generator=g).to(device)
-    from ..progress import Progress
-    from .perplexity import is_big
+    from ..progress import Progress, is_big
 
     runs = max(1, int(repeats))
     bar = Progress(runs + bool(warmup), "speed (prefill + decode runs)", "runs", quiet=not is_big(model))

@@ -46,7 +46,7 @@ def generate(cfg: GlobeConfig) -> str:
         model = load_model(path, device=device, dtype=dtype, cache=cfg.cache)
     enc = enc.to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    from ..eval.perplexity import is_big
+    from ..progress import is_big
 
     streamer = _Progress(int(g.max_new_tokens)) if is_big(model) else None  # full size: seconds per token
     out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad,

@@ -58,6 +58,11 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, "_globe", None) is not None
 
 
+def cache_cfg(model: nn.Module) -> CacheCfg | None:
+    """The cache settings a patched or loaded globe model runs with; None for any other model."""
+    return (getattr(model, "_globe", None) or {}).get("cache")
+
+
 def globe_layers(model: nn.Module) -> dict[int, GloBEExperts]:
     out = {}
     for L in compat.moe_layer_ids(model):
@@ -185,15 +190,14 @@ def to_dense_model(model: nn.Module) -> nn.Module:
 def warmup(model: nn.Module, ids: torch.Tensor | None = None, tokens: int = 2048, chunk: int = 512) -> None:
     """Calibration pass filling the LRU caches; stats are reset afterwards. Reports progress on big
     models (at full size on a CPU, 256 tokens take 20-40 s)."""
-    from ..eval.perplexity import is_big
-    from ..progress import Progress
+    from ..progress import Progress, is_big
 
     if ids is None:
         vocab = int(compat.text_config(model.config).vocab_size)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (1, tokens), generator=g)
     ids = ids.reshape(-1)[:tokens].to(compat.model_device(model))
-    with torch.no_grad(), Progress(ids.numel(), "lru warm-up", "tokens", quiet=not is_big(model)) as bar:
+    with Progress(ids.numel(), "lru warm-up", "tokens", quiet=not is_big(model)) as bar:
         for s in range(0, ids.numel(), chunk):
             model(input_ids=ids[s:s + chunk].unsqueeze(0), use_cache=False)
             bar.update(min(chunk, ids.numel() - s))
