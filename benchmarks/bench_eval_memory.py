@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256, help="tokens per window (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each child (default: %(default)s)")
     ap.add_argument("--settings", nargs="+", default=["default:32", "128:32", "0:32", "128:0"],
-                    help="CACHE:CE_ROWS pairs (CACHE: default or a number)")
+                    help="CACHE:CE_ROWS[:VAR=VALUE,...] (CACHE: default or a number; the optional third field sets "
+                         "environment variables of the child, e.g. glibc's MALLOC_MMAP_THRESHOLD_=65536)")
     ap.add_argument("--out", default=str(OUT), help="results JSON (default: the committed %(default)s)")
     ap.add_argument("--child", default=None, help="(internal) run one setting, write its JSON here")
     ap.add_argument("--ce-rows", type=int, default=32)
@@ -89,8 +90,12 @@ def main() -> None:
     res = {"export": a.export, "mode": a.mode, "S_per_layer": a.S if a.mode == "lru" else None,
            "windows": a.windows, "context": a.context, "threads": a.threads, "settings": {}}
     for s in a.settings:
-        cache, rows = s.split(":")
+        cache, rows, *extra = s.split(":")
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        for kv in ",".join(extra).split(","):
+            if kv:
+                k, _, v = kv.partition("=")
+                env[k] = v
         env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
         if cache != "default":
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = cache
@@ -104,7 +109,7 @@ def main() -> None:
             sys.exit(f"setting {s} failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-3:]}")
         r = json.loads(res_file.read_text())
         res_file.unlink()
-        r.update(onednn_cache=cache, ce_rows=int(rows), loadavg=os.getloadavg())
+        r.update(onednn_cache=cache, ce_rows=int(rows), env=",".join(extra), loadavg=os.getloadavg())
         res["settings"][s] = r
         print(s, json.dumps({k: r[k] for k in ("peak_gb", "growth_after_load_gb", "transient_gb")}), flush=True)
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

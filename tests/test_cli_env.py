@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from globe.cli.main import ONEDNN_CACHE_CAPACITY, main
+import pytest
+
+from globe.cli.main import main
+from globe.cli.process import ONEDNN_CACHE_CAPACITY
 from globe.fixtures import FIXTURE_DIR
 
 VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
@@ -20,3 +23,52 @@ def test_cli_keeps_the_users_onednn_cache_size(monkeypatch, capsys):
     monkeypatch.setenv(VAR, "7")
     assert main(["inspect", str(FIXTURE_DIR)]) == 0
     assert os.environ[VAR] == "7"
+
+
+# A child process allocates and frees an 8 MiB block with the C library's malloc (glibc then raises its mmap
+# threshold to 8 MiB), then allocates 1 MiB and prints how many mmapped blocks that added: 0 when the
+# threshold moved (the block came from the heap), 1 when bound_malloc froze it at 128 KiB.
+CHILD = """
+import ctypes, sys
+from globe.cli.process import bound_malloc
+class MI(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                                               "fordblks keepcost").split()]
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MI
+applied = bound_malloc() if sys.argv[1] == "1" else False
+libc.free(libc.malloc(8 << 20))
+before = libc.mallinfo2().hblks
+q = libc.malloc(1 << 20)
+print(applied, libc.mallinfo2().hblks - before)
+"""
+
+
+def _child(bound: bool, env: dict[str, str] | None = None) -> str:
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", CHILD, "1" if bound else "0"], env={**full, **(env or {})},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def _glibc_mallinfo2() -> bool:
+    import ctypes
+    import sys
+
+    try:
+        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _glibc_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
+def test_bound_malloc_freezes_the_mmap_threshold():
+    assert _child(False) == "False 0"  # glibc's dynamic threshold: the 1 MiB block came from the heap
+    assert _child(True) == "True 1"  # frozen at 128 KiB: mmapped, so given back to the system when freed
+    # the user's own setting wins: bound_malloc leaves it alone (the variable sets 16 MiB here)
+    assert _child(True, {"MALLOC_MMAP_THRESHOLD_": str(16 << 20)}) == "False 0"

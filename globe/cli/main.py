@@ -36,6 +36,7 @@ from typing import Any
 
 from ..config import GlobeConfig
 from ..errors import GlobeError
+from .process import bound_malloc, bound_onednn_cache
 
 VERBS_WITH_OVERRIDES = ("fit", "export", "eval", "generate")
 SHORT = {"prompt": "generate.", "max_new_tokens": "generate."}  # `prompt=...` is generate.prompt=...
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     bound_onednn_cache()
+    bound_malloc()
     previous = _terminate_cleanly()
     try:
         if a.verb == "inspect":
@@ -276,22 +278,6 @@ def main(argv: list[str] | None = None) -> int:
             import signal
             signal.signal(signal.SIGTERM, previous)
     return 1
-
-
-# oneDNN (torch's CPU bf16 matmul) caches one primitive per GEMM shape, up to 1024 by default. MoE experts
-# see a new row count per expert per call, so the cache keeps growing: at full size, scoring 3 windows of
-# 256 tokens in cache.mode=none grew resident memory by 0.69 GB after load with the default, 0.49 GB with
-# 128 and 0.32 GB with 0 (benchmarks/results/eval_memory_fullsize.json; README "Compressing
-# Qwen1.5-MoE-A2.7B"); 0 made full-size expert GEMMs 1.8-2.0x slower, 128 did not (onednn_cache_cpu.json).
-# The Python API leaves the process environment alone: set the variable yourself before the first matmul
-# (docs/runtime.md).
-ONEDNN_CACHE_CAPACITY = 128
-
-
-def bound_onednn_cache() -> None:
-    """Set ONEDNN_PRIMITIVE_CACHE_CAPACITY to ONEDNN_CACHE_CAPACITY unless the user set it. Read by oneDNN
-    at its first primitive, so this runs before any matmul of the process."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
 
 
 class Terminated(BaseException):

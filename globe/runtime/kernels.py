@@ -28,6 +28,7 @@ returns the slab plus a temporary part for misses beyond capacity (see cache.py 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -146,6 +147,21 @@ class LayerWeights:
 
 
 COMPOSE_CHUNK = 8  # blocks of a LazyPart composed at a time by the grouped path (its peak: 8 blocks)
+_scratch = threading.local()  # per thread: the CPU chunk buffer every LazyPart of that thread reuses
+
+
+def _chunk_buffer(n: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (n, R, d) buffer for composing a chunk. On the CPU one buffer per thread is kept and reused by
+    every layer and call (a fresh 23-46 MB tensor per call is zero-filled by the kernel page by page
+    each time once malloc gives it back, benchmarks/bench_malloc.py); elsewhere the device's caching
+    allocator reuses memory and a plain empty() is returned."""
+    if torch.device(device).type != "cpu":
+        return torch.empty((n, *shape), dtype=dtype, device=device)
+    buf = getattr(_scratch, "buf", None)
+    need = n * shape[0] * shape[1]
+    if buf is None or buf.dtype != dtype or buf.numel() < need:
+        buf = _scratch.buf = torch.empty(need, dtype=dtype)
+    return buf[:need].view(n, *shape)
 
 
 class LazyPart:
@@ -178,11 +194,12 @@ class LazyPart:
         return self.materialize()[g]
 
     def chunks(self):
-        """(first group, blocks (c, R, d)) per chunk, composed into one reused buffer (valid until the next)."""
+        """(first group, blocks (c, R, d)) per chunk, composed into one reused buffer (valid until the next
+        chunk, of this or any LazyPart of the same thread)."""
         if self._whole is not None:
             yield 0, self._whole
             return
-        buf = torch.empty((min(self.chunk, self.shape[0]), *self.shape[1:]), dtype=self.dtype, device=self.device)
+        buf = _chunk_buffer(min(self.chunk, self.shape[0]), self.shape[1:], self.dtype, self.device)
         for s in range(0, self.shape[0], self.chunk):
             ids = self.experts[s:s + self.chunk]
             self.compose(ids, buf[:len(ids)])
