@@ -172,3 +172,14 @@ def test_nll_sum_checks_rows_and_shapes():
             nll_sum(logits, target, rows)
     with pytest.raises(ValueError, match="must agree"):
         nll_sum(logits, target[:10], 5)
+
+
+@pytest.mark.parametrize("k", [0, 61, -1, "4", True, 2.5])
+def test_top_k_outside_one_to_num_experts_is_one_line(k, capsys, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(FIXTURE_DIR, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["num_experts_per_tok"] = k if k != 61 else cfg["num_experts"] + 1
+    (ck / "config.json").write_text(json.dumps(cfg))
+    line = one_line(capsys, ["inspect", str(ck)])
+    assert "num_experts_per_tok" in line and "expected an integer in [1, " in line

@@ -100,3 +100,11 @@ def test_nll_sum_in_row_chunks_equals_one_cross_entropy(n):
     want = torch.nn.functional.cross_entropy(logits.double(), target, reduction="sum").item()
     for rows in (1, 7, 32, 1000):
         assert nll_sum(logits, target, rows) == pytest.approx(want, rel=1e-6)
+
+
+def test_non_finite_logits_stop_with_the_window_named():
+    m = tiny_model("qwen2_moe", seed=3)
+    with torch.no_grad():
+        m.lm_head.weight[5].fill_(float("nan"))  # every logit row has a NaN in column 5
+    with pytest.raises(GlobeError, match=r"not finite .* tokens \[0, 33\) of 80"):
+        perplexity(m, _ids(80), context=32)

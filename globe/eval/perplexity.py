@@ -95,7 +95,8 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
     """Sliding-window perplexity of `ids` (T,) under `model`.
 
     Returns {perplexity, nll_per_token, tokens, nll_sum, windows, context, stride}. `tokens` counts
-    predicted tokens (T - 1). context > the model's max_position_embeddings -> GlobeError.
+    predicted tokens (T - 1). context > the model's max_position_embeddings -> GlobeError; a window
+    whose logits are not finite (NaN/inf weights, fp16 overflow) -> GlobeError naming the window.
     """
     context = int(context)
     stride = context if stride is None else int(stride)
@@ -121,7 +122,13 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         n_scored = end - first
         # logits at positions first-1 .. end-2 (the last n_scored fed) predict targets first .. end-1
         logits = model(input_ids=x, use_cache=False, logits_to_keep=n_scored).logits[0]
-        nll += nll_sum(logits, ids[first:end].to(logits.device))
+        w = nll_sum(logits, ids[first:end].to(logits.device))
+        if not math.isfinite(w):  # stop at once: every later window of a broken model is lost time too
+            bar.close()
+            raise GlobeError(f"perplexity: the model's logits are not finite (nan/inf) in the window of tokens "
+                             f"[{begin}, {end}) of {ids.numel()}: NaN/inf weights, or fp16 overflow (try "
+                             f"eval.dtype=fp32 or bf16)")
+        nll += w
         count += n_scored
         bar.update(n_scored)
     bar.close()

@@ -115,7 +115,11 @@ class Checkpoint:
             raise GlobeError(f"{self.dir}: config.json needs integer num_hidden_layers, hidden_size and {s.inter_key}")
         self.moe_layers = moe_layers(s, c)
         self.num_experts = num_experts(s, c)
-        self.top_k = int(c.get(s.top_k_key) or 0)
+        k = c.get(s.top_k_key)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts):
+            raise GlobeError(f"{self.dir}: config.json {s.top_k_key}={k!r}; expected an integer in "
+                             f"[1, {self.num_experts}] (experts routed to per token)")
+        self.top_k = int(k or 0)
         self.hidden_size = int(c["hidden_size"])
         self.p = int(c[s.inter_key])
         self.shared_width = shared_width(s, c)
