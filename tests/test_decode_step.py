@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from globe import compat
@@ -26,3 +27,21 @@ def test_decode_step_matches_full_forward():
             seq = torch.cat([seq, nxt], 1)
         full = model(input_ids=seq[:, :-1]).logits[0, ids.shape[1] - 1:].argmax(-1)
     assert torch.equal(full, seq[0, ids.shape[1]:])
+
+
+def test_keep_last_selects_the_last_positions_as_a_fresh_tensor():
+    model = tiny_model("qwen2_moe")
+    ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # (1, 9, vocab)
+        for n in (1, 4, 9):
+            keep = compat.keep_last(n, 9)
+            got = model(input_ids=ids, logits_to_keep=keep).logits
+            assert got.shape == (1, n, full.shape[-1])
+            torch.testing.assert_close(got, full[:, -n:], rtol=1e-5, atol=1e-5)
+    assert compat.keep_last(9, 9) == 0  # all positions: nothing sliced
+    h = torch.randn(1, 9, 4)  # indexing gives a (1, n, d) tensor of its own (not a view with stride 9 * d)
+    assert h[:, compat.keep_last(4, 9), :].stride() == (16, 4, 1)
+    for n, length in ((0, 9), (10, 9), (-1, 3)):
+        with pytest.raises(ValueError, match="keep_last"):
+            compat.keep_last(n, length)

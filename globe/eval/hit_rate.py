@@ -61,6 +61,7 @@ def record_routing(model, ids: torch.Tensor, context: int = 512) -> dict[int, to
     ids = ids.reshape(-1)
     with compat.record_routing(model) as trace:
         for b in range(0, ids.numel(), int(context)):
-            model(input_ids=ids[b:b + int(context)].unsqueeze(0).to(device), use_cache=False, logits_to_keep=1)
+            x = ids[b:b + int(context)].unsqueeze(0).to(device)
+            model(input_ids=x, use_cache=False, logits_to_keep=compat.keep_last(1, x.shape[1], device))
     return {L: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) if v else torch.empty(0, 0, dtype=torch.long)
             for L, v in trace.items()}

@@ -9,7 +9,8 @@ next `stride` (stride <= context) not yet scored, so every later target sees at 
 window's first token when stride == context).
 
 Shapes: ids (T,) LongTensor; a window feeds (1, <= context) ids and keeps only the logits of the
-scored positions (`logits_to_keep`), so memory is (1, n_scored, vocab) rather than (1, context, vocab).
+scored positions (`logits_to_keep`, as indices: compat.keep_last), so memory is (1, n_scored, vocab)
+rather than (1, context, vocab).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 
 import torch
 
+from .. import compat
 from ..config import DATASETS
 from ..errors import GlobeError
 from ..io.text import load_text  # noqa: F401  (part of this module's API)
@@ -121,7 +123,8 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         x = ids[begin:end - 1].unsqueeze(0).to(device)
         n_scored = end - first
         # logits at positions first-1 .. end-2 (the last n_scored fed) predict targets first .. end-1
-        logits = model(input_ids=x, use_cache=False, logits_to_keep=n_scored).logits[0]
+        keep = compat.keep_last(n_scored, x.shape[1], device)  # an index tensor: see compat.keep_last
+        logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits[0]
         w = nll_sum(logits, ids[first:end].to(logits.device))
         if not math.isfinite(w):  # stop at once: every later window of a broken model is lost time too
             bar.close()

@@ -136,7 +136,8 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     from ..runtime.patch import cache_cfg
 
     cache = cache_cfg(model)  # the cache settings a globe model runs with
-    out["cache"] = None if cache is None else {"mode": cache.mode, "S_per_layer": int(cache.S_per_layer)}
+    out["cache"] = None if cache is None else {  # S only means something in lru mode
+        "mode": cache.mode, "S_per_layer": int(cache.S_per_layer) if cache.mode == "lru" else None}
     ids = tokenize(tok, text, ev.max_tokens) if text is not None else None
     if ids is not None:
         if device.type == "cpu":
