@@ -445,20 +445,21 @@ def _cache_kwarg() -> str:
     return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
-def keep_last(n: int, length: int, device: torch.device | str | None = None) -> int | torch.Tensor:
-    """`logits_to_keep` for the last n of `length` positions, as a 1-D index tensor (0, all, when n == length).
+def keep_last(n: int, length: int | None = None, device: torch.device | str | None = None) -> int | torch.Tensor:
+    """`logits_to_keep` for the last n positions as a 1-D index tensor [-n, ..., -1] (valid for any sequence
+    of at least n positions, so it can be passed once to `generate`); 0 (all) when n == length.
 
     Why not the int n: transformers then slices hidden_states[:, -n:, :], a (B, n, d) view whose batch
-    stride is length * d, and torch's CPU bf16 `linear` (2.13) takes a slow path for such a view whose
+    stride is still T * d, and torch's CPU bf16 `linear` (2.13) takes a slow path for such a view whose
     resident peak holds another copy of the lm_head weight: at Qwen1.5-MoE's vocabulary (151,936 x 2048)
     4.6-5.8 s and +0.62-0.71 GB per call instead of 0.07-0.27 s and +0.00-0.08 GB, for n = 255, 128 and 1
     of 256 (benchmarks/bench_logits_to_keep.py -> logits_to_keep_cpu.json; outputs equal). Indexing with
     a tensor makes a fresh (B, n, d) tensor, which takes the fast path.
-    Raises ValueError unless 1 <= n <= length."""
-    n, length = int(n), int(length)
-    if not 1 <= n <= length:
+    Raises ValueError unless 1 <= n (<= length when given)."""
+    n = int(n)
+    if n < 1 or (length is not None and n > int(length)):
         raise ValueError(f"keep_last: need 1 <= n <= length, got n={n}, length={length}")
-    return 0 if n == length else torch.arange(length - n, length, device=device)
+    return 0 if length is not None and n == int(length) else torch.arange(-n, 0, device=device)
 
 
 def decode_step(model: nn.Module, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:

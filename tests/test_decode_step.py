@@ -42,6 +42,16 @@ def test_keep_last_selects_the_last_positions_as_a_fresh_tensor():
     assert compat.keep_last(9, 9) == 0  # all positions: nothing sliced
     h = torch.randn(1, 9, 4)  # indexing gives a (1, n, d) tensor of its own (not a view with stride 9 * d)
     assert h[:, compat.keep_last(4, 9), :].stride() == (16, 4, 1)
-    for n, length in ((0, 9), (10, 9), (-1, 3)):
+    assert compat.keep_last(2).tolist() == [-2, -1]  # no length: valid for any sequence of >= 2 positions
+    for n, length in ((0, 9), (10, 9), (-1, 3), (0, None)):
         with pytest.raises(ValueError, match="keep_last"):
             compat.keep_last(n, length)
+
+
+def test_generate_with_keep_last_equals_default_generate():
+    model = tiny_model("qwen2_moe")
+    ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)  # transformers' default: logits_to_keep=1 on every step
+    got = model.generate(ids, logits_to_keep=compat.keep_last(1), **kw)  # globe generate passes this
+    assert got.shape == (1, 12) and torch.equal(got, ref)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import compat
 from ..common import resolve_device, to_dtype
 from ..config import GlobeConfig
 from ..errors import GlobeError
@@ -25,8 +26,6 @@ def generate(cfg: GlobeConfig) -> str:
     if not g.prompt:
         raise GlobeError("prompt: give the text to continue (prompt=\"...\")")
     path = resolve_path(cfg.model.path, cfg.model.revision)
-    from .. import compat
-
     tok = compat.load_tokenizer(path)
     enc = tok(g.prompt, return_tensors="pt")
     n_prompt = int(enc["input_ids"].shape[-1])
@@ -50,7 +49,7 @@ def generate(cfg: GlobeConfig) -> str:
 
     streamer = _Progress(int(g.max_new_tokens)) if is_big(model) else None  # full size: seconds per token
     out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad,
-                         streamer=streamer)
+                         streamer=streamer, logits_to_keep=compat.keep_last(1, device=device))  # not the int 1
     if streamer is not None:
         streamer.end()
     return tok.decode(out[0], skip_special_tokens=True)
