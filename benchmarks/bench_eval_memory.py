@@ -83,12 +83,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT), help="results JSON (default: the committed %(default)s)")
     ap.add_argument("--child", default=None, help="(internal) run one setting, write its JSON here")
     ap.add_argument("--ce-rows", type=int, default=32)
+    ap.add_argument("--merge", action="store_true", help="keep the other settings already in --out")
     a = ap.parse_args()
     if a.child:
         Path(a.child).write_text(json.dumps(child(a)))
         return
     res = {"export": a.export, "mode": a.mode, "S_per_layer": a.S if a.mode == "lru" else None,
            "windows": a.windows, "context": a.context, "threads": a.threads, "settings": {}}
+    if a.merge and Path(a.out).exists():  # add these settings to a file measured the same way
+        old = json.loads(Path(a.out).read_text())
+        if any(old.get(k) != res[k] for k in ("mode", "S_per_layer", "windows", "context", "threads")):
+            sys.exit(f"--merge: {a.out} was measured with other mode/windows/context/threads")
+        res["settings"] = old["settings"]
     for s in a.settings:
         cache, rows, *extra = s.split(":")
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}

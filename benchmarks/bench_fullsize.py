@@ -8,12 +8,14 @@ sets the log period). Results go to benchmarks/results/fullsize_cpu.json (or --j
 
     python benchmarks/make_fullsize_checkpoint.py --out /work/big/qwen15-fullsize
     python benchmarks/bench_fullsize.py --ckpt /work/big/qwen15-fullsize --work /work/big/bench \
-        --phases inspect,fit,warm_start,export_globe,export_dense,eval_lru8,eval_lru16,eval_lru32,eval_none,eval_full
+        --phases inspect,fit,fit_up,warm_start,export_globe,export_dense,eval_lru8,eval_lru16,eval_lru32,\
+eval_none,eval_full
 
 The fit runs the README's recipe (m = 128, r = 704, target support 12, batch 16) for --fit-steps steps
 (default 4) with the SVD baseline only: warm start and full evaluations are timed whole, the
 optimisation steps are timed and extrapolated to 1000 steps (labelled `extrapolated`). --random-artifacts
-writes artifacts of the same shapes without fitting (to measure export/load alone).
+writes artifacts of the same shapes without fitting (to measure export/load alone). `fit_up` runs the
+same fit for the up family alone, end to end, and deletes its output (one family's phases, faster).
 """
 
 from __future__ import annotations
@@ -189,6 +191,15 @@ def main() -> None:
                 summ = run / "summary.json"
                 if summ.exists():
                     r["summary"] = json.loads(summ.read_text())
+        elif ph == "fit_up":  # one family end to end (read, warm start, steps, evaluation, prune-and-refit, save)
+            fu = work / "fit-up"
+            shutil.rmtree(fu, ignore_errors=True)
+            s = a.fit_steps
+            r = run_phase(ph, [*globe, "fit", f"model.path={a.ckpt}", f"output_dir={fu}", "bank.m_up=128",
+                               "bank.r_frac=0.5", "sparsity.target_support=12", "train.families=[up]",
+                               f"train.steps={s}", "train.batch_size=16", f"train.eval_every={s}",
+                               f"train.checkpoint_every={s}", "train.log_every=1"], env, fu)
+            shutil.rmtree(fu, ignore_errors=True)
         elif ph == "warm_start":  # the up family's read + warm start alone, stopped (SIGTERM) once it is done
             ws = work / "warm-start"
             shutil.rmtree(ws, ignore_errors=True)

@@ -1,8 +1,9 @@
 """lm_head at Qwen1.5-MoE's vocabulary: transformers' int `logits_to_keep` (a view) vs `compat.keep_last` (indices).
 
 Why: with an int n, transformers projects hidden_states[:, -n:, :], a (1, n, d) view whose batch stride
-is still T * d; torch's CPU bf16 `linear` takes a slow path for it whose resident peak holds another copy
-of the (151,936 x 2048) weight. Perplexity's last window (255 of 256 scored), strided windows and every
+is still T * d; torch's CPU bf16 `linear` takes a slow path for it when the weight does not require grad
+(as in globe.load_model's models and this script), whose resident peak holds another copy of the
+(151,936 x 2048) weight. Perplexity's last window (255 of 256 scored), strided windows and every
 prefill of a decode (1 of T) hit it. This times `F.linear` on the view and on the indexed copy that
 `globe.compat.keep_last` makes transformers take, T = 256, n in {255, 128, 1}, with peak RSS above the
 start of each call (sampled every 1 ms), alternating over rounds, and checks the outputs are equal.

@@ -450,8 +450,9 @@ def keep_last(n: int, length: int | None = None, device: torch.device | str | No
     of at least n positions, so it can be passed once to `generate`); 0 (all) when n == length.
 
     Why not the int n: transformers then slices hidden_states[:, -n:, :], a (B, n, d) view whose batch
-    stride is still T * d, and torch's CPU bf16 `linear` (2.13) takes a slow path for such a view whose
-    resident peak holds another copy of the lm_head weight: at Qwen1.5-MoE's vocabulary (151,936 x 2048)
+    stride is still T * d, and torch's CPU `linear` (2.13) with a weight that does not require grad takes
+    a slow path for such a view whose resident peak holds another copy of the weight (see also
+    `canonical_lm_head_input`, which globe.load_model installs): at Qwen1.5-MoE's vocabulary (151,936 x 2048)
     4.6-5.8 s and +0.62-0.71 GB per call instead of 0.07-0.27 s and +0.00-0.08 GB, for n = 255, 128 and 1
     of 256 (benchmarks/bench_logits_to_keep.py -> logits_to_keep_cpu.json; outputs equal). Indexing with
     a tensor makes a fresh (B, n, d) tensor, which takes the fast path.
@@ -460,6 +461,29 @@ def keep_last(n: int, length: int | None = None, device: torch.device | str | No
     if n < 1 or (length is not None and n > int(length)):
         raise ValueError(f"keep_last: need 1 <= n <= length, got n={n}, length={length}")
     return 0 if length is not None and n == int(length) else torch.arange(-n, 0, device=device)
+
+
+def _canonical_strides(mod: nn.Module, args: tuple) -> tuple | None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() > 2 and x.is_contiguous():  # sliced in the sequence dim
+        return (x.reshape(-1, x.shape[-1]).view(x.shape), *args[1:])  # same memory, canonical strides
+    return None
+
+
+def canonical_lm_head_input(model: nn.Module) -> nn.Module:
+    """Make the output projection see (B, n, d) inputs with canonical strides (a view, no copy); returns model.
+
+    Why: transformers computes logits on hidden_states[:, -n:, :] (`logits_to_keep`, 1 in every prefill
+    of `generate`), a view whose batch stride is still T * d, and torch's CPU `linear` with a weight that
+    does not require grad (globe.load_model's, like any inference loader's) does not fold such a view into
+    one GEMM: it copies the weight and runs a batched product instead, at Qwen's 151,936 x 2048 lm_head
+    +0.62 GB and 5-25 s per prefill on this CPU (benchmarks/bench_logits_to_keep.py). A forward pre-hook
+    on `get_output_embeddings()` re-views the input with strides (n * d, d, 1); outputs are equal. Idempotent."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module) and not getattr(head, "_globe_canonical", False):
+        head.register_forward_pre_hook(_canonical_strides)
+        head._globe_canonical = True
+    return model
 
 
 def decode_step(model: nn.Module, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:

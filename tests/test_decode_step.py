@@ -55,3 +55,18 @@ def test_generate_with_keep_last_equals_default_generate():
     ref = model.generate(ids, **kw)  # transformers' default: logits_to_keep=1 on every step
     got = model.generate(ids, logits_to_keep=compat.keep_last(1), **kw)  # globe generate passes this
     assert got.shape == (1, 12) and torch.equal(got, ref)
+
+
+def test_lm_head_sees_canonical_strides_and_same_logits():
+    model = tiny_model("qwen2_moe").requires_grad_(False)  # as globe.load_model leaves a model
+    ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=ids, logits_to_keep=3).logits
+        compat.canonical_lm_head_input(compat.canonical_lm_head_input(model))  # idempotent: one hook
+        seen = []
+        model.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].stride()))
+        got = model(input_ids=ids, logits_to_keep=3).logits
+    d = model.config.hidden_size
+    assert seen == [(3 * d, d, 1)]  # not (9 * d, d, 1): transformers' slice re-viewed, no copy
+    assert torch.equal(got, ref) and len(model.lm_head._forward_pre_hooks) == 2
+
