@@ -445,40 +445,26 @@ def _cache_kwarg() -> str:
     return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
-def keep_last(n: int, length: int | None = None, device: torch.device | str | None = None) -> int | torch.Tensor:
-    """`logits_to_keep` for the last n positions as a 1-D index tensor [-n, ..., -1] (valid for any sequence
-    of at least n positions, so it can be passed once to `generate`); 0 (all) when n == length.
-
-    Why not the int n: transformers then slices hidden_states[:, -n:, :], a (B, n, d) view whose batch
-    stride is still T * d, and torch's CPU `linear` (2.13) with a weight that does not require grad takes
-    a slow path for such a view whose resident peak holds another copy of the weight (see also
-    `canonical_lm_head_input`, which globe.load_model installs): at Qwen1.5-MoE's vocabulary (151,936 x 2048)
-    4.6-5.8 s and +0.62-0.71 GB per call instead of 0.07-0.27 s and +0.00-0.08 GB, for n = 255, 128 and 1
-    of 256 (benchmarks/bench_logits_to_keep.py -> logits_to_keep_cpu.json; outputs equal). Indexing with
-    a tensor makes a fresh (B, n, d) tensor, which takes the fast path.
-    Raises ValueError unless 1 <= n (<= length when given)."""
-    n = int(n)
-    if n < 1 or (length is not None and n > int(length)):
-        raise ValueError(f"keep_last: need 1 <= n <= length, got n={n}, length={length}")
-    return 0 if length is not None and n == int(length) else torch.arange(-n, 0, device=device)
-
-
 def _canonical_strides(mod: nn.Module, args: tuple) -> tuple | None:
     x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() > 2 and x.is_contiguous():  # sliced in the sequence dim
-        return (x.reshape(-1, x.shape[-1]).view(x.shape), *args[1:])  # same memory, canonical strides
+    if isinstance(x, torch.Tensor) and x.dim() > 2:  # (B, n, d): a view when it can be, else a copy of x
+        return (x.reshape(-1, x.shape[-1]).view(x.shape), *args[1:])
     return None
 
 
 def canonical_lm_head_input(model: nn.Module) -> nn.Module:
-    """Make the output projection see (B, n, d) inputs with canonical strides (a view, no copy); returns model.
+    """Make the output projection see (B, n, d) inputs with canonical strides (n * d, d, 1); returns model.
 
-    Why: transformers computes logits on hidden_states[:, -n:, :] (`logits_to_keep`, 1 in every prefill
-    of `generate`), a view whose batch stride is still T * d, and torch's CPU `linear` with a weight that
-    does not require grad (globe.load_model's, like any inference loader's) does not fold such a view into
-    one GEMM: it copies the weight and runs a batched product instead, at Qwen's 151,936 x 2048 lm_head
-    +0.62 GB and 5-25 s per prefill on this CPU (benchmarks/bench_logits_to_keep.py). A forward pre-hook
-    on `get_output_embeddings()` re-views the input with strides (n * d, d, 1); outputs are equal. Idempotent."""
+    Why: transformers computes logits on hidden_states[:, -n:, :] (`logits_to_keep`: the scored positions
+    of a perplexity window, 1 in every prefill of `generate`), a view whose batch stride is still T * d,
+    and torch 2.13's CPU `linear` with a weight that does not require grad (globe.load_model's, like any
+    inference loader's) does not fold such a view into one GEMM: it copies the weight and runs a batched
+    product. At Qwen's 151,936 x 2048 lm_head: 4.2-4.7 s and +0.62-0.71 GB per call instead of 0.06-0.25 s
+    and +0.00-0.08 GB with this hook (benchmarks/bench_logits_to_keep.py -> logits_to_keep_cpu.json,
+    n = 255, 128, 1 of 256; outputs equal).
+    A forward pre-hook on `get_output_embeddings()` re-views the input (B = 1: no copy; B > 1: a copy of
+    the activations, never of the weight). Installed by load_model and patch_model, and by globe's eval
+    passes on any model they are given. Idempotent; outputs are unchanged."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module) and not getattr(head, "_globe_canonical", False):
         head.register_forward_pre_hook(_canonical_strides)
@@ -490,6 +476,5 @@ def decode_step(model: nn.Module, ids: torch.Tensor, cache: Any) -> tuple[torch.
     """One greedy step with a KV cache: ids (B, T) -> (next ids (B, 1), the cache to pass next time).
     cache None starts a new one (prefill)."""
     key = _cache_kwarg()
-    keep = keep_last(1, ids.shape[1], ids.device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{key: cache})
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache})
     return out.logits[:, -1].argmax(-1, keepdim=True), getattr(out, key)

@@ -108,3 +108,11 @@ def test_non_finite_logits_stop_with_the_window_named():
         m.lm_head.weight[5].fill_(float("nan"))  # every logit row has a NaN in column 5
     with pytest.raises(GlobeError, match=r"not finite .* tokens \[0, 33\) of 80"):
         perplexity(m, _ids(80), context=32)
+
+
+def test_overflowing_perplexity_is_one_error():
+    m = tiny_model("qwen2_moe", seed=3)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1e6)  # finite, but the loss is thousands of nats per token
+    with pytest.raises(GlobeError, match="overflows"):
+        perplexity(m, _ids(80), context=32)

@@ -64,7 +64,7 @@ def test_globe_export_reload_identical(setup, dtype, save_mixed):
     a, b = _logits(mem), _logits(reloaded)
     assert b.dtype == DTYPES[dtype]
     assert torch.equal(a, b)
-    assert reloaded.get_output_embeddings()._globe_canonical  # compat.canonical_lm_head_input
+    assert reloaded.get_output_embeddings()._globe_canonical and mem.get_output_embeddings()._globe_canonical
     for mode in ("lru", "none"):  # other cache settings at load time give the same logits
         other = load_model(out, cache=GlobeConfig.from_dict({"cache": {"mode": mode, "S_per_layer": 2,
                                                                        "warmup_tokens": 8}}).cache)

@@ -59,9 +59,9 @@ def record_routing(model, ids: torch.Tensor, context: int = 512) -> dict[int, to
 
     device = compat.model_device(model)
     ids = ids.reshape(-1)
+    compat.canonical_lm_head_input(model)  # logits of the last position without torch's weight copy
     with compat.record_routing(model) as trace:
         for b in range(0, ids.numel(), int(context)):
-            x = ids[b:b + int(context)].unsqueeze(0).to(device)
-            model(input_ids=x, use_cache=False, logits_to_keep=compat.keep_last(1, x.shape[1], device))
+            model(input_ids=ids[b:b + int(context)].unsqueeze(0).to(device), use_cache=False, logits_to_keep=1)
     return {L: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) if v else torch.empty(0, 0, dtype=torch.long)
             for L, v in trace.items()}

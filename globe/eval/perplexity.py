@@ -9,8 +9,8 @@ next `stride` (stride <= context) not yet scored, so every later target sees at 
 window's first token when stride == context).
 
 Shapes: ids (T,) LongTensor; a window feeds (1, <= context) ids and keeps only the logits of the
-scored positions (`logits_to_keep`, as indices: compat.keep_last), so memory is (1, n_scored, vocab)
-rather than (1, context, vocab).
+scored positions (`logits_to_keep`; compat.canonical_lm_head_input keeps torch from copying the lm_head
+weight for that slice), so memory is (1, n_scored, vocab) rather than (1, context, vocab).
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         raise GlobeError(f"eval text has {ids.numel()} token(s); need at least 2 to score")
     if device is None:
         device = next(model.parameters()).device
+    compat.canonical_lm_head_input(model)  # the scored slice without torch's lm_head weight copy
     nll, count, spans = 0.0, 0, windows(ids.numel(), context, stride)
     from ..progress import Progress, is_big
 
@@ -123,8 +124,7 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         x = ids[begin:end - 1].unsqueeze(0).to(device)
         n_scored = end - first
         # logits at positions first-1 .. end-2 (the last n_scored fed) predict targets first .. end-1
-        keep = compat.keep_last(n_scored, x.shape[1], device)  # an index tensor: see compat.keep_last
-        logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits[0]
+        logits = model(input_ids=x, use_cache=False, logits_to_keep=n_scored).logits[0]
         w = nll_sum(logits, ids[first:end].to(logits.device))
         if not math.isfinite(w):  # stop at once: every later window of a broken model is lost time too
             bar.close()
@@ -136,5 +136,8 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         bar.update(n_scored)
     bar.close()
     mean = nll / count
+    if mean > 700:  # exp would overflow float64 (e^709.8); such a model predicts nothing
+        raise GlobeError(f"perplexity: the mean loss is {mean:.4g} nats per token, exp() of it overflows; the "
+                         "logits are far out of range (broken or mis-scaled weights)")
     return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": count, "nll_sum": nll,
             "windows": len(spans), "context": context, "stride": stride}

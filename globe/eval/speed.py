@@ -88,6 +88,7 @@ def measure_speed(model, prefill_tokens: int = 512, decode_tokens: int = 64, see
     if limit is not None and n + k > limit:
         raise GlobeError(f"eval.prefill_tokens + eval.decode_tokens = {n + k} exceeds the model's "
                          f"max_position_embeddings={limit}")
+    compat.canonical_lm_head_input(model)  # each prefill keeps 1 position: no lm_head weight copy
     param = next(model.parameters())
     device = param.device
     cfg = getattr(model.config, "text_config", None) or model.config

@@ -49,7 +49,7 @@ def generate(cfg: GlobeConfig) -> str:
 
     streamer = _Progress(int(g.max_new_tokens)) if is_big(model) else None  # full size: seconds per token
     out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad,
-                         streamer=streamer, logits_to_keep=compat.keep_last(1, device=device))  # not the int 1
+                         streamer=streamer)
     if streamer is not None:
         streamer.end()
     return tok.decode(out[0], skip_special_tokens=True)

@@ -91,7 +91,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     assign_all(model, src, dev, str(p))
     build_caches(model, progress=len(meta["moe_layers"]) > 4)
     model._globe["cache"] = cache
-    compat.canonical_lm_head_input(model)  # its weights do not require grad: see the function
     if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
         warmup(model, None, int(cache.warmup_tokens))
     return model.eval()

@@ -89,6 +89,7 @@ def install(model: nn.Module, store: GlobeStore, dense: dict[int, dict[str, torc
                              cache.compose_full, collect_stats, build=False)
     model._globe = {"originals": originals if keep_original else None, "cache": cache,
                     "collect_stats": collect_stats}
+    compat.canonical_lm_head_input(model)  # inference weights do not require grad: see the function
     if build:
         build_caches(model)
     return model
