@@ -69,6 +69,22 @@ def child(a) -> dict:
             "transient_gb": max(r["peak_gb"] for r in rows[1:]) - rows[-1]["rss_gb"]}
 
 
+def parse_setting(s: str) -> tuple[str, int, dict[str, str]]:
+    """'CACHE:CE_ROWS[:VAR=VALUE,...]' -> (CACHE, CE_ROWS, {VAR: VALUE}); exits with one line when malformed."""
+    cache, _, rest = s.partition(":")
+    rows, _, extra = rest.partition(":")
+    env = {}
+    for kv in filter(None, extra.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq or not k.isidentifier():
+            sys.exit(f"--settings {s!r}: {kv!r} is not VAR=VALUE")
+        env[k] = v
+    if not (cache == "default" or cache.isdigit()) or not rows.isdigit():
+        sys.exit(f"--settings {s!r}: expected CACHE:CE_ROWS[:VAR=VALUE,...] with CACHE 'default' or an integer "
+                 "and CE_ROWS an integer (0: the whole window)")
+    return cache, int(rows), env
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True, help="a globe export directory")
@@ -88,6 +104,13 @@ def main() -> None:
     if a.child:
         Path(a.child).write_text(json.dumps(child(a)))
         return
+    parsed = {s: parse_setting(s) for s in a.settings}  # every setting checked before the first child
+    if not (Path(a.export) / "config.json").is_file():
+        sys.exit(f"--export: {a.export} is not a model directory (no config.json)")
+    if a.mode not in ("full", "lru", "none") or min(a.S, a.windows, a.context, a.threads) < 1:
+        sys.exit("--mode must be full, lru or none; --S, --windows, --context and --threads >= 1")
+    if not Path(a.out).parent.is_dir():
+        sys.exit(f"--out: no directory {Path(a.out).parent}")
     res = {"export": a.export, "mode": a.mode, "S_per_layer": a.S if a.mode == "lru" else None,
            "windows": a.windows, "context": a.context, "threads": a.threads, "settings": {}}
     if a.merge and Path(a.out).exists():  # add these settings to a file measured the same way
@@ -95,13 +118,8 @@ def main() -> None:
         if any(old.get(k) != res[k] for k in ("mode", "S_per_layer", "windows", "context", "threads")):
             sys.exit(f"--merge: {a.out} was measured with other mode/windows/context/threads")
         res["settings"] = old["settings"]
-    for s in a.settings:
-        cache, rows, *extra = s.split(":")
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-        for kv in ",".join(extra).split(","):
-            if kv:
-                k, _, v = kv.partition("=")
-                env[k] = v
+    for s, (cache, rows, extra) in parsed.items():
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), **extra}
         env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
         if cache != "default":
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = cache
@@ -109,16 +127,19 @@ def main() -> None:
         res_file.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--child", str(res_file), "--export", a.export, "--mode", a.mode,
                "--S", str(a.S), "--windows", str(a.windows), "--context", str(a.context), "--threads", str(a.threads),
-               "--ce-rows", rows]
+               "--ce-rows", str(rows)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode or not res_file.exists():
             sys.exit(f"setting {s} failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-3:]}")
         r = json.loads(res_file.read_text())
         res_file.unlink()
-        r.update(onednn_cache=cache, ce_rows=int(rows), env=",".join(extra), loadavg=os.getloadavg())
+        r.update(onednn_cache=cache, ce_rows=rows, env=",".join(f"{k}={v}" for k, v in extra.items()),
+                 loadavg=os.getloadavg())
         res["settings"][s] = r
         print(s, json.dumps({k: r[k] for k in ("peak_gb", "growth_after_load_gb", "transient_gb")}), flush=True)
-        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+        tmp = Path(a.out).with_suffix(".tmp")  # never a half-written results file
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, a.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Public API (lazy imports keep `import globe` light; one narrow typed config per 
     compress(model, output_dir, FitCfg(...))               -> summary dict (writes the fit directory)
     export(model, artifacts, output_dir, ExportCfg(...))   -> Path of the export (globe or dense format)
     load_model(path, cache=CacheCfg(...))                  -> model (a globe export rebuilt patched)
+    load_tokenizer(path)                                   -> the tokenizer saved with a model or export
     patch_model(model, artifacts, cache=CacheCfg(...)) / unpatch_model(model)
     evaluate(model, EvalCfg(...), artifacts=None, cache=None) -> dict
     generate(model, GenerateCfg(prompt=...), artifacts=None, cache=None) -> str
@@ -31,6 +32,7 @@ _LAZY = {
     "unpatch_model": ("globe.runtime.patch", "unpatch_model"),
     "export": ("globe.runtime.export", "export"),
     "load_model": ("globe.runtime.load", "load_model"),
+    "load_tokenizer": ("globe.compat", "load_tokenizer"),
 }
 
 

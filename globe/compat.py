@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import GlobeError
-from .registry import ArchSpec, get_spec, moe_layers
+from .registry import ArchSpec, check_config, get_spec, moe_layers
 
 
 def text_config(config: Any) -> Any:
@@ -229,10 +229,28 @@ def assign_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: st
         raise GlobeError(f"{where}: missing tensor {left[0]} ({len(left)} missing): file truncated or incomplete")
 
 
+def check_model_config(path: str | Path) -> None:
+    """The MoE facts of `path`/config.json that transformers would misuse silently (top-k 0) or report as
+    something else (a tokenizer error), checked before anything reads it: registry.check_config on the
+    config (a globe export's on its base model type). No config.json: nothing to check."""
+    from .io.checkpoint import read_config
+
+    conf = Path(path) / "config.json"
+    if not conf.is_file():
+        return
+    cfg = read_config(Path(path))
+    mt, meta = cfg.get("model_type"), cfg.get("globe")
+    if isinstance(mt, str) and mt.startswith("globe_"):  # a globe export: its base architecture's keys
+        base = meta.get("base_model_type") if isinstance(meta, dict) else None
+        cfg = {**cfg, "model_type": base or mt.removeprefix("globe_")}
+    check_config(cfg, str(conf))
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """Plain transformers model from a local directory (dtype None = as stored), eval mode."""
     from transformers import AutoModelForCausalLM
 
+    check_model_config(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -263,6 +281,8 @@ def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
     from transformers import AutoTokenizer
 
     d = Path(path)
+    if d.is_dir():
+        check_model_config(d)  # AutoTokenizer reads config.json too: its errors would blame the tokenizer
     files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
     if d.is_dir() and not any((d / f).is_file() for f in files):
         why = f" for {purpose}" if purpose else ""
@@ -280,10 +300,12 @@ def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
                          f"{msg[:200]}") from None
 
 
-def config_from_dict(d: dict[str, Any]) -> Any:
-    """A transformers config object from a config.json dict (as AutoConfig.from_pretrained would build it)."""
+def config_from_dict(d: dict[str, Any], where: str = "config.json") -> Any:
+    """A transformers config object from a config.json dict (as AutoConfig.from_pretrained would build it).
+    GlobeError naming `where` for an unknown model_type or a bad MoE fact (registry.check_config)."""
     from transformers import CONFIG_MAPPING
 
+    check_config(d, where)
     mt = d.get("model_type")
     if mt not in CONFIG_MAPPING:
         raise GlobeError(f"model_type {mt!r} is not known to the installed transformers")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,14 @@ DATASETS = ("wikitext2", "wikitext2raw", "wikitext")  # eval.dataset names (glob
 def _need(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{key}: {msg}")
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _numbers(cfg: Any, prefix: str) -> None:
@@ -292,7 +301,9 @@ class EvalCfg:
     def __post_init__(self) -> None:
         _numbers(self, "eval")
         _need(int(self.context) >= 2, "eval.context", "must be >= 2")
-        _need(self.threads is None or int(self.threads) >= 1, "eval.threads", "must be >= 1")
+        cpus = _cpus()
+        _need(self.threads is None or 1 <= int(self.threads) <= cpus, "eval.threads",
+              f"must be between 1 and {cpus} (the CPUs this process may use), got {self.threads}")
         _need(self.stride is None or int(self.stride) >= 1, "eval.stride", "must be >= 1")
         _need(self.device in DEVICES, "eval.device", f"unknown device {self.device!r}")
         _need(self.dtype in DTYPES, "eval.dtype", f"unknown dtype {self.dtype!r}")

@@ -72,12 +72,15 @@ class Progress:
 
     scale/unit_name convert raw counts for display (e.g. bytes -> GB). Always logs one line at the
     start and one at the end (with the elapsed time) when not on a TTY, so short phases are visible too.
+    quiet=True (a phase expected to take seconds) prints nothing unless it is still running after
+    `every_s` seconds (a busy machine): from the first update after that it logs like a loud one,
+    heartbeat and closing line included, whether or not stderr is a terminal.
     """
 
     def __init__(self, total: float | None, desc: str, unit: str = "it", *, bar: bool | None = None,
                  every_s: float | None = None, scale: float = 1.0, unit_name: str | None = None,
                  initial: float = 0, quiet: bool = False):
-        self.total, self.desc, self.unit = total, desc, unit_name or unit
+        self.total, self.desc, self.unit, self._raw_unit = total, desc, unit_name or unit, unit
         self.scale, self.n, self.initial = scale, float(initial), float(initial)
         self.every_s = DEFAULT_EVERY_S if every_s is None else float(every_s)
         self.t0 = self.last = time.monotonic()
@@ -88,10 +91,14 @@ class Progress:
         use_bar = is_tty() if bar is None else bar
         if quiet:
             return
+        self._start(use_bar)
+
+    def _start(self, use_bar: bool) -> None:
+        total, desc, unit = self.total, self.desc, self._raw_unit
         if use_bar:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
-                             unit_scale=scale if scale != 1.0 else False)
+            self._bar = tqdm(total=total, initial=self.initial, desc=desc, unit=unit, dynamic_ncols=True,
+                             unit_scale=self.scale if self.scale != 1.0 else False)
         else:
             tot = f" of {self._fmt(total)} {self.unit}" if total else ""
             get_logger().info("%s: started%s", desc, tot)
@@ -114,7 +121,11 @@ class Progress:
     def update(self, k: float = 1) -> None:
         self.n += k
         if self.quiet:
-            return
+            if self.every_s <= 0 or time.monotonic() - self.t0 < self.every_s:
+                return
+            self.quiet = False  # a quiet phase that outlasted one interval: report it from here on
+            self._start(False)
+            self.last = self.t0  # so the line below goes out now
         if self._bar is not None:
             self._bar.update(k)
             return

@@ -139,6 +139,27 @@ def num_experts(spec: ArchSpec, cfg: dict[str, Any]) -> int:
     return v
 
 
+def top_k(spec: ArchSpec, cfg: dict[str, Any], where: str = "config.json") -> int:
+    """Experts routed to per token (cfg[spec.top_k_key]); 0 when the config does not say. GlobeError when it
+    is not an integer in [1, num_experts]: transformers would route k = 0 experts silently or fail in topk."""
+    k = cfg.get(spec.top_k_key)
+    if k is None:
+        return 0
+    E = num_experts(spec, cfg)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
+        raise GlobeError(f"{where}: {spec.top_k_key}={k!r}; expected an integer in [1, {E}] "
+                         "(experts routed to per token)")
+    return k
+
+
+def check_config(cfg: dict[str, Any], where: str = "config.json") -> None:
+    """The MoE facts a model build relies on, checked before transformers reads them (registry types only):
+    routed experts per layer and top-k. GlobeError naming `where` on the first bad value."""
+    spec = REGISTRY.get(cfg.get("model_type"))
+    if spec is not None:
+        top_k(spec, cfg, where)
+
+
 def shared_width(spec: ArchSpec, cfg: dict[str, Any]) -> int:
     if spec.shared_inter_key:
         return int(cfg.get(spec.shared_inter_key) or 0)

@@ -72,3 +72,36 @@ def test_bound_malloc_freezes_the_mmap_threshold():
     assert _child(True) == "True 1"  # frozen at 128 KiB: mmapped, so given back to the system when freed
     # the user's own setting wins: bound_malloc leaves it alone (the variable sets 16 MiB here)
     assert _child(True, {"MALLOC_MMAP_THRESHOLD_": str(16 << 20)}) == "False 0"
+
+
+@pytest.mark.skipif(not _glibc_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
+def test_an_empty_malloc_variable_is_no_setting():
+    assert _child(True, {"MALLOC_MMAP_THRESHOLD_": ""}) == "True 1"
+
+
+def test_an_empty_onednn_variable_is_no_setting(monkeypatch, capsys):
+    monkeypatch.setenv(VAR, "")
+    assert main(["inspect", str(FIXTURE_DIR)]) == 0
+    assert os.environ[VAR] == "128"
+
+
+def _omp_wait_policy(env: dict[str, str]) -> str:
+    """The wait policy libgomp reports (OMP_DISPLAY_ENV) in a child that runs the CLI's settings, then torch."""
+    import re
+    import subprocess
+    import sys
+
+    code = ("from globe.cli.process import quiet_openmp; quiet_openmp(); import torch; torch.set_num_threads(2); "
+            "torch.ones(256, 256) @ torch.ones(256, 256)")
+    full = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env={**full, "OMP_DISPLAY_ENV": "TRUE", **env},
+                         capture_output=True, text=True, check=True)
+    m = re.search(r"OMP_WAIT_POLICY = '(\w+)'", out.stdout + out.stderr)
+    if m is None:
+        pytest.skip("torch's OpenMP runtime does not display its environment (not GNU libgomp)")
+    return m.group(1)
+
+
+def test_cli_puts_idle_openmp_threads_to_sleep_unless_the_user_chose():
+    assert _omp_wait_policy({}) == "PASSIVE"
+    assert _omp_wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

@@ -117,4 +117,8 @@ def test_non_finite_expert_refused_with_one_line(tmp_path, capsys, monkeypatch, 
     assert rc == 2 and not called
     assert err.startswith("error:") and "\n" not in err, err
     assert name in err and f"layer {L}" in err and f"expert {DEAD[1]}" in err and "non-finite" in err
-    assert not list(out.glob("globe*"))
+    assert not out.exists()  # nothing to resume from: the claim (.globe_fit/run.json) is taken back
+    out.mkdir()  # an empty directory the user made stays, empty
+    assert main(["fit", f"model.path={path}", f"output_dir={out}", "bank.m_up=4", "bank.m_gate=4", "bank.r=4",
+                 "sparsity.target_support=2", "train.steps=2"]) == 2
+    assert out.is_dir() and not any(out.iterdir())

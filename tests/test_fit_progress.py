@@ -122,3 +122,28 @@ def test_heartbeat_gives_up_on_an_abandoned_bar(caplog, monkeypatch):
     beats = [r for r in caplog.records if r.getMessage().startswith("abandoned: 0/4")]
     assert 1 <= len(beats) <= 3, len(beats)
     del bar
+
+
+def test_a_quiet_phase_that_runs_long_starts_reporting(caplog, monkeypatch):
+    """quiet=True (small models) is silent while the phase is short; one that outlasts the interval (a busy
+    machine: the fixture's MoBE baseline ran 17 min silent) logs from then on, closing line included."""
+    import time
+
+    import globe.progress as progress
+
+    monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="globe")
+    short = progress.Progress(3, "short", "steps", bar=False, every_s=5.0, quiet=True)
+    short.update(3)
+    short.close()
+    assert not [r for r in caplog.records if r.getMessage().startswith("short")]
+    slow = progress.Progress(3, "slow", "steps", bar=True, every_s=0.05, quiet=True)  # bar=True: a terminal
+    slow.update(1)
+    assert not [r for r in caplog.records if r.getMessage().startswith("slow")]
+    time.sleep(0.1)
+    slow.update(1)
+    got = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow")]
+    assert got[0] == "slow: started of 3 steps" and got[1].startswith("slow: 2/3 steps"), got
+    slow.update(1)
+    slow.close()
+    assert caplog.records[-1].getMessage().startswith("slow: done")

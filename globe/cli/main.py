@@ -36,7 +36,7 @@ from typing import Any
 
 from ..config import GlobeConfig
 from ..errors import GlobeError
-from .process import bound_malloc, bound_onednn_cache
+from .process import bound_malloc, bound_onednn_cache, quiet_openmp
 
 VERBS_WITH_OVERRIDES = ("fit", "export", "eval", "generate")
 SHORT = {"prompt": "generate.", "max_new_tokens": "generate."}  # `prompt=...` is generate.prompt=...
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     bound_onednn_cache()
     bound_malloc()
+    quiet_openmp()
     previous = _terminate_cleanly()
     try:
         if a.verb == "inspect":

@@ -71,8 +71,9 @@ def fingerprint(cfg: GlobeConfig, ck: Checkpoint) -> dict[str, Any]:
             "source": str(ck.dir), **body}
 
 
-def _claim(out: Path, fp: dict) -> None:
-    """Refuse an output_dir holding a different run; record ours."""
+def _claim(out: Path, fp: dict) -> bool:
+    """Refuse an output_dir holding a different run; record ours. True when this call made the claim (a new
+    or empty output_dir), False when it resumes an earlier run's."""
     run_json = out / STATE / "run.json"
     if run_json.is_file():
         try:
@@ -82,11 +83,28 @@ def _claim(out: Path, fp: dict) -> None:
         if old.get("sha") != fp["sha"]:
             raise GlobeError(f"output_dir {out} holds a different fit (other model or config); "
                              "choose a new output_dir or delete it")
-        return
+        return False
     if out.exists() and any(out.iterdir()):
         raise GlobeError(f"output_dir {out} is not empty and holds no GloBE fit of this run; refusing to overwrite")
     (out / STATE).mkdir(parents=True, exist_ok=True)
     atomic_write(run_json, lambda p: Path(p).write_text(json.dumps(fp, indent=2)))
+    return True
+
+
+def _unclaim(out: Path, existed: bool) -> None:
+    """After a fit that failed before saving anything to resume from (bad weights, an error in the first
+    steps, Ctrl-C): remove the claim and the empty metrics log this run wrote, and output_dir itself when
+    this run created it and nothing else is in it. Any checkpoint or finished family keeps everything."""
+    state = out / STATE
+    if not state.is_dir() or any(f.name != "run.json" for f in state.iterdir()):
+        return
+    (state / "run.json").unlink(missing_ok=True)
+    state.rmdir()
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size == 0:
+        metrics.unlink()
+    if not existed and not any(out.iterdir()):
+        out.rmdir()
 
 
 class _Log:
@@ -219,7 +237,8 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     check_writable(out, (2 if dist.on else 1) * 4 * sum(N * ck.p * plans[f].r + cfg.bank.m(f) * (
         G * plans[f].r * ck.hidden_size + N) for f in cfg.train.families), what="output_dir")
     fp = fingerprint(cfg, ck)
-    dist.on_rank0(lambda: _claim(out, fp))
+    existed = out.exists()
+    claimed = dist.on_rank0(lambda: _claim(out, fp))
     torch.manual_seed(cfg.train.seed)
     log = _Log(out, cfg, on=lead)  # opens the wandb run, if any: closed in the finally below, also on error
     progress = (sys.stderr.isatty() if progress is None else progress) and lead
@@ -286,6 +305,8 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     finally:
         log.close(ok)
         quiet_logger()
+        if not ok and claimed and lead:
+            _unclaim(out, existed)
     return summary
 
 

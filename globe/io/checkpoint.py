@@ -33,7 +33,7 @@ import torch
 
 from ..compat import DOWN, GATE_UP
 from ..errors import GlobeError
-from ..registry import REGISTRY, ArchSpec, get_spec, layer_rule_text, moe_layers, num_experts, shared_width
+from ..registry import REGISTRY, ArchSpec, get_spec, layer_rule_text, moe_layers, num_experts, shared_width, top_k
 from .quant import PACKED_SUFFIXES, SCALE_SUFFIX, dequantize, fp8_block, scale_shape
 from .stfile import SafetensorsFormatError, STFile
 
@@ -115,11 +115,7 @@ class Checkpoint:
             raise GlobeError(f"{self.dir}: config.json needs integer num_hidden_layers, hidden_size and {s.inter_key}")
         self.moe_layers = moe_layers(s, c)
         self.num_experts = num_experts(s, c)
-        k = c.get(s.top_k_key)
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts):
-            raise GlobeError(f"{self.dir}: config.json {s.top_k_key}={k!r}; expected an integer in "
-                             f"[1, {self.num_experts}] (experts routed to per token)")
-        self.top_k = int(k or 0)
+        self.top_k = top_k(s, c, f"{self.dir}: config.json")
         self.hidden_size = int(c["hidden_size"])
         self.p = int(c[s.inter_key])
         self.shared_width = shared_width(s, c)

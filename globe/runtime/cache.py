@@ -200,16 +200,18 @@ class SlabCache:
     uses it (a chunk of blocks at a time on the grouped path). Recency: this call's
     experts become the most recent, touched in ascending (tokens, id), so when more than S are active
     the slab keeps the hits, then the misses with the most tokens. capacity 0 composes every call
-    (mode `none`).
+    (mode `none`); a capacity above num_experts is num_experts.
     """
 
     def __init__(self, capacity: int, num_experts: int, shape: tuple[int, int], dtype: torch.dtype,
                  device: torch.device | str, compose: Callable[[list[int], Any], None], collect_stats: bool = False):
         if capacity < 0:
             raise GlobeError(f"cache capacity must be >= 0, got {capacity}")
-        self.capacity, self.num_experts, self.shape, self.compose = int(capacity), num_experts, tuple(shape), compose
+        # more slots than experts never hold anything: S > E is the same cache as S = E (not S empty blocks)
+        self.capacity = min(int(capacity), int(num_experts))
+        self.num_experts, self.shape, self.compose = num_experts, tuple(shape), compose
         self.dtype, self.device = dtype, torch.device(device)
-        self.slab = torch.empty((self.capacity, *self.shape), dtype=dtype, device=device) if capacity else None
+        self.slab = torch.empty((self.capacity, *self.shape), dtype=dtype, device=device) if self.capacity else None
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recent first
         self.free = list(range(self.capacity))
         self.stats: dict[str, int] | None = {"hits": 0, "misses": 0} if collect_stats else None

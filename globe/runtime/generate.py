@@ -48,11 +48,31 @@ def generate(cfg: GlobeConfig) -> str:
     from ..progress import is_big
 
     streamer = _Progress(int(g.max_new_tokens)) if is_big(model) else None  # full size: seconds per token
+    from transformers import LogitsProcessorList
+
     out = model.generate(**enc, max_new_tokens=int(g.max_new_tokens), do_sample=False, pad_token_id=pad,
-                         streamer=streamer)
+                         streamer=streamer, logits_processor=LogitsProcessorList([_FiniteLogits(dtype)]))
     if streamer is not None:
         streamer.end()
     return tok.decode(out[0], skip_special_tokens=True)
+
+
+class _FiniteLogits:
+    """A transformers logits processor that stops generation at the first step whose scores hold NaN or
+    +inf (NaN/inf weights, fp16 overflow): greedy decoding would otherwise print arbitrary tokens and exit
+    0. -inf is left alone (processors mask tokens with it) unless every score of a row is -inf."""
+
+    def __init__(self, dtype):
+        self.dtype, self.step = dtype, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        bad = scores.isnan().any() or scores.isposinf().any() or scores.isneginf().all(-1).any()
+        if bad:
+            hint = " (fp16 overflows: try generate.dtype=bf16 or fp32)" if self.dtype == "fp16" else ""
+            raise GlobeError(f"generate: the model's logits are not finite at new token {self.step} (NaN or inf "
+                             f"weights, or an overflow){hint}")
+        return scores
 
 
 class _Progress:

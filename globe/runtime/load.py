@@ -80,7 +80,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         check_memory_for(meta, src, cache, dt, dev)
     base = meta.get("base_model_type") or conf["model_type"].removeprefix(GLOBE_PREFIX)
     conf["model_type"] = base
-    config = compat.config_from_dict(conf)
+    config = compat.config_from_dict(conf, str(p / "config.json"))
     model = compat.empty_model(config, dt)
     store = skeleton_store(meta, dt, "meta")
     dense = skeleton_dense(meta, dt, "meta")

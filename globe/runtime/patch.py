@@ -193,15 +193,20 @@ def warmup(model: nn.Module, ids: torch.Tensor | None = None, tokens: int = 2048
     models (at full size on a CPU, 256 tokens take 20-40 s)."""
     from ..progress import Progress, is_big
 
-    if ids is None:
+    device = compat.model_device(model)
+    if ids is None:  # pseudo-random ids drawn a chunk at a time (any `tokens` costs one chunk of memory)
         vocab = int(compat.text_config(model.config).vocab_size)
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (1, tokens), generator=g)
-    ids = ids.reshape(-1)[:tokens].to(compat.model_device(model))
-    with Progress(ids.numel(), "lru warm-up", "tokens", quiet=not is_big(model)) as bar:
-        for s in range(0, ids.numel(), chunk):
-            model(input_ids=ids[s:s + chunk].unsqueeze(0), use_cache=False)
-            bar.update(min(chunk, ids.numel() - s))
+        n = int(tokens)
+        chunks = (torch.randint(0, vocab, (min(chunk, n - s),), generator=g) for s in range(0, n, chunk))
+    else:
+        ids = ids.reshape(-1)[:tokens]
+        n = ids.numel()
+        chunks = (ids[s:s + chunk] for s in range(0, n, chunk))
+    with Progress(n, "lru warm-up", "tokens", quiet=not is_big(model)) as bar:
+        for c in chunks:
+            model(input_ids=c.unsqueeze(0).to(device), use_cache=False)
+            bar.update(c.numel())
     reset_cache_stats(model)
 
 
