@@ -1,17 +1,17 @@
-"""Wall time of `globe` commands with OpenMP's default wait policy against OMP_WAIT_POLICY=PASSIVE, on a
-quiet machine and next to competing busy processes.
+"""Wall time of `globe` commands under OpenMP wait settings (libgomp's default spin, OMP_WAIT_POLICY=PASSIVE,
+GOMP_SPINCOUNT=N), on a quiet machine and next to competing busy processes.
 
-Why: the CLI sets OMP_WAIT_POLICY=PASSIVE (globe/cli/process.py) because libgomp's idle threads spin after
-each parallel region, and on a machine where something else wants the cores they take its time slices
-(a new user saw a 30-step fixture fit take 103 s instead of 16 s while other jobs ran). Sleeping threads
-wake more slowly, which may cost small-op work (decode steps) on a quiet machine; this measures both.
+Why: libgomp's idle threads spin after each parallel region, and on a machine where something else wants
+the cores they take its time slices (a new user saw a 30-step fixture fit take 103 s instead of 16 s while
+other jobs ran). Threads that sleep at once wake more slowly, which costs small-op work (decode steps) on a
+quiet machine. The CLI's choice (globe/cli/process.py: GOMP_SPINCOUNT=3000) comes from this benchmark.
 
-Each run is one `globe` process (the CLI's own entry, with globe.cli.process.OMP_WAIT_POLICY set to None
-for the default arm), arms alternating pair by pair; `--load K` competing processes each spin a pure
+Each run is one `globe` process (the CLI's own entry; its own setting switched off except in the `cli`
+arm), arms alternating run by run; `--load K` competing processes each spin a pure
 Python loop on a core for the loaded condition. Workloads: `demo` (`globe demo --fast`: fit 60 steps,
 export, two evals) and `eval` (`globe eval` of the bundled fixture with the speed pass: prefill 128 and 32
-decode steps; its decode tok/s is read from the eval JSON). Reports medians and the PASSIVE/default
-ratio of every pair.
+decode steps; its decode tok/s is read from the eval JSON). Reports medians and each arm's ratio to the
+first arm, round by round. SPIN:N arms (GOMP_SPINCOUNT=N) spin briefly before sleeping: a middle way.
 
     python benchmarks/bench_omp_wait.py    # -> benchmarks/results/omp_wait_cpu.json
 """
@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHILD = ("import sys; import globe.cli.process as p; p.OMP_WAIT_POLICY = None if sys.argv[1] == 'default' "
-         "else sys.argv[1]; from globe.cli.main import main; sys.exit(main(sys.argv[2:]))")
-ARMS = ("default", "PASSIVE")
+# arm: "default" (libgomp's own: spin about 300,000 rounds, then sleep), "PASSIVE" (OMP_WAIT_POLICY=PASSIVE:
+# sleep at once), "SPIN:N" (GOMP_SPINCOUNT=N: spin N rounds, then sleep) or "cli" (what the `globe` CLI sets:
+# globe.cli.process.quiet_openmp); every arm but "cli" runs the CLI with that setting switched off
+CHILD = ("import sys; import globe.cli.process as p; p.SPIN_COUNT = p.SPIN_COUNT if sys.argv[1] == 'cli' else None; "
+         "from globe.cli.main import main; sys.exit(main(sys.argv[2:]))")
 
 
 def argv_for(work: str, tmp: Path, i: int) -> list[str]:
@@ -45,6 +47,10 @@ def argv_for(work: str, tmp: Path, i: int) -> list[str]:
 
 def one(work: str, arm: str, tmp: Path, i: int, env: dict[str, str]) -> dict:
     argv = argv_for(work, tmp, i)
+    if arm.startswith("SPIN:"):
+        env = {**env, "GOMP_SPINCOUNT": arm.split(":", 1)[1]}
+    elif arm == "PASSIVE":
+        env = {**env, "OMP_WAIT_POLICY": "PASSIVE"}
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, arm, *argv], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -65,13 +71,21 @@ def spinners(k: int) -> list[subprocess.Popen]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", nargs="+", default=["eval", "demo"], choices=["eval", "demo"])
-    ap.add_argument("--rounds", type=int, default=3, help="pairs (default, PASSIVE) per workload and condition")
+    ap.add_argument("--arms", nargs="+", default=["default", "PASSIVE", "SPIN:3000", "SPIN:30000"],
+                    help="default | PASSIVE | SPIN:N (GOMP_SPINCOUNT=N) | cli (the CLI's own setting); the first is "
+                         "the baseline of the ratios")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every arm per workload and condition")
     ap.add_argument("--load", type=int, default=1, help="competing busy processes in the loaded condition")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the globe processes")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "omp_wait_cpu.json"))
     a = ap.parse_args()
     if a.rounds < 1 or a.load < 1 or a.threads < 1:
         sys.exit("--rounds, --load and --threads must be >= 1")
+    bad = [x for x in a.arms
+           if x not in ("default", "PASSIVE", "cli") and not (x.startswith("SPIN:") and x[5:].isdigit())]
+    if bad or len(set(a.arms)) < 2:
+        sys.exit(f"--arms: two or more of default, PASSIVE, SPIN:N, cli (got {a.arms})")
+    arms = a.arms
     out_path = Path(a.out)
     if not out_path.parent.is_dir():
         sys.exit(f"--out: no directory {out_path.parent}")
@@ -85,12 +99,12 @@ def main() -> None:
             procs = spinners(a.load) if cond != "quiet" else []
             try:
                 for work in a.work:
-                    rows = runs.setdefault(cond, {}).setdefault(work, {arm: [] for arm in ARMS})
-                    one(work, "PASSIVE", tmp, i := i + 1, env)  # warm-up: file cache, imports
+                    rows = runs.setdefault(cond, {}).setdefault(work, {arm: [] for arm in arms})
+                    one(work, arms[0], tmp, i := i + 1, env)  # warm-up: file cache, imports
                     for _ in range(a.rounds):
-                        for arm in ARMS:
+                        for arm in arms:
                             rows[arm].append(one(work, arm, tmp, i := i + 1, env))
-                        print(cond, work, {arm: round(rows[arm][-1]["wall_s"], 2) for arm in ARMS}, flush=True)
+                        print(cond, work, {arm: round(rows[arm][-1]["wall_s"], 2) for arm in arms}, flush=True)
             finally:
                 for p in procs:
                     p.kill()
@@ -98,15 +112,16 @@ def main() -> None:
     summary: dict = {}
     for cond, works in runs.items():
         for work, rows in works.items():
-            ratios = [p["wall_s"] / d["wall_s"] for d, p in zip(rows["default"], rows["PASSIVE"], strict=True)]
-            s = {f"{arm}_wall_s_median": statistics.median(r["wall_s"] for r in rows[arm]) for arm in ARMS}
-            s["passive_over_default_wall"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                              "max": max(ratios)}
+            s = {f"{arm}_wall_s_median": statistics.median(r["wall_s"] for r in rows[arm]) for arm in arms}
+            for arm in arms[1:]:  # ratio to the baseline arm, run by run (same round)
+                ratios = [x["wall_s"] / b["wall_s"] for b, x in zip(rows[arms[0]], rows[arm], strict=True)]
+                s[f"{arm}_over_{arms[0]}_wall"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                                   "max": max(ratios)}
             if work == "eval":
                 s.update({f"{arm}_decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in rows[arm])
-                          for arm in ARMS})
+                          for arm in arms})
             summary[f"{cond}/{work}"] = s
-    res = {"threads": a.threads, "rounds": a.rounds, "load_processes": a.load, "cpus": os.cpu_count(),
+    res = {"arms": arms, "threads": a.threads, "rounds": a.rounds, "load_processes": a.load, "cpus": os.cpu_count(),
            "runs": runs, "summary": summary, "loadavg_end": os.getloadavg()}
     tmp_out = out_path.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(res, indent=2) + "\n")

@@ -85,23 +85,29 @@ def test_an_empty_onednn_variable_is_no_setting(monkeypatch, capsys):
     assert os.environ[VAR] == "128"
 
 
-def _omp_wait_policy(env: dict[str, str]) -> str:
-    """The wait policy libgomp reports (OMP_DISPLAY_ENV) in a child that runs the CLI's settings, then torch."""
+def _omp_spin(env: dict[str, str]) -> tuple[str, str]:
+    """(OMP_WAIT_POLICY, GOMP_SPINCOUNT) as libgomp reports them (OMP_DISPLAY_ENV=VERBOSE) in a child that
+    applies the CLI's setting, then loads torch."""
     import re
     import subprocess
     import sys
 
     code = ("from globe.cli.process import quiet_openmp; quiet_openmp(); import torch; torch.set_num_threads(2); "
             "torch.ones(256, 256) @ torch.ones(256, 256)")
-    full = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env={**full, "OMP_DISPLAY_ENV": "TRUE", **env},
+    full = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env={**full, "OMP_DISPLAY_ENV": "VERBOSE", **env},
                          capture_output=True, text=True, check=True)
-    m = re.search(r"OMP_WAIT_POLICY = '(\w+)'", out.stdout + out.stderr)
-    if m is None:
+    text = out.stdout + out.stderr
+    policy, spin = re.search(r"OMP_WAIT_POLICY = '(\w+)'", text), re.search(r"GOMP_SPINCOUNT = '(\d+)'", text)
+    if policy is None or spin is None:
         pytest.skip("torch's OpenMP runtime does not display its environment (not GNU libgomp)")
-    return m.group(1)
+    return policy.group(1), spin.group(1)
 
 
-def test_cli_puts_idle_openmp_threads_to_sleep_unless_the_user_chose():
-    assert _omp_wait_policy({}) == "PASSIVE"
-    assert _omp_wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+def test_cli_shortens_the_openmp_spin_unless_the_user_chose():
+    from globe.cli.process import SPIN_COUNT
+
+    assert _omp_spin({})[1] == str(SPIN_COUNT) == "3000"
+    assert _omp_spin({"GOMP_SPINCOUNT": "77"})[1] == "77"  # the user's own values win
+    assert _omp_spin({"OMP_WAIT_POLICY": "ACTIVE"})[0] == "ACTIVE"
+    assert _omp_spin({"OMP_WAIT_POLICY": "ACTIVE"})[1] != str(SPIN_COUNT)

@@ -15,11 +15,14 @@ made resident memory creep up window after window of an eval in cache.mode=none:
   `mallopt(M_MMAP_THRESHOLD)`, as the MALLOC_MMAP_THRESHOLD_ variable would) returns every such tensor
   to the system when freed (benchmarks/bench_eval_memory.py and bench_malloc.py measure both effects).
 
-- OpenMP (torch's CPU thread pool, GNU libgomp) lets its idle threads spin for a while after each parallel
-  region by default. On a machine where other processes want the same cores, the spinning threads take
-  their time slices: a 30-step fit of the bundled fixture took 103 s instead of 16 s on a busy 2-core
-  machine. OMP_WAIT_POLICY=PASSIVE puts idle threads to sleep at once (benchmarks/bench_omp_wait.py
-  measures both ways, quiet and loaded: benchmarks/results/omp_wait_cpu.json). Read by libgomp when torch
+- OpenMP (torch's CPU thread pool, GNU libgomp) lets its idle threads spin about 300,000 rounds after
+  each parallel region before they sleep. On a machine where another process wants the same cores, the
+  spinning threads take its time slices and their own work waits: `globe demo --fast` next to one busy
+  process took 156 s instead of 26 s quiet (a new user saw a fixture fit take 103 s instead of 16 s).
+  GOMP_SPINCOUNT=3000 keeps a short spin and then sleeps: next to the busy process 33 s (0.21x the
+  default's time; OMP_WAIT_POLICY=PASSIVE 0.19x), and on a quiet machine 0.93x the default's demo time
+  and 0.86x its decode speed in `globe eval` (PASSIVE: 0.48x, so the CLI does not use it). Medians of
+  benchmarks/bench_omp_wait.py -> benchmarks/results/omp_wait_cpu.json. Read by libgomp when torch
   loads it, so this runs before torch is imported.
 
 Each is skipped when the user set the corresponding variable (an empty value counts as unset). The Python
@@ -33,7 +36,7 @@ import os
 import sys
 
 ONEDNN_CACHE_CAPACITY = 128  # entries of oneDNN's primitive cache
-OMP_WAIT_POLICY: str | None = "PASSIVE"  # None: leave OpenMP's default (benchmarks compare both)
+SPIN_COUNT: int | None = 3000  # GOMP_SPINCOUNT: rounds an idle OpenMP thread spins before it sleeps (None: leave)
 MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's default M_MMAP_THRESHOLD, frozen (no dynamic raise)
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 
@@ -46,12 +49,13 @@ def bound_onednn_cache() -> None:
 
 
 def quiet_openmp() -> bool:
-    """Set OMP_WAIT_POLICY to OMP_WAIT_POLICY (PASSIVE: idle OpenMP threads sleep instead of spinning) unless
-    the user set it (non-empty) or torch is already imported (libgomp read its environment then). True
-    when set."""
-    if OMP_WAIT_POLICY is None or os.environ.get("OMP_WAIT_POLICY") or "torch" in sys.modules:
+    """Set GOMP_SPINCOUNT to SPIN_COUNT (idle OpenMP threads spin briefly, then sleep) unless the user chose
+    a wait behaviour (OMP_WAIT_POLICY or GOMP_SPINCOUNT set, non-empty) or torch is already imported
+    (libgomp read its environment then). True when set. Other OpenMP runtimes ignore the variable."""
+    if SPIN_COUNT is None or "torch" in sys.modules or any(
+            os.environ.get(v) for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
         return False
-    os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+    os.environ["GOMP_SPINCOUNT"] = str(int(SPIN_COUNT))
     return True
 
 
