@@ -240,9 +240,11 @@ def check_model_config(path: str | Path) -> None:
         return
     cfg = read_config(Path(path))
     mt, meta = cfg.get("model_type"), cfg.get("globe")
-    if isinstance(mt, str) and mt.startswith("globe_"):  # a globe export: its base architecture's keys
+    from .runtime.export import GLOBE_PREFIX
+
+    if isinstance(mt, str) and mt.startswith(GLOBE_PREFIX):  # a globe export: its base architecture's keys
         base = meta.get("base_model_type") if isinstance(meta, dict) else None
-        cfg = {**cfg, "model_type": base or mt.removeprefix("globe_")}
+        cfg = {**cfg, "model_type": base or mt.removeprefix(GLOBE_PREFIX)}
     check_config(cfg, str(conf))
 
 

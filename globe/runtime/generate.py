@@ -67,8 +67,8 @@ class _FiniteLogits:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.step += 1
-        bad = scores.isnan().any() or scores.isposinf().any() or scores.isneginf().all(-1).any()
-        if bad:
+        bad = (scores.isnan() | scores.isposinf()).any() | scores.isneginf().all(-1).any()
+        if bad:  # one host sync per step
             hint = " (fp16 overflows: try generate.dtype=bf16 or fp32)" if self.dtype == "fp16" else ""
             raise GlobeError(f"generate: the model's logits are not finite at new token {self.step} (NaN or inf "
                              f"weights, or an overflow){hint}")
