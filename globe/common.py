@@ -81,3 +81,15 @@ def check_type(x: Any, cls: type, what: str) -> Any:
         article = "an" if cls.__name__[:1] in "AEIOU" else "a"
         raise ValueError(f"{what}: expected {article} {cls.__name__}, got {type(x).__name__}")
     return x
+
+
+def count_non_finite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Number of NaN/inf values in a floating tensor (0 for other dtypes), checked `chunk` elements at a time
+    so the boolean temporary stays at most `chunk` bytes whatever the tensor's size."""
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not bool(torch.isfinite(flat[i:i + chunk]).all()):
+            return sum(int((~torch.isfinite(flat[j:j + chunk])).sum()) for j in range(0, flat.numel(), chunk))
+    return 0

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .common import count_non_finite
 from .errors import GlobeError
 from .registry import ArchSpec, check_config, get_spec, moe_layers
 
@@ -249,17 +250,28 @@ def check_model_config(path: str | Path) -> None:
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """Plain transformers model from a local directory (dtype None = as stored), eval mode."""
+    """Plain transformers model from a local directory (dtype None = as stored), eval mode.
+    Raises GlobeError when the model cannot be built or a weight it needs is absent from the checkpoint."""
     from transformers import AutoModelForCausalLM
 
     check_model_config(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype if dtype is not None else "auto", output_loading_info=True)
         except Exception as e:  # OSError, ValueError, safetensors' SafetensorError on a damaged shard, ...
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise GlobeError(f"cannot load model from {path}: {type(e).__name__}: {msg[:200]}") from None
+    # transformers initialises a weight the checkpoint lacks at random and only logs it: refuse instead
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise GlobeError(f"{path}: checkpoint lacks tensor {missing[0]} ({len(missing)} missing): "
+                         "transformers would initialise it randomly; file truncated or incomplete")
+    for name, prm in model.named_parameters():  # torch's CPU attention can turn a NaN weight into finite logits
+        bad = count_non_finite(prm.detach())
+        if bad:
+            raise GlobeError(f"{path}: weight {name} holds {bad} NaN/inf value(s): the checkpoint is damaged")
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -282,7 +294,9 @@ def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
     """The tokenizer saved with a model directory; GlobeError naming the directory when there is none."""
     from transformers import AutoTokenizer
 
-    d = Path(path)
+    d = Path(path).expanduser()
+    if not d.exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
+        raise GlobeError(f"model path not found: {path}")  # not a hub id: the hub's repo-id error would confuse
     if d.is_dir():
         check_model_config(d)  # AutoTokenizer reads config.json too: its errors would blame the tokenizer
     files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -315,12 +329,16 @@ def config_from_dict(d: dict[str, Any], where: str = "config.json") -> Any:
 
 
 def load_config(path: str | Path) -> Any:
+    """transformers' config of a local model directory; GlobeError for a bad MoE fact or a value it refuses."""
     from transformers import AutoConfig
 
+    if Path(path).is_dir():
+        check_model_config(path)
     try:
         return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise GlobeError(f"cannot read config.json in {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # OSError, ValueError, KeyError, huggingface_hub's strict-dataclass errors, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GlobeError(f"cannot read config.json in {path}: {msg[:200]}") from None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -35,10 +35,10 @@ def _cpus() -> int:
 
 
 def _numbers(cfg: Any, prefix: str) -> None:
-    """Every int/float/bool/list[int] field of a config dataclass as its annotated type, in place; ValueError
+    """Every int/float/bool/str/list field of a config dataclass as its annotated type, in place; ValueError
     naming the key for a bool or text where a number belongs, a fraction where an integer belongs, a
-    non-finite float, or a word other than true/false for a flag (Python callers get the same one-line
-    errors as the command line)."""
+    non-finite float, a word other than true/false for a flag, or a list where text belongs (Python callers
+    get the same one-line errors as the command line)."""
     for f in dataclasses.fields(cfg):
         setattr(cfg, f.name, _number(f"{prefix}.{f.name}", f.type, getattr(cfg, f.name)))
 
@@ -203,7 +203,9 @@ class TrainCfg:
         _need(len(fams) > 0 and all(f in FAMILIES for f in fams), "train.families",
               f"must be a non-empty subset of {list(FAMILIES)}, got {fams}")
         self.families = [f for f in FAMILIES if f in fams]
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        _need(isinstance(self.betas, (list, tuple)), "train.betas", f"must be two numbers, e.g. [0.9,0.99], got "
+              f"{self.betas!r}")
+        self.betas = tuple(_number(f"train.betas[{i}]", "float", b) for i, b in enumerate(self.betas))  # type: ignore
         _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
               f"must be two numbers in [0, 1), got {list(self.betas)}")
         _need(self.objective in ("weight", "activation"), "train.objective",
@@ -211,6 +213,7 @@ class TrainCfg:
         _need(self.objective == "weight" or bool(self.calib_text), "train.calib_text",
               "the activation objective needs a calibration text file")
         _need(self.device in DEVICES, "train.device", f"unknown device {self.device!r}")
+        _need(int(self.calib_tokens) >= 2, "train.calib_tokens", f"must be >= 2 (tokens), got {self.calib_tokens}")
         _need(float(self.max_memory_gb) > 0, "train.max_memory_gb", "must be > 0")
         _need(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
               f"unknown schedule {self.lr_schedule!r}; constant|cosine")
@@ -312,6 +315,10 @@ class EvalCfg:
               "must be a list of directories")
         _need(self.task_limit is None or int(self.task_limit) >= 1, "eval.task_limit", "must be >= 1")
         _need(int(self.task_batch_size) >= 1, "eval.task_batch_size", "must be >= 1")
+        _need(int(self.prefill_tokens) >= 1, "eval.prefill_tokens", f"must be >= 1, got {self.prefill_tokens}")
+        _need(int(self.decode_tokens) >= 1, "eval.decode_tokens", f"must be >= 1, got {self.decode_tokens}")
+        _need(all(S >= 1 for S in self.S_values), "eval.S_values",
+              f"must be cache sizes >= 1 (slots per layer), got {self.S_values}")
         _need(self.max_tokens is None or int(self.max_tokens) >= 2, "eval.max_tokens",
               f"must be >= 2 (tokens to score), got {self.max_tokens}")
         _need(self.dataset is None or str(self.dataset).lower().replace("-", "").replace("_", "") in DATASETS,
@@ -392,6 +399,14 @@ def _number(key: str, typ: str, v: Any) -> Any:
         return v
     if typ == "bool":
         return _bool(key, v)
+    if typ in ("str", "str | None"):
+        return _text(key, v, optional=typ != "str")
+    if typ == "list[str]":
+        if isinstance(v, (str, os.PathLike)):  # one name: EvalCfg(tasks="hellaswag") is ["hellaswag"]
+            v = [v]
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"{key}: expected a list of names, e.g. [a,b], got {v!r}")
+        return [_text(f"{key}[{i}]", x) for i, x in enumerate(v)]
     if typ == "list[int]":
         if not isinstance(v, (list, tuple)):
             raise ValueError(f"{key}: expected a list of integers, e.g. [4,8,16], got {v!r}")
@@ -418,6 +433,20 @@ def _number(key: str, typ: str, v: Any) -> Any:
     if not math.isfinite(x):
         raise ValueError(f"{key}: must be finite, got {v!r}")
     return x
+
+
+def _text(key: str, v: Any, optional: bool = False) -> str | None:
+    """A text field: a str, a path (as its string) or an integer as typed on the command line (Hydra reads
+    `output_dir=2024` as 2024); ValueError naming the key for anything else (a list, a float, a bool)."""
+    if v is None and optional:
+        return None
+    if isinstance(v, str):
+        return v
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    raise ValueError(f"{key}: expected text, got {v!r}")
 
 
 def _bool(key: str, v: Any) -> bool:

@@ -73,6 +73,10 @@ def run_demo(out_dir: str | None = None, fast: bool = False) -> dict[str, Any]:
         from .errors import GlobeError
 
         raise GlobeError(f"demo --out {out}: exists and is not an empty directory; choose a new one")
+    if out_dir:
+        from .io.outputs import check_writable
+
+        check_writable(out, what="demo --out")  # a path under a regular file or a read-only directory
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
 

@@ -28,9 +28,27 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from .errors import GlobeError
+
 T = TypeVar("T")
 LOGGER_NAME = "globe"
-DEFAULT_EVERY_S = float(os.environ.get("GLOBE_PROGRESS_EVERY_S", "20"))
+EVERY_S_ENV = "GLOBE_PROGRESS_EVERY_S"
+DEFAULT_EVERY_S: float | None = None  # None: from GLOBE_PROGRESS_EVERY_S (default 20 s); tests set a number
+
+
+def env_every_s() -> float:
+    """Seconds between progress lines off a terminal: GLOBE_PROGRESS_EVERY_S, 20 when unset or empty.
+    Raises GlobeError for a value that is not a finite number >= 0."""
+    raw = os.environ.get(EVERY_S_ENV, "").strip()
+    if not raw:
+        return 20.0
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < float("inf"):
+        raise GlobeError(f"{EVERY_S_ENV}={raw!r}: expected seconds between progress lines, a number >= 0")
+    return v
 HEARTBEAT_MAX_IDLE = 10  # a heartbeat stops after this many intervals without progress (an abandoned bar)
 
 
@@ -82,7 +100,9 @@ class Progress:
                  initial: float = 0, quiet: bool = False):
         self.total, self.desc, self.unit, self._raw_unit = total, desc, unit_name or unit, unit
         self.scale, self.n, self.initial = scale, float(initial), float(initial)
-        self.every_s = DEFAULT_EVERY_S if every_s is None else float(every_s)
+        if every_s is None:
+            every_s = env_every_s() if DEFAULT_EVERY_S is None else DEFAULT_EVERY_S
+        self.every_s = float(every_s)
         self.t0 = self.last = time.monotonic()
         self.quiet = quiet
         self._bar = None

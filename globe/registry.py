@@ -157,6 +157,9 @@ def check_config(cfg: dict[str, Any], where: str = "config.json") -> None:
     routed experts per layer and top-k. GlobeError naming `where` on the first bad value."""
     spec = REGISTRY.get(cfg.get("model_type"))
     if spec is not None:
+        if spec.top_k_key in cfg and cfg[spec.top_k_key] is None:  # absent = transformers' default; null = no k
+            raise GlobeError(f"{where}: {spec.top_k_key}=null; expected an integer in [1, {num_experts(spec, cfg)}] "
+                             "(experts routed to per token)")
         top_k(spec, cfg, where)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from ..config import GlobeConfig
 from ..errors import GlobeError
+from ..progress import env_every_s
 from .process import bound_malloc, bound_onednn_cache, quiet_openmp
 
 VERBS_WITH_OVERRIDES = ("fit", "export", "eval", "generate")
@@ -149,6 +150,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_fit(overrides: list[str], multirun: bool) -> int:
+    from ..fit.dist import check_launch_env, is_rank0
+
+    check_launch_env()  # a bad RANK/WORLD_SIZE fails here, not after the fit
     runs = expand_sweep(overrides) if multirun else [overrides]
     confs = []
     for i, ov in enumerate(runs):  # validate every run's config before any work
@@ -162,7 +166,7 @@ def cmd_fit(overrides: list[str], multirun: bool) -> int:
     from ..fit.run import run_fit
 
     results = [{"output_dir": c.output_dir, "summary": run_fit(c)} for c in confs]
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary: print it once
+    if is_rank0():  # under torchrun every rank returns the summary: print it once
         _print_json(results if multirun else results[0]["summary"])
     return 0
 
@@ -212,8 +216,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (`error: ...`, exit 2) instead of a usage block first."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="globe", description="GloBE: global-basis compression of MoE experts")
+    ap = _Parser(prog="globe", description="GloBE: global-basis compression of MoE experts")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = ap.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("inspect", help="summarise an MoE checkpoint (no weights loaded)")
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_openmp()
     previous = _terminate_cleanly()
     try:
+        env_every_s()  # GLOBE_PROGRESS_EVERY_S, checked before any work
         if a.verb == "inspect":
             return cmd_inspect(a)
         if a.verb == "fit":

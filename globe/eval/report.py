@@ -59,6 +59,24 @@ def eval_records(d: Path) -> list[dict[str, Any]]:
     return recs
 
 
+def load_summary(p: Path) -> dict[str, Any]:
+    """A fit's summary.json; GlobeError naming the file when it is not an object or its `families` is not
+    {family: {figures}} (a hand-edited or damaged file: the report would otherwise fail inside a table)."""
+    s = _load_json(p, obj=True)
+    if s is None:
+        raise GlobeError(f"corrupt {p}: not a JSON object")
+    fams = s.get("families")
+    if fams is not None and (not isinstance(fams, dict) or not all(isinstance(v, dict) for v in fams.values())):
+        raise GlobeError(f"corrupt {p}: 'families' must map each family to an object of figures, got {fams!r:.60}")
+    for f, v in (fams or {}).items():
+        for k in ("stored_params", "original_params", "rel_fro_error"):
+            if k in v and v[k] is not None and (isinstance(v[k], bool) or not isinstance(v[k], (int, float))):
+                raise GlobeError(f"corrupt {p}: families.{f}.{k} is {v[k]!r}, expected a number")
+    if not isinstance(s.get("baselines") or {}, dict):
+        raise GlobeError(f"corrupt {p}: 'baselines' must be an object")
+    return s
+
+
 def _fmt(x: Any, nd: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -152,7 +170,7 @@ def find_runs(d: Path, depth: int = 3) -> list[Path]:
 def sweep_points(runs: list[Path]) -> list[dict[str, Any]]:
     pts = []
     for rd in runs:
-        s = _load_json(rd / "summary.json", obj=True) or {}
+        s = load_summary(rd / "summary.json")
         fams = s.get("families") or {}
         if not fams:
             continue
@@ -213,9 +231,7 @@ def _build(run: Path, out: Path, checkpoint: str | None) -> None:
     is_run = (run / "globe_config.json").is_file()
     summary = None
     if (run / "summary.json").is_file():
-        summary = _load_json(run / "summary.json", obj=True)
-        if summary is None:
-            raise GlobeError(f"corrupt {run / 'summary.json'}: not a JSON object")
+        summary = load_summary(run / "summary.json")
     evals = eval_records(run)
     dt = export_dtype(evals)  # the dtype actually exported; without an export, the fit's own fp32 files
     elem, dt_note = (ELEM_BYTES[dt], f"{dt}, as exported") if dt else (4, "fp32, as the fit stores them")

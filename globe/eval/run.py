@@ -133,11 +133,14 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(KEYS)
     out.update(device=device.type, dtype=dtype_name(dtype), model_path=str(cfg.model.path), model_kind=kind,
                threads=torch.get_num_threads(), load_s=time.perf_counter() - t0)
-    from ..runtime.patch import cache_cfg
+    from ..runtime.patch import cache_cfg, globe_layers
 
     cache = cache_cfg(model)  # the cache settings a globe model runs with
-    out["cache"] = None if cache is None else {  # S only means something in lru mode
-        "mode": cache.mode, "S_per_layer": int(cache.S_per_layer) if cache.mode == "lru" else None}
+    out["cache"] = None
+    if cache is not None:  # S only means something in lru mode; S above the expert count holds every expert
+        E = max((m.num_experts for m in globe_layers(model).values()), default=int(cache.S_per_layer))
+        out["cache"] = {"mode": cache.mode,
+                        "S_per_layer": min(int(cache.S_per_layer), E) if cache.mode == "lru" else None}
     ids = tokenize(tok, text, ev.max_tokens) if text is not None else None
     if ids is not None:
         if device.type == "cpu":

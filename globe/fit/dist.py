@@ -55,10 +55,43 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def check_launch_env() -> None:
+    """The launcher's variables, when set, are what torchrun writes: GlobeError naming the first that is not
+    (RANK, LOCAL_RANK >= 0; WORLD_SIZE, LOCAL_WORLD_SIZE >= 1; RANK < WORLD_SIZE; a positive timeout)."""
+    vals = {}
+    for k, lo in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1)):
+        raw = os.environ.get(k)
+        if raw is None:
+            continue
+        try:
+            vals[k] = int(raw)
+        except ValueError:
+            vals[k] = None
+        if vals[k] is None or vals[k] < lo:
+            raise GlobeError(f"{k}={raw!r}: expected an integer >= {lo} (set by torchrun; unset it for one process)")
+    if "RANK" in vals and "WORLD_SIZE" in vals and vals["RANK"] >= vals["WORLD_SIZE"]:
+        raise GlobeError(f"RANK={vals['RANK']} is not below WORLD_SIZE={vals['WORLD_SIZE']}")
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is not None:
+        try:
+            ok = 0 < float(raw) < float("inf")
+        except ValueError:
+            ok = False
+        if not ok:
+            raise GlobeError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+
+
+def is_rank0() -> bool:
+    """False only in a launched process whose RANK is not 0 (check_launch_env first)."""
+    return int(os.environ.get("RANK") or 0) == 0
+
+
 def wanted(setting: Any) -> bool:
     """Whether a fit runs sharded: train.distributed auto (when launched by torchrun or a process group
-    exists), true (required) or false. Raises GlobeError for a setting the launch cannot honour."""
+    exists), true (required) or false. Raises GlobeError for a setting the launch cannot honour, or for a
+    launcher variable that is not what torchrun writes (check_launch_env)."""
     import torch.distributed as td
+    check_launch_env()
     env = launched() or (td.is_available() and td.is_initialized())
     if setting == "auto":
         return env

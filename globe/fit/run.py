@@ -213,6 +213,24 @@ def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, 
     return out
 
 
+def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig) -> None:
+    """GlobeError when the fit's result is no better than zero experts: a non-finite error or gain, an all-zero
+    bank, or (weight objective) relative error 1, which ridge-solved adapters over any non-degenerate bank stay
+    below; the activation objective minimises another norm, so its weight error may exceed 1 early on. Adam
+    steps are of size ~lr: a huge train.lr drives the bank to inf, which the atom normalisation turns into 0."""
+    err, art = float(fit.metrics["rel_fro_error"]), fit.artifact
+    why = None
+    if not math.isfinite(err) or not bool(torch.isfinite(art.gain).all()):
+        why = "a non-finite error or gain"
+    elif float(art.bank.abs().amax()) == 0.0:
+        why = "an all-zero bank"
+    elif cfg.train.objective == "weight" and err >= 1.0 - 1e-6:
+        why = f"relative error {err:.6f} (1.0 = no better than all-zero experts)"
+    if why:
+        raise GlobeError(f"fit of family {fam} diverged: {why}; lower train.lr (now {cfg.train.lr:g}) and fit again "
+                         f"into a new output_dir (this one holds the diverged run: delete it)")
+
+
 def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     """Fit GloBE banks for cfg.train.families of cfg.model.path; write outputs; return the summary.
     """
@@ -272,8 +290,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             if base:
                 plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"
                                                         for k, b in base.items()))
-            if not math.isfinite(fit.metrics["rel_fro_error"]):
-                raise GlobeError(f"fit of family {fam} produced a non-finite error")
+            _check_diverged(fam, fit, cfg)
             res = {"metrics": {**fit.metrics, **plans[fam].as_dict()}, "baselines": base,
                    "family_meta": fit.artifact.family_meta()}
             if lead:

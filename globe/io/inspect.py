@@ -68,13 +68,16 @@ def inspect_export(d) -> dict[str, Any]:
     import json
 
     from ..errors import GlobeError
+    from .exportmeta import check_export_meta
     from .tensors import TensorDir
 
     conf = json.loads((d / "config.json").read_text())
     g = conf["globe"]
-    if g.get("format") != "globe":
-        raise GlobeError(f"{d}: a globe export of format {g.get('format')!r} version {g.get('version')}; "
+    if not isinstance(g, dict) or g.get("format") != "globe":
+        fmt, ver = (g.get("format"), g.get("version")) if isinstance(g, dict) else (type(g).__name__, None)
+        raise GlobeError(f"{d}: a globe export of format {fmt!r} version {ver}; "
                          "export it again from its fit directory with this globe")
+    check_export_meta(g, str(d / "config.json"))
     src = TensorDir(d, g.get("weights_prefix", "model"))
     E, p, dd, L = int(g["num_experts"]), int(g["expert_intermediate_size"]), int(g["hidden_size"]), len(g["moe_layers"])
     fams = {}

@@ -40,7 +40,7 @@ import torch
 
 from .. import compat
 from ..artifacts import KEEP_FP32, Artifacts, Family
-from ..common import DTYPES, check_type
+from ..common import DTYPES, check_type, count_non_finite
 from ..config import CacheCfg, ExportCfg, GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
@@ -92,6 +92,9 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
     out = _check_out(output_dir, ecfg.overwrite)
     if not artifacts:
         raise GlobeError("artifacts: give the fit output directory (artifacts=DIR)")
+    paths = artifacts if isinstance(artifacts, (list, tuple)) else [artifacts]
+    if not all(isinstance(a, (str, os.PathLike)) for a in paths):
+        raise ValueError(f"artifacts: expected a fit directory (a path) or a list of them, got {artifacts!r:.80}")
     src = ", ".join(map(str, artifacts)) if isinstance(artifacts, (list, tuple)) else str(artifacts)
     log("export %s: reading the headers of %s and %s", ecfg.format, model, src)
     ck = Checkpoint(str(model), revision)
@@ -111,6 +114,7 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
         with ShardedWriter(tmp, plan, prefix="model", max_shard_bytes=max_shard) as w, \
                 Progress(total, f"export {ecfg.format}", unit="GB", scale=1e-9) as bar:
             for name, t in produce():
+                check_finite(name, t, ecfg.dtype)
                 w.write(name, t)
                 bar.update(t.numel() * t.element_size())
             w.close()
@@ -298,6 +302,15 @@ def globe_plan(ck: Checkpoint, arts: Artifacts, dtype: torch.dtype, save_mixed: 
         for f, fam in arts.families.items():
             yield from fam.tensors(f, arts.moe_layers, dtype, compose=_composer(fam, dtype) if save_mixed else None)
     return plan, produce
+
+
+def check_finite(name: str, t: torch.Tensor, dtype: str) -> None:
+    """GlobeError naming the tensor when a floating tensor about to be written holds NaN/inf: a damaged source
+    tensor, a fit that went wrong, or a value beyond the range of `dtype` (fp16 tops out at 65504)."""
+    bad = count_non_finite(t)
+    if bad:
+        raise GlobeError(f"export: tensor {name} holds {bad} NaN/inf value(s) in {dtype}: the source "
+                         f"checkpoint or the fit's artifacts are damaged, or values exceed {dtype}'s range")
 
 
 def _stack(ck: Checkpoint, L: int, family: str, dtype: torch.dtype) -> torch.Tensor:

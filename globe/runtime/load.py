@@ -29,10 +29,11 @@ from torch import nn
 
 from .. import compat
 from ..artifacts import FORMAT, VERSION, _check_version
-from ..common import DTYPES, check_type, resolve_device, to_dtype
+from ..common import DTYPES, check_type, count_non_finite, resolve_device, to_dtype
 from ..config import CacheCfg
 from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
+from ..io.exportmeta import check_export_meta
 from ..io.tensors import TensorDir
 from ..progress import Progress, log
 from .export import GLOBE_PREFIX, is_globe_dir
@@ -62,12 +63,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if not is_globe_dir(p):
         if cache is not None:
             log("load: %s is not a globe export (its experts are dense); the cache settings do not apply", p)
+        _check_moe_checkpoint(p)
         return compat.load_pretrained(p, to_dtype(dtype), dev)
     conf = json.loads((p / "config.json").read_text())
     meta = conf.pop("globe")
     if not isinstance(meta, dict):
         raise GlobeError(f"{p / 'config.json'}: the globe section must be an object, got {type(meta).__name__}")
     _check_version(meta, p / "config.json")
+    check_export_meta(meta, str(p / "config.json"))
     dt = to_dtype(dtype, DTYPES[meta["dtype"]])
     if cache is None:
         saved = meta.get("cache", {})
@@ -96,6 +99,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     return model.eval()
 
 
+def _check_moe_checkpoint(p) -> None:
+    """An MoE of a registry architecture: its expert tensors checked against config.json from the headers
+    (Checkpoint), so a wrong num_experts or width is one line, not transformers' mismatch report."""
+    from ..io.checkpoint import Checkpoint, read_raw_config
+    from ..registry import REGISTRY
+
+    if read_raw_config(p).get("model_type") in REGISTRY:
+        Checkpoint(p)
+
+
 def assign_all(model: nn.Module, src: TensorDir, device: torch.device, where: str) -> None:
     """Read every tensor of `src`, cast it to its slot's dtype and assign it (peak: one tensor extra)."""
     slots = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
@@ -112,6 +125,10 @@ def assign_all(model: nn.Module, src: TensorDir, device: torch.device, where: st
             if tuple(t.shape) != tuple(slot.shape):
                 raise GlobeError(f"{where}: tensor {k} has shape {list(t.shape)}, the model expects {list(slot.shape)}")
             t = t.to(device=device, dtype=slot.dtype if slot.is_floating_point() else t.dtype)
+            bad = count_non_finite(t)  # after the cast: an fp32 value beyond fp16's range is inf too
+            if bad:
+                raise GlobeError(f"{where}: tensor {k} holds {bad} NaN/inf value(s) in {t.dtype}: the export is "
+                                 "damaged (or its values exceed the dtype asked for)")
             _set(model, k, t)
             bar.update(t.numel())
     cfg = compat.text_config(model.config)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import compat
 from ..artifacts import Artifacts, Family, sparse_codes
-from ..common import to_dtype
+from ..common import check_type, to_dtype
 from ..config import CacheCfg
 from ..errors import GlobeError
 from .experts import FAMILY_ORDER, GloBEExperts, GlobeStore
@@ -146,6 +146,9 @@ def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cach
     LRU calibration pass (default: cache.warmup_tokens pseudo-random tokens, seed 0).
     Returns the same model object. Raises GlobeError on mismatched artifacts or a patched model.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module (a transformers MoE model), got {type(model).__name__}")
+    check_type(cache, CacheCfg, "cache")
     if is_patched(model):
         raise GlobeError("model is already patched with GloBE experts; call unpatch_model first")
     arts = artifacts if isinstance(artifacts, Artifacts) else Artifacts.load(artifacts)

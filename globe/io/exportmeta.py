@@ -1,0 +1,72 @@
+"""The `globe` section of an export's config.json, checked before anything is built from it.
+
+Why: `globe.load_model`, `globe eval/generate` and `globe inspect` read this section to size every
+tensor; a hand-edited or truncated section (no `families`, a string where an object belongs, a
+negative rank) would otherwise surface as a KeyError or a wrong allocation deep inside the loader.
+No torch here: `globe inspect` reads headers only.
+
+Keys (written by globe/runtime/export.py, see docs/format.md): format, version, dtype, moe_layers [int],
+num_experts, hidden_size, expert_intermediate_size, families {up|gate: {m, r, nnz, activation, banks,
+layer_bank [bank per MoE layer], col_scale}}, save_mixed, cache, base_model_type, experts_paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import GlobeError
+
+FAMILIES = ("gate", "up")
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _int(v: Any, lo: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_export_meta(meta: Any, where: str) -> dict[str, Any]:
+    """Return `meta` when it is a well-formed globe section; GlobeError naming `where` and the key otherwise.
+
+    Checks types and ranges only (a positive int where a size belongs, one family entry per fitted
+    family with m, r, nnz and an activation name, one bank index per MoE layer); the tensors are checked
+    against these sizes when they are read.
+    """
+    def bad(key: str, why: str) -> GlobeError:
+        return GlobeError(f"{where}: globe.{key} {why}; the export is damaged or hand-edited: export it again")
+
+    if not isinstance(meta, dict):
+        raise GlobeError(f"{where}: the globe section must be an object, got {type(meta).__name__}")
+    if meta.get("dtype") not in _DTYPES:
+        raise bad("dtype", f"is {meta.get('dtype')!r}, expected one of {', '.join(_DTYPES)}")
+    layers = meta.get("moe_layers")
+    if not isinstance(layers, list) or not layers or not all(_int(x, 0) for x in layers) \
+            or len(set(layers)) != len(layers):
+        raise bad("moe_layers", f"is {layers!r}, expected a non-empty list of distinct layer indices")
+    for k in ("num_experts", "hidden_size", "expert_intermediate_size"):
+        if not _int(meta.get(k)):
+            raise bad(k, f"is {meta.get(k)!r}, expected a positive integer")
+    fams = meta.get("families")
+    if not isinstance(fams, dict) or not fams:
+        raise bad("families", f"is {fams!r}, expected an object with an entry per fitted family (up, gate)")
+    E, p, d = meta["num_experts"], meta["expert_intermediate_size"], meta["hidden_size"]
+    for f, fm in fams.items():
+        if f not in FAMILIES:
+            raise bad("families", f"names {f!r}; the families are {', '.join(FAMILIES)}")
+        if not isinstance(fm, dict):
+            raise bad(f"families.{f}", f"is {fm!r}, expected an object")
+        for k in ("m", "r"):
+            if not _int(fm.get(k)):
+                raise bad(f"families.{f}.{k}", f"is {fm.get(k)!r}, expected a positive integer")
+        if fm["r"] > min(p, d):
+            raise bad(f"families.{f}.r", f"is {fm['r']}, above min(p, d) = {min(p, d)}")
+        banks = fm.get("banks", 1)
+        if not _int(banks):
+            raise bad(f"families.{f}.banks", f"is {banks!r}, expected a positive integer")
+        if not _int(fm.get("nnz"), 0) or fm["nnz"] > len(layers) * E * fm["m"]:
+            raise bad(f"families.{f}.nnz", f"is {fm.get('nnz')!r}, expected an integer in [0, L*E*m]")
+        if not isinstance(fm.get("activation"), str):
+            raise bad(f"families.{f}.activation", f"is {fm.get('activation')!r}, expected an activation name")
+        lb = fm.get("layer_bank", [0] * len(layers))
+        if not isinstance(lb, list) or len(lb) != len(layers) or not all(_int(b, 0) and b < banks for b in lb):
+            raise bad(f"families.{f}.layer_bank", f"is {lb!r}, expected one bank index in [0, {banks}) per MoE layer")
+    return meta
