@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from usage import die
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_memory_fullsize.json"
 TEXT = ROOT / "globe" / "fixture" / "qwen2moe-tiny" / "eval.txt"
@@ -77,10 +79,10 @@ def parse_setting(s: str) -> tuple[str, int, dict[str, str]]:
     for kv in filter(None, extra.split(",")):
         k, eq, v = kv.partition("=")
         if not eq or not k.isidentifier():
-            sys.exit(f"--settings {s!r}: {kv!r} is not VAR=VALUE")
+            die(f"--settings {s!r}: {kv!r} is not VAR=VALUE")
         env[k] = v
     if not (cache == "default" or cache.isdigit()) or not rows.isdigit():
-        sys.exit(f"--settings {s!r}: expected CACHE:CE_ROWS[:VAR=VALUE,...] with CACHE 'default' or an integer "
+        die(f"--settings {s!r}: expected CACHE:CE_ROWS[:VAR=VALUE,...] with CACHE 'default' or an integer "
                  "and CE_ROWS an integer (0: the whole window)")
     return cache, int(rows), env
 
@@ -106,17 +108,19 @@ def main() -> None:
         return
     parsed = {s: parse_setting(s) for s in a.settings}  # every setting checked before the first child
     if not (Path(a.export) / "config.json").is_file():
-        sys.exit(f"--export: {a.export} is not a model directory (no config.json)")
+        die(f"--export: {a.export} is not a model directory (no config.json)")
     if a.mode not in ("full", "lru", "none") or min(a.S, a.windows, a.context, a.threads) < 1:
-        sys.exit("--mode must be full, lru or none; --S, --windows, --context and --threads >= 1")
+        die("--mode must be full, lru or none; --S, --windows, --context and --threads >= 1")
     if not Path(a.out).parent.is_dir():
-        sys.exit(f"--out: no directory {Path(a.out).parent}")
+        die(f"--out: no directory {Path(a.out).parent}")
+    if a.threads > (os.cpu_count() or 1):
+        die(f"--threads {a.threads}: this machine has {os.cpu_count()} CPUs")
     res = {"export": a.export, "mode": a.mode, "S_per_layer": a.S if a.mode == "lru" else None,
            "windows": a.windows, "context": a.context, "threads": a.threads, "settings": {}}
     if a.merge and Path(a.out).exists():  # add these settings to a file measured the same way
         old = json.loads(Path(a.out).read_text())
         if any(old.get(k) != res[k] for k in ("mode", "S_per_layer", "windows", "context", "threads")):
-            sys.exit(f"--merge: {a.out} was measured with other mode/windows/context/threads")
+            die(f"--merge: {a.out} was measured with other mode/windows/context/threads")
         res["settings"] = old["settings"]
     for s, (cache, rows, extra) in parsed.items():
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), **extra}

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import die
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -230,7 +231,7 @@ def main() -> None:
             if out_json.exists():
                 r["eval"] = json.loads(out_json.read_text())
         else:
-            sys.exit(f"unknown phase {ph}")
+            die(f"unknown phase {ph}")
         results["phases"][ph] = r
         res_path.parent.mkdir(parents=True, exist_ok=True)
         res_path.write_text(json.dumps(results, indent=2) + "\n")

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from usage import die
+
 ROOT = Path(__file__).resolve().parents[1]
 # arm: "default" (libgomp's own: spin about 300,000 rounds, then sleep), "PASSIVE" (OMP_WAIT_POLICY=PASSIVE:
 # sleep at once), "SPIN:N" (GOMP_SPINCOUNT=N: spin N rounds, then sleep) or "cli" (what the `globe` CLI sets:
@@ -80,15 +82,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "omp_wait_cpu.json"))
     a = ap.parse_args()
     if a.rounds < 1 or a.load < 1 or a.threads < 1:
-        sys.exit("--rounds, --load and --threads must be >= 1")
+        die("--rounds, --load and --threads must be >= 1")
     bad = [x for x in a.arms
            if x not in ("default", "PASSIVE", "cli") and not (x.startswith("SPIN:") and x[5:].isdigit())]
     if bad or len(set(a.arms)) < 2:
-        sys.exit(f"--arms: two or more of default, PASSIVE, SPIN:N, cli (got {a.arms})")
+        die(f"--arms: two or more of default, PASSIVE, SPIN:N, cli (got {a.arms})")
     arms = a.arms
     out_path = Path(a.out)
     if not out_path.parent.is_dir():
-        sys.exit(f"--out: no directory {out_path.parent}")
+        die(f"--out: no directory {out_path.parent}")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(OMP_NUM_THREADS=str(a.threads), GLOBE_PROGRESS_EVERY_S="3600")
     runs: dict = {}

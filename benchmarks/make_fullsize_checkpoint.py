@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import die
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -126,7 +127,7 @@ def main() -> None:
         config["num_hidden_layers"] = a.layers
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
-        sys.exit(f"error: {out} exists and is not empty")
+        die(f"{out} exists and is not empty")
     res = write_checkpoint(out, config, seed=a.seed, shard_bytes=int(a.shard_gb * 1e9), device=a.device)
     print(json.dumps(res, indent=2))
 
