@@ -20,7 +20,9 @@ Stages (each appends to the JSON files, so they can run separately):
   recipe    the same points at the prototype's recipe (--batch 32 --steps 3000, i.e. 32 of 1440 experts per
             step), optionally with --codes-optimizer row_adam / --code-pass-every K; the report compares each
             with the full-batch grid's error at the same (budget, scope, M) (target: within 2%)
-  report    markdown tables of all three -> fit_fixture2.md
+  steps     one point (--budgets/--scopes/--totals) at --batch for each of --steps-list (and --lr), against the
+            full-batch grid: how many epochs (steps x batch / N) the small batch needs to come within 2%
+  report    markdown tables of all of them -> fit_fixture2.md
   headline  each scope at its best M (both families, `run_fit`, SVD baseline), the MoBE-style bank at its
             best m_l, SVD; relative Frobenius errors, fit times, and the perplexity of each reconstruction
             on the second half of eval.txt (the first half calibrates the activation-aware objective, also
@@ -30,6 +32,8 @@ Stages (each appends to the JSON files, so they can run separately):
     python benchmarks/bench_fit2.py --stage recipe --budgets 0.5 --scopes global --totals 48 384
     python benchmarks/bench_fit2.py --stage headline --budgets 0.5 --scopes group:2 --batch 1440 --steps 600 \
         --mobe-m 8 16 32 --act-row-weights 0
+    python benchmarks/bench_fit2.py --stage steps --budgets 0.5 --scopes group:2 --totals 384 --batch 32 \
+        --steps-list 3000 9000 18000 27000
     python benchmarks/bench_fit2.py --stage report
 Writes benchmarks/results/fit_fixture2.json and eval_fixture2.json. One torch thread; load averages
 (`os.getloadavg`) are recorded, since other jobs share this machine.
@@ -70,6 +74,9 @@ SCOPES = ("global", "group:2", "group:4", "layer")
 FAMS = ("up", "gate")
 
 
+LR = 0.03  # train.lr of every run here (the default); stage `steps` takes --lr
+
+
 def load(p: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -87,7 +94,7 @@ def bank_cfg(share: str, M: int, L: int, budget: float) -> tuple[dict, dict]:
 
 
 def train_cfg(a, N: int, **extra) -> dict:
-    return {"steps": a.steps, "batch_size": min(a.batch, N), "lr": 0.03, "eval_every": max(1, a.steps // 10),
+    return {"steps": a.steps, "batch_size": min(a.batch, N), "lr": LR, "eval_every": max(1, a.steps // 10),
             "device": "cpu", "checkpoint_every": 10 ** 9, "log_every": 10 ** 9, "seed": 0,
             "codes_optimizer": a.codes_optimizer, "code_pass_every": a.code_pass_every,
             "code_pass_steps": a.code_pass_steps, **extra}
@@ -129,6 +136,40 @@ def grid(a, ck: Checkpoint, res: dict, key: str = "grid") -> None:
                              "code_pass_steps": opts[2], "loadavg": os.getloadavg()})
                 print(json.dumps(rows[-1]), flush=True)
                 save(FIT_JSON, res)
+
+
+def steps_sweep(a, ck: Checkpoint, res: dict) -> None:
+    """Stage `steps`: the recipe's batch (--batch) at each of --steps-list for one (budget, scope, M), each
+    against the full-batch grid's error at the same point; epochs = steps x batch / N (how often each
+    expert's codes are updated). Rows are keyed by (budget, scope, M, batch, steps, lr); reruns skip them."""
+    W = ck.load_family("up", torch.float32)
+    N, L, E = W.shape[0], len(ck.moe_layers), ck.num_experts
+    full = {(r["budget"], r["share"], r["M"]): r for r in res.get("grid", {}).get("rows", []) if "rel_fro_error" in r}
+    rows = res.setdefault("recipe_steps", [])
+    done = {(r["budget"], r["share"], r["M"], r["batch_size"], r["steps"], r["lr"]) for r in rows}
+    for b in a.budgets:
+        for share in a.scopes:
+            for M in a.totals:
+                for steps in a.steps_list:
+                    batch = min(a.batch, N)
+                    if (b, share, M, batch, steps, a.lr) in done:
+                        continue
+                    bank, sp = bank_cfg(share, M, L, b)
+                    tr = train_cfg(argparse.Namespace(**{**vars(a), "steps": steps}), N, lr=a.lr)
+                    cfg = GlobeConfig.from_dict({"bank": bank, "sparsity": sp, "train": tr})
+                    t = time.time()
+                    mt = fit_family(W, cfg, "up", experts_per_layer=E).metrics
+                    f = full.get((b, share, M))
+                    rows.append({"budget": b, "share": share, "M": M, "r": mt["r"], "batch_size": batch,
+                                 "steps": steps, "epochs": steps * batch / N, "lr": a.lr,
+                                 "rel_fro_error": mt["rel_fro_error"], "best_step": mt["best_step"],
+                                 "median_support": mt["median_support"], "fit_time_s": time.time() - t,
+                                 "full_batch_error": f["rel_fro_error"] if f else None,
+                                 "full_batch_steps": res["grid"]["steps"] if f else None,
+                                 "ratio": mt["rel_fro_error"] / f["rel_fro_error"] if f else None,
+                                 "loadavg": os.getloadavg()})
+                    print(json.dumps(rows[-1]), flush=True)
+                    save(FIT_JSON, res)
 
 
 def best_M(res: dict, b: float, share: str, N: int, p: int, d: int, L: int) -> int:
@@ -318,6 +359,17 @@ def report(res: dict, ev: dict) -> str:
             out.append(f"| {x['budget']:.0%} | {x['share']} | {x['M']} | {codes} | {x['recipe_error']:.4f} | "
                        f"{x['full_batch_error']:.4f} | {x['ratio']:.3f} | {'yes' if x['within_2pct'] else 'no'} | "
                        f"{x['recipe_fit_time_s']:.0f} / {x['full_batch_fit_time_s']:.0f} |")
+    if res.get("recipe_steps"):
+        out += ["", f"## Steps at the recipe's batch (up family) vs the full-batch grid ({res['grid']['batch_size']} "
+                f"experts, {res['grid']['steps']} steps)", "",
+                "| budget | scope | M | r | batch | lr | steps | epochs | error | full-batch error | ratio | within 2% "
+                "| fit time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for x in sorted(res["recipe_steps"], key=lambda x: (-x["budget"], x["share"], x["M"], x["lr"], x["steps"])):
+            ok = "-" if x["ratio"] is None else ("yes" if x["ratio"] <= 1.02 else "no")
+            out.append(f"| {x['budget']:.0%} | {x['share']} | {x['M']} | {x['r']} | {x['batch_size']} | {x['lr']:g} | "
+                       f"{x['steps']} | {x['epochs']:.1f} | {x['rel_fro_error']:.4f} | "
+                       f"{x['full_batch_error'] or float('nan'):.4f} | {x['ratio'] or float('nan'):.3f} | {ok} | "
+                       f"{x['fit_time_s']:.0f} |")
     for tag, hb in res.get("headline", {}).items():
         if "targets" not in hb:
             continue
@@ -353,7 +405,10 @@ def report(res: dict, ev: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=("grid", "recipe", "headline", "report"), required=True)
+    ap.add_argument("--stage", choices=("grid", "recipe", "steps", "headline", "report"), required=True)
+    ap.add_argument("--steps-list", type=int, nargs="+", default=[3000, 9000, 18000, 27000],
+                    help="stage steps: the schedules tried at --batch")
+    ap.add_argument("--lr", type=float, default=LR, help="stage steps: train.lr")
     ap.add_argument("--model", default=str(FIXTURE2_DIR))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--scopes", nargs="+", default=list(SCOPES))
@@ -390,6 +445,8 @@ def main() -> None:
         return
     if a.stage in ("grid", "recipe"):
         grid(a, ck, res, a.stage)
+    elif a.stage == "steps":
+        steps_sweep(a, ck, res)
     else:
         headline(a, ck, res, ev)
     res.setdefault("loadavg_end", {})[a.stage] = os.getloadavg()
