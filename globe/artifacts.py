@@ -63,9 +63,13 @@ def sparse_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return indptr, cols.to(torch.int32), codes[rows, cols].float()
 
 
-def dense_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
-    """CSR -> dense (N, m) fp32."""
+def dense_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, m: int,
+                where: str = "codes") -> torch.Tensor:
+    """CSR -> dense (N, m) fp32. GlobeError naming `where` for codes that are not CSR over m atoms."""
+    from .runtime.cache import check_codes
+
     n = indptr.numel() - 1
+    check_codes(indptr.tolist(), indices.tolist(), values.float().tolist(), m, n, where)
     rows = torch.repeat_interleave(torch.arange(n), (indptr[1:] - indptr[:-1]).long())
     out = torch.zeros(n, m)
     out[rows, indices.long()] = values.float()
@@ -420,10 +424,18 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
             def take(name: str, f=f) -> torch.Tensor:
                 if name not in src:
                     raise GlobeError(f"artifact tensors lack {name} (truncated, or another format)")
-                return src.tensor(name)
+                t = src.tensor(name)
+                want_float = not name.endswith(("indptr", "indices"))
+                if t.is_floating_point() != want_float:
+                    raise GlobeError(f"artifact tensor {name} is {t.dtype}, expected "
+                                     f"{'a floating' if want_float else 'an integer'} dtype (damaged file)")
+                return t
             bank = take(key(f, "bank")).to(dev)
+            if bank.ndim != 4 or bool((bank.reshape(bank.shape[0], -1) == 0).all(1).any()):
+                raise GlobeError(f"artifact family {f}: bank of shape {list(bank.shape)} is not (G, m, r, d) of "
+                                 "nonzero atoms (damaged file)")
             codes = dense_codes(take(key(f, "indptr")), take(key(f, "indices")), take(key(f, "values")),
-                                bank.shape[1])
+                                bank.shape[1], f"artifact family {f}")
             cs = take(key(f, "col_scale")).to(dev) if fm.get("col_scale") else None
             fams[f] = Family(bank=bank, codes=codes.to(dev), gain=take(key(f, "gain")).float(),
                              layer_bank=[int(b) for b in fm.get("layer_bank", [0] * len(layers))],
@@ -437,7 +449,7 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
                          expert_intermediate_size=int(meta["expert_intermediate_size"]),
                          source=meta.get("source", ""), config=meta.get("config", {}),
                          source_digest=dict(meta.get("source_digest") or {}))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise GlobeError(f"artifact metadata incomplete or malformed ({type(e).__name__}: {e})") from None
     arts.validate()
     return arts

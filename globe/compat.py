@@ -247,6 +247,10 @@ def check_model_config(path: str | Path) -> None:
         base = meta.get("base_model_type") if isinstance(meta, dict) else None
         cfg = {**cfg, "model_type": base or mt.removeprefix(GLOBE_PREFIX)}
     check_config(cfg, str(conf))
+    from transformers import CONFIG_MAPPING
+
+    if cfg.get("model_type") in CONFIG_MAPPING:  # transformers' own validation, blamed on config.json
+        config_from_dict({k: v for k, v in cfg.items() if k != "globe"}, str(conf))
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
@@ -258,12 +262,22 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype if dtype is not None else "auto", output_loading_info=True)
+            # its load report (missing/mismatched tensors) would print a table before our one-line error: quiet,
+            # with mismatches returned in `info` instead of raised, and refused below
+            with _quiet_transformers():
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    str(path), dtype=dtype if dtype is not None else "auto", output_loading_info=True,
+                    ignore_mismatched_sizes=True)
         except Exception as e:  # OSError, ValueError, safetensors' SafetensorError on a damaged shard, ...
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise GlobeError(f"cannot load model from {path}: {type(e).__name__}: {msg[:200]}") from None
     # transformers initialises a weight the checkpoint lacks at random and only logs it: refuse instead
+    mism = sorted(info.get("mismatched_keys") or [])
+    if mism:
+        k = mism[0] if isinstance(mism[0], str) else mism[0][0]
+        shapes = f" (checkpoint {list(mism[0][1])}, model {list(mism[0][2])})" if not isinstance(mism[0], str) \
+            and len(mism[0]) == 3 else ""
+        raise GlobeError(f"{path}: tensor {k} does not match config.json{shapes} ({len(mism)} mismatched)")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise GlobeError(f"{path}: checkpoint lacks tensor {missing[0]} ({len(missing)} missing): "
@@ -318,14 +332,19 @@ def load_tokenizer(path: str | Path, purpose: str = "") -> Any:
 
 def config_from_dict(d: dict[str, Any], where: str = "config.json") -> Any:
     """A transformers config object from a config.json dict (as AutoConfig.from_pretrained would build it).
-    GlobeError naming `where` for an unknown model_type or a bad MoE fact (registry.check_config)."""
+    GlobeError naming `where` for an unknown model_type, a bad MoE fact (registry.check_config) or a value
+    transformers' own validation refuses."""
     from transformers import CONFIG_MAPPING
 
     check_config(d, where)
     mt = d.get("model_type")
     if mt not in CONFIG_MAPPING:
         raise GlobeError(f"model_type {mt!r} is not known to the installed transformers")
-    return CONFIG_MAPPING[mt].from_dict(dict(d))
+    try:
+        return CONFIG_MAPPING[mt].from_dict(dict(d))
+    except Exception as e:  # ValueError, TypeError, huggingface_hub's strict-dataclass validation errors
+        msg = str(e).replace("\n", " ")[:200] if str(e) else type(e).__name__
+        raise GlobeError(f"{where}: transformers refuses this config: {msg}") from None
 
 
 def load_config(path: str | Path) -> Any:

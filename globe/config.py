@@ -105,6 +105,7 @@ class BankCfg:
               f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         _need(self.init in ("svd", "random", "kmeans"), "bank.init", f"unknown init {self.init!r}; svd|random|kmeans")
         _need(float(self.gain0) > 0, "bank.gain0", f"must be > 0, got {self.gain0}")
+        _need(0 <= int(self.seed) < 2 ** 63, "bank.seed", f"must be in [0, 2^63), got {self.seed}")
         _need(self.mobe_m is None or int(self.mobe_m) >= 1, "bank.mobe_m", f"must be >= 1, got {self.mobe_m}")
 
     def m(self, family: str) -> int:
@@ -143,10 +144,11 @@ class SparsityCfg:
               f"unknown sparse map {self.map!r}; choose one of {', '.join(SPARSE_MAPS)}")
         _need(1.0 < float(self.alpha) <= 2.0, "sparsity.alpha", f"must be in (1, 2], got {self.alpha}")
         _need(float(self.T0) > 0, "sparsity.T0", f"must be > 0, got {self.T0}")
-        _need(0 < float(self.T_min) <= float(self.T_max), "sparsity.T_min", "need 0 < T_min <= T_max")
+        _need(1e-6 <= float(self.T_min) <= float(self.T_max) <= 1e6, "sparsity.T_min",
+              f"need 1e-6 <= T_min <= T_max <= 1e6 (logits / T must stay finite), got {self.T_min}, {self.T_max}")
         _need(int(self.target_support) >= 1, "sparsity.target_support",
               f"must be >= 1, got {self.target_support}")
-        _need(float(self.eta) >= 0, "sparsity.eta", f"must be >= 0, got {self.eta}")
+        _need(0 <= float(self.eta) <= 10, "sparsity.eta", f"must be in [0, 10] (a controller gain), got {self.eta}")
         _need(float(self.l1) >= 0, "sparsity.l1", f"must be >= 0, got {self.l1}")
         _need(0 <= float(self.eps_prune) < 1, "sparsity.eps_prune", f"must be in [0, 1), got {self.eps_prune}")
         _need(self.support0 is None or int(self.support0) >= 1, "sparsity.support0", "must be >= 1")
@@ -198,6 +200,9 @@ class TrainCfg:
         _need(math.isfinite(float(self.lr)) and float(self.lr) > 0, "train.lr",
               f"must be finite and > 0, got {self.lr}")
         _need(int(self.refit_every) >= 1, "train.refit_every", "must be >= 1")
+        _need(0 < float(self.eps) < 1, "train.eps", f"must be in (0, 1) (Adam's denominator term), got {self.eps}")
+        _need(float(self.weight_decay) >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _need(0 <= int(self.seed) < 2 ** 63, "train.seed", f"must be in [0, 2^63), got {self.seed}")
         _need(float(self.ridge) >= 0, "train.ridge", "must be >= 0")
         fams = list(self.families)
         _need(len(fams) > 0 and all(f in FAMILIES for f in fams), "train.families",

@@ -146,6 +146,11 @@ def top_k(spec: ArchSpec, cfg: dict[str, Any], where: str = "config.json") -> in
     if k is None:
         return 0
     E = num_experts(spec, cfg)
+    keys = (spec.num_experts_key,) if isinstance(spec.num_experts_key, str) else spec.num_experts_key
+    if E < 1 and any(key in cfg for key in keys):  # say so, rather than "top-k must be in [1, 0]"
+        key = next(key for key in keys if key in cfg)
+        raise GlobeError(f"{where}: {key}={cfg.get(key)!r}; a Mixture-of-Experts model needs >= 1 routed "
+                         "expert per MoE layer")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
         raise GlobeError(f"{where}: {spec.top_k_key}={k!r}; expected an integer in [1, {E}] "
                          "(experts routed to per token)")

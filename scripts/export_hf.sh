@@ -7,4 +7,4 @@ shift 3
 globe export model.path="$model" artifacts="$arts" output_dir="$out-globe" export.format=globe "$@"
 globe export model.path="$model" artifacts="$arts" output_dir="$out-dense" export.format=dense "$@"
 # Families fitted in separate runs (fit_globe_up.sh / fit_globe_gate.sh) combine with
-#   'artifacts="runs/qwen-up,runs/qwen-gate"'   (quoted: a bare comma list is a Hydra sweep)
+#   artifacts=runs/qwen-up,runs/qwen-gate   (artifacts is data: never split into a sweep, quotes optional)

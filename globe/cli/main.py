@@ -115,7 +115,7 @@ def require_model(conf: GlobeConfig) -> GlobeConfig:
 def _fill_defaults(conf: GlobeConfig) -> GlobeConfig:
     if not conf.model.path:
         return conf
-    if conf.eval.text is None and conf.eval.dataset is None:
+    if conf.eval.text is None and conf.eval.dataset is None and not conf.eval.tasks:  # tasks only: no perplexity
         cand = Path(conf.model.path) / "eval.txt"
         if cand.is_file():
             conf.eval.text = str(cand)

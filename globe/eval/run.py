@@ -110,6 +110,11 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     from .speed import RssSampler, measure_speed
 
     ev = cfg.eval
+    mp = Path(cfg.model.path).expanduser()
+    if mp.is_dir() and not (mp / "config.json").is_file():  # e.g. a fit directory given as the model
+        hint = (f"; {mp} is a fit directory: give the original as model.path and artifacts={mp}, or export it"
+                if (mp / "globe_config.json").is_file() else "")
+        raise GlobeError(f"no config.json in {mp}: not a model directory{hint}")
     if not (ev.text or ev.dataset or ev.speed or ev.hit_rate or ev.tasks):
         raise GlobeError("nothing to evaluate: give eval.text=FILE, eval.dataset=wikitext2, eval.speed=true "
                          "or eval.tasks=[...]")
@@ -152,6 +157,9 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
         out.update({k: ppl[k] for k in ("perplexity", "nll_per_token", "tokens", "context", "stride", "windows")})
     if ev.speed:
         n_pre, limit = int(ev.prefill_tokens), max_positions(model)
+        if limit is not None and int(ev.decode_tokens) >= limit:
+            raise GlobeError(f"eval.decode_tokens={ev.decode_tokens} leaves no room for a prompt in the model's "
+                             f"{limit} positions (max_position_embeddings); use fewer")
         if limit is not None and n_pre + int(ev.decode_tokens) > limit:  # fit the model's window, say so
             n_pre = limit - int(ev.decode_tokens)
             out["prefill_tokens_clamped_from"] = int(ev.prefill_tokens)

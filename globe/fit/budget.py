@@ -56,6 +56,7 @@ class RankPlan:
     source: str  # "r" (bank.r) | "r_frac" (bank.r_frac) | "budget" (bank.budget)
     budget: float | None  # the budget asked (None unless source == "budget")
     predicted: float  # stored fraction predicted with nnz = N * target_support
+    unrounded: tuple[int, float] | None = None  # (r, predicted) before rounding r down to bank.r_multiple
 
     def as_dict(self) -> dict[str, Any]:
         return {"r": self.r, "rank_source": self.source, "budget_asked": self.budget,
@@ -97,7 +98,7 @@ def plan_rank(N: int, p: int, d: int, m: int, support: int, *, banks: int = 1, r
     mult = max(1, int(multiple))
     if rr >= mult:
         rr -= rr % mult
-    return RankPlan(rr, "budget", float(budget), frac(rr))
+    return RankPlan(rr, "budget", float(budget), frac(rr), (r_max, frac(r_max)))
 
 
 def fit_rank_plan(cfg: Any, fam: str, N: int, p: int, d: int, layers: int) -> RankPlan:

@@ -50,6 +50,20 @@ TIMEOUT_ENV = "GLOBE_DIST_TIMEOUT_S"  # collective timeout: rank 0 assembles fam
 DEFAULT_TIMEOUT_S = 7200
 
 
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """torch.load of a resume checkpoint written by this package; GlobeError naming it when it is damaged
+    (a disk that filled up, a copy cut short: a checkpoint is written to a temp name and renamed, so a
+    fit killed while saving leaves the previous one intact)."""
+    try:
+        return torch.load(path, weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # RuntimeError (zip reader), EOFError, UnpicklingError, ...
+        raise GlobeError(f"resume checkpoint {path} is unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); delete it (or the output_dir) to "
+                         "start over") from None
+
+
 def launched() -> bool:
     """True when the process was started by torchrun (or any launcher setting RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -172,7 +186,12 @@ class Dist:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not td.is_initialized():
             secs = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-            td.init_process_group(backend, timeout=datetime.timedelta(seconds=secs))
+            try:
+                td.init_process_group(backend, timeout=datetime.timedelta(seconds=secs))
+            except (ValueError, RuntimeError) as e:  # MASTER_ADDR/PORT unset, a rendezvous that failed
+                msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+                raise GlobeError(f"train.distributed: cannot join the process group ({msg}); launch with "
+                                 "torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE") from None
         else:
             backend = td.get_backend()
         rank, world = td.get_rank(), td.get_world_size()
@@ -365,7 +384,7 @@ class Dist:
         """The checkpoint at `path` (None if absent), with A restored to this rank's rows."""
         if not os.path.exists(path):
             return None
-        st = torch.load(path, weights_only=False)
+        st = read_checkpoint(path)
         A = st.get("A_all")
         if isinstance(A, dict):  # written by a sharded fit: one file per MoE layer
             n = int(A["layers"])
@@ -373,7 +392,7 @@ class Dist:
                 raise GlobeError(f"checkpoint {path} has {n} MoE layers, this model {self.n_layers}")
             lis = self.layers if self.on else range(n)
             try:
-                parts = [torch.load(_a_file(path, li, int(A["step"])), weights_only=False) for li in lis]
+                parts = [read_checkpoint(_a_file(path, li, int(A["step"]))) for li in lis]
             except FileNotFoundError as e:
                 raise GlobeError(f"checkpoint {path}: adapter file missing ({e.filename}); delete the "
                                  "output_dir to start over") from None

@@ -34,7 +34,7 @@ from ..progress import Progress
 from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
 from .budget import fit_rank_plan, mobe_rank, svd_rank
-from .dist import Dist, RankAWriter, wanted
+from .dist import Dist, RankAWriter, read_checkpoint, wanted
 from .init import expert_scales, inv_scales, quiet, spectra
 from .loop import FamilyFit, fit_family
 from .share import n_banks
@@ -251,6 +251,11 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     lead = dist.rank == 0  # [dist] rank 0 claims, logs and writes the outputs; the others only fit
     out = Path(cfg.output_dir)
     plans = {f: fit_rank_plan(cfg, f, N, ck.p, ck.hidden_size, len(ck.moe_layers)) for f in cfg.train.families}
+    for f, pl in plans.items():  # a budget missed by more than 10% through rounding is said, not silent
+        if lead and pl.source == "budget" and pl.unrounded and pl.predicted < 0.9 * pl.budget:
+            plog("fit %s: bank.budget=%g gives r=%d, rounded down to r=%d (a multiple of bank.r_multiple=%d), which "
+                 "keeps %.3f of the routed parameters; bank.r_multiple=1 keeps %.3f", f, pl.budget, pl.unrounded[0],
+                 pl.r, cfg.bank.r_multiple, pl.predicted, pl.unrounded[1])
     G = n_banks(cfg.bank.share, len(ck.moe_layers))  # room for the final globe-{f}.safetensors, fp32
     check_writable(out, (2 if dist.on else 1) * 4 * sum(N * ck.p * plans[f].r + cfg.bank.m(f) * (
         G * plans[f].r * ck.hidden_size + N) for f in cfg.train.families), what="output_dir")
@@ -272,7 +277,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                     staged.is_file() or (out / family_file(fam)).is_file())):
                 continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
             ckpt = out / STATE / f"{fam}.ckpt.pt"
-            log.rewind(fam, torch.load(ckpt, weights_only=False)["step"] if lead and ckpt.is_file() else 0)
+            log.rewind(fam, read_checkpoint(ckpt)["step"] if lead and ckpt.is_file() else 0)
             W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress, dist)
             rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
             def sink(family, fam=fam):  # the final adapters stream into the family's file, chunk by chunk
@@ -285,7 +290,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                              scales=sc, sink=sink,
                              on_codes=log.codes_hook(fam), dist=dist)
             # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
-            sv = torch.load(ckpt, weights_only=False, mmap=True)["sv"].clone() if whiten_for is None else None
+            sv = read_checkpoint(ckpt, mmap=True)["sv"].clone() if whiten_for is None else None
             base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress, dist) if cfg.train.baselines else {}
             if base:
                 plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"

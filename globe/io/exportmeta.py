@@ -69,4 +69,9 @@ def check_export_meta(meta: Any, where: str) -> dict[str, Any]:
         lb = fm.get("layer_bank", [0] * len(layers))
         if not isinstance(lb, list) or len(lb) != len(layers) or not all(_int(b, 0) and b < banks for b in lb):
             raise bad(f"families.{f}.layer_bank", f"is {lb!r}, expected one bank index in [0, {banks}) per MoE layer")
+    kf = meta.get("keep_fp32", [])
+    if not isinstance(kf, list) or not all(isinstance(x, str) for x in kf):
+        raise bad("keep_fp32", f"is {kf!r}, expected a list of tensor names")
+    if not isinstance(meta.get("cache", {}), dict):
+        raise bad("cache", f"is {meta.get('cache')!r}, expected an object of cache settings")
     return meta

@@ -34,6 +34,9 @@ def check_writable(path: str | os.PathLike, need_bytes: int | None = None, what:
     """Raise a one-line GlobeError unless `path` (a directory, existing or to be created) can be written
     and its file system has `need_bytes` free. Returns the expanded path."""
     out = Path(path).expanduser()
+    if out.is_symlink() and not out.exists():  # the final rename would fail after all the work
+        raise GlobeError(f"{what} {out} is a symbolic link to a missing target ({os.readlink(out)}); remove it or "
+                         "give another path")
     base = _existing_parent(out.absolute())
     if base.exists() and not base.is_dir():
         raise GlobeError(f"{what} {out}: {base} is a file, not a directory")

@@ -17,6 +17,7 @@ replays a routing trace through the same policy, so the hit rates `globe eval` r
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,23 @@ class BankCodes:
         return cls(bank.reshape(m, r * d).to(dtype or bank.dtype), indptr, cols.tolist(),
                    codes[rows, cols].float().tolist(), r, d, float(gain), activation,
                    None if col_scale is None else col_scale.float())
+
+
+def check_codes(ptr: Sequence[int], idx: Sequence[int], val: Sequence[float], m: int, N: int, where: str) -> None:
+    """GlobeError naming `where` unless (ptr, idx, val) are CSR codes of N experts over m atoms: ptr of
+    length N + 1 from 0, non-decreasing, ending at len(idx) == len(val); every atom id in [0, m); every
+    value finite. A damaged file would otherwise index out of range, or wrap a negative id silently."""
+    if len(ptr) != N + 1 or ptr[0] != 0 or ptr[-1] != len(idx) or len(idx) != len(val):
+        raise GlobeError(f"{where}: codes are not CSR over {N} experts (indptr of {len(ptr)} entries, first "
+                         f"{ptr[0] if ptr else None}, last {ptr[-1] if ptr else None}; {len(idx)} indices, "
+                         f"{len(val)} values)")
+    if any(b < a for a, b in zip(ptr, ptr[1:])):
+        raise GlobeError(f"{where}: codes indptr decreases (damaged file)")
+    bad = next((i for i in idx if not 0 <= i < m), None)
+    if bad is not None:
+        raise GlobeError(f"{where}: code atom index {bad} outside [0, {m}) (damaged file)")
+    if not all(math.isfinite(v) for v in val):
+        raise GlobeError(f"{where}: code values hold NaN/inf (damaged file)")
 
 
 def compose_many(fam: BankCodes, ids: Sequence[int], dtype: torch.dtype,

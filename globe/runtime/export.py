@@ -49,7 +49,7 @@ from ..io.writer import ShardedWriter
 from ..progress import Progress, log
 from .cache import BankCodes, compose_many
 from .experts import FAMILY_ORDER
-from .remote import auto_map, write_remote_files
+from .remote import auto_map, fit_summary, write_remote_files
 
 GLOBE_PREFIX = "globe_"  # model_type of a globe export: globe_<base model_type>
 COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "*.tiktoken",
@@ -99,6 +99,8 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
     log("export %s: reading the headers of %s and %s", ecfg.format, model, src)
     ck = Checkpoint(str(model), revision)
     arts = Artifacts.load(artifacts)
+    if ecfg.format == "globe":
+        fit_summary(artifacts)  # a damaged summary.json (the model card's figures) fails here, not at the end
     check_ckpt(ck, arts)  # model-free, before any weight is read
     check_complete(ck)
     dtype = DTYPES[ecfg.dtype]

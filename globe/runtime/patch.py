@@ -146,8 +146,9 @@ def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cach
     LRU calibration pass (default: cache.warmup_tokens pseudo-random tokens, seed 0).
     Returns the same model object. Raises GlobeError on mismatched artifacts or a patched model.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected a torch.nn.Module (a transformers MoE model), got {type(model).__name__}")
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise ValueError(f"model: expected a transformers MoE model (an nn.Module with a .config), got "
+                         f"{type(model).__name__}")
     check_type(cache, CacheCfg, "cache")
     if is_patched(model):
         raise GlobeError("model is already patched with GloBE experts; call unpatch_model first")

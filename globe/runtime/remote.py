@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -173,15 +173,23 @@ def write_remote_files(out: Path, conf: dict[str, Any], artifacts: str | list[st
     summary.json files give the model card its fit errors)."""
     g = conf["globe"]
     (out / MODULE_FILE).write_text(modeling_source(g["base_model_type"], conf["model_type"]))
-    dirs = [] if not artifacts else [artifacts] if isinstance(artifacts, str) else list(artifacts)
+    (out / "README.md").write_text(model_card(conf, fit_summary(artifacts)))
+
+
+def fit_summary(artifacts: str | os.PathLike | list | None) -> dict[str, Any] | None:
+    """The summary.json of the fit dir (or the families of several), for the model card; GlobeError naming
+    a damaged file (globe.eval.report.load_summary). `export` calls it before any weight is read."""
+    from ..eval.report import load_summary
+
+    dirs = [] if not artifacts else [artifacts] if isinstance(artifacts, (str, os.PathLike)) else list(artifacts)
     fams: dict[str, Any] = {}
     summary = None
     for d in dirs:
         p = Path(d) / "summary.json"
         if p.is_file():
-            one = json.loads(p.read_text())
+            one = load_summary(p)
             summary = one if len(dirs) == 1 else summary
-            fams.update(one.get("families", {}))
+            fams.update(one.get("families") or {})
     if summary is None and fams:
         summary = {"families": fams}
-    (out / "README.md").write_text(model_card(conf, summary))
+    return summary

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..artifacts import KEEP_FP32
 from ..errors import GlobeError
-from .cache import BankCodes, compose_many
+from .cache import BankCodes, check_codes, compose_many
 
 
 class FamilyStore(nn.Module):
@@ -80,6 +80,10 @@ class FamilyStore(nn.Module):
             idx = [int(v) for v in self.indices.tolist()]
             val = [float(v) for v in self.values.float().tolist()]
             gains = [float(g) for g in self.gain.float().tolist()]
+            check_codes(ptr, idx, val, self.m, len(self.layers) * self.E, f"family {self.name}")
+            if not self.released and self.bank.numel() and bool((self.bank.reshape(self.G, -1) == 0).all(1).any()):
+                raise GlobeError(f"family {self.name}: a bank is all zeros (damaged file); every expert mixing "
+                                 "from it would be zero")
             self._host = (ptr, idx, val, gains)
         return self._host
 

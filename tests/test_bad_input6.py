@@ -1,0 +1,209 @@
+"""Bad input found by this stop's bad-input trial: damaged fit directories and exports (codes, banks,
+metadata), config values torch refuses, damaged resume checkpoints, launcher and transformers errors.
+Each is one `error:` line and exit 2 (CLI) or a ValueError/GlobeError naming it (Python)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from cli_helpers import one_line
+from safetensors.torch import load_file, save_file
+
+import globe
+from globe import compat
+from globe.config import ExportCfg
+from globe.errors import GlobeError
+from globe.fixtures import FIXTURE_DIR
+from globe.testing.artifacts import random_artifacts
+
+TEXT = FIXTURE_DIR / "eval.txt"
+
+
+@pytest.fixture(scope="module")
+def fit_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fit6") / "fit"
+    random_artifacts(compat.load_pretrained(FIXTURE_DIR, torch.float32)).save(d)
+    return d
+
+
+def _edit_fit(src, dst, edit):
+    shutil.copytree(src, dst)
+    f = dst / "globe-up.safetensors"
+    sd = load_file(str(f))
+    edit(sd)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda sd: sd["globe.up.indices"].__setitem__(0, 10 ** 6), "outside [0,"),
+    (lambda sd: sd["globe.up.indices"].__setitem__(0, -1), "index -1 outside"),
+    (lambda sd: sd.__setitem__("globe.up.indptr", sd["globe.up.indptr"].flip(0)), "not CSR"),
+    (lambda sd: sd["globe.up.values"].__setitem__(0, float("nan")), "NaN/inf"),
+    (lambda sd: sd["globe.up.bank"].zero_(), "nonzero atoms"),
+    (lambda sd: sd.__setitem__("globe.up.A_1", sd["globe.up.A_1"].long()), "expected a floating dtype"),
+])
+def test_damaged_fit_dir_is_refused(edit, words, capsys, tmp_path, fit_dir):
+    """Out-of-range or negative atom ids (an IndexError, or a silent wrap to the last atom), a reversed
+    indptr, an all-zero bank (exported and evaluated with exit 0) and integer adapters (cast silently)."""
+    d = _edit_fit(fit_dir, tmp_path / "f", edit)
+    for argv in (["export", f"model.path={FIXTURE_DIR}", f"artifacts={d}", f"output_dir={tmp_path / 'o'}"],
+                 ["eval", f"model.path={FIXTURE_DIR}", f"artifacts={d}", f"eval.text={TEXT}", "eval.max_tokens=64"]):
+        line = one_line(capsys, argv)
+        assert words in line, (argv[0], line)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda sd: sd["globe.up.indices"].__setitem__(0, -1), "index -1 outside"),
+    (lambda sd: sd["globe.up.bank"].zero_(), "all zeros"),
+])
+def test_damaged_export_codes_and_bank(edit, words, tmp_path, fit_dir):
+    out = globe.export(FIXTURE_DIR, fit_dir, tmp_path / "e", ExportCfg(dtype="fp32"))
+    f = next(out.glob("model*.safetensors"))
+    sd = load_file(str(f))
+    edit(sd)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(GlobeError, match=words):
+        globe.load_model(out)
+
+
+def test_damaged_globe_config_families(capsys, tmp_path, fit_dir):
+    d = tmp_path / "f"
+    shutil.copytree(fit_dir, d)
+    cfg = json.loads((d / "globe_config.json").read_text())
+    cfg["families"] = "x"
+    (d / "globe_config.json").write_text(json.dumps(cfg))
+    line = one_line(capsys, ["export", f"model.path={FIXTURE_DIR}", f"artifacts={d}", f"output_dir={tmp_path / 'o'}"])
+    assert "metadata" in line, line
+
+
+@pytest.mark.parametrize("summary", ["{bad", json.dumps({"families": [1, 2]}),
+                                     json.dumps({"families": {"up": {"rel_fro_error": "abc"}}})])
+def test_damaged_summary_fails_export_before_work(summary, capsys, tmp_path, fit_dir):
+    d = tmp_path / "f"
+    shutil.copytree(fit_dir, d)
+    (d / "summary.json").write_text(summary)
+    line = one_line(capsys, ["export", f"model.path={FIXTURE_DIR}", f"artifacts={d}", f"output_dir={tmp_path / 'o'}"])
+    assert "summary.json" in line, line
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+@pytest.mark.parametrize("key, value", [("keep_fp32", None), ("cache", None)])
+def test_export_meta_keep_fp32_and_cache(key, value, capsys, tmp_path, fit_dir):
+    out = globe.export(FIXTURE_DIR, fit_dir, tmp_path / "e", ExportCfg(dtype="fp32"))
+    conf = json.loads((out / "config.json").read_text())
+    conf["globe"][key] = value
+    (out / "config.json").write_text(json.dumps(conf))
+    line = one_line(capsys, ["eval", f"model.path={out}", f"eval.text={TEXT}", "eval.max_tokens=64"])
+    assert f"globe.{key}" in line, line
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.eps=0", "train.eps"), ("train.eps=-1", "train.eps"), ("train.weight_decay=-1", "train.weight_decay"),
+    ("train.seed=100000000000000000000000", "train.seed"), ("bank.seed=100000000000000000000000", "bank.seed"),
+    ("sparsity.T_min=1e-300", "sparsity.T_min"), ("sparsity.T_max=1e300", "sparsity.T_min"),
+    ("sparsity.eta=1e300", "sparsity.eta"),
+])
+def test_config_values_torch_refuses(override, key, capsys, tmp_path):
+    line = one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "train.steps=2",
+                             override])
+    assert line.startswith(f"error: config {key}:") or line.startswith(f"error: {key}:"), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_damaged_resume_checkpoint(capsys, tmp_path):
+    """A resume checkpoint cut short: torch's zip reader error became a one-line error naming the file."""
+    argv = ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "train.steps=4", "train.eval_every=2",
+            "train.checkpoint_every=2", "train.families=[up]", "train.baselines=false"]
+    from globe.cli.main import main
+
+    assert main(argv) == 0
+    (tmp_path / "o" / "summary.json").unlink()  # as if killed after the checkpoint
+    (tmp_path / "o" / "globe-up.safetensors").unlink()
+    done = tmp_path / "o" / ".globe_fit" / "up.done.json"
+    done.unlink()
+    ck = tmp_path / "o" / ".globe_fit" / "up.ckpt.pt"
+    with open(ck, "r+b") as f:
+        f.truncate(ck.stat().st_size // 2)
+    capsys.readouterr()
+    line = one_line(capsys, argv)
+    assert "resume checkpoint" in line and "up.ckpt.pt" in line and "delete it" in line, line
+
+
+def test_launch_without_rendezvous(capsys, monkeypatch, tmp_path):
+    """RANK and WORLD_SIZE set by hand, MASTER_ADDR not: torch.distributed's ValueError was a traceback."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    line = one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "train.steps=2"])
+    assert "MASTER_ADDR" in line and "torchrun" in line, line
+
+
+def test_patch_model_needs_a_transformers_model(fit_dir):
+    with pytest.raises(ValueError, match="^model: expected a transformers MoE model"):
+        globe.patch_model(torch.nn.Linear(2, 2), fit_dir)
+
+
+def _edit_config(dst, edit):
+    shutil.copytree(FIXTURE_DIR, dst)
+    c = json.loads((dst / "config.json").read_text())
+    edit(c)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(vocab_size=5000), "does not match config.json (checkpoint [4096, 128], model [5000, 128])"),
+    (lambda c: c.update(num_experts=0), "num_experts=0"),
+    (lambda c: c.update(num_hidden_layers=c["num_hidden_layers"] + 3), "config.json: transformers refuses"),
+])
+def test_config_errors_blame_the_config(edit, words, capsys, tmp_path):
+    """A vocab mismatch printed transformers' load-report table before the error; num_experts=0 blamed
+    top-k; a layer count transformers refuses blamed the tokenizer."""
+    d = _edit_config(tmp_path / "m", edit)
+    rc = globe.cli.main.main(["eval", f"model.path={d}", f"eval.text={TEXT}", "eval.max_tokens=64"])
+    cap = capsys.readouterr()
+    err = [ln for ln in cap.err.splitlines() if ln.strip() and "Loading weights" not in ln]
+    assert rc == 2 and len(err) == 1 and words in err[0], cap.err
+    assert "LOAD REPORT" not in cap.out + cap.err
+
+
+def test_decode_tokens_beyond_the_window(capsys):
+    line = one_line(capsys, ["eval", f"model.path={FIXTURE_DIR}", f"eval.text={TEXT}", "eval.max_tokens=64",
+                             "eval.speed=true", "eval.prefill_tokens=8", "eval.decode_tokens=1000000000"])
+    assert "eval.decode_tokens=1000000000 leaves no room" in line, line
+
+
+def test_dangling_symlink_output_refused_before_work(capsys, tmp_path, fit_dir):
+    link = tmp_path / "out"
+    os.symlink(tmp_path / "missing", link)
+    line = one_line(capsys, ["export", f"model.path={FIXTURE_DIR}", f"artifacts={fit_dir}", f"output_dir={link}"])
+    assert "symbolic link to a missing target" in line, line
+
+
+def test_eval_of_a_fit_directory_says_so(capsys, fit_dir):
+    """It said "nothing to evaluate" (the fit dir has no eval.txt), which blamed the eval settings."""
+    line = one_line(capsys, ["eval", f"model.path={fit_dir}"])
+    assert "no config.json" in line and "fit directory" in line and f"artifacts={fit_dir}" in line, line
+
+
+def test_tasks_only_eval_scores_no_perplexity():
+    """eval.tasks alone no longer also scores the model directory's eval.txt (minutes on a real model)."""
+    from globe.cli.main import compose
+
+    assert compose([f"model.path={FIXTURE_DIR}", "eval.tasks=[x]"]).eval.text is None
+    assert compose([f"model.path={FIXTURE_DIR}"]).eval.text == str(FIXTURE_DIR / "eval.txt")
+
+
+def test_budget_rounding_is_said(caplog):
+    """bank.budget 0.4 with m = 16 on the fixture: r 37 rounds down to 32, keeping 0.342 (not 0.4)."""
+    from globe.fit.budget import plan_rank
+
+    pl = plan_rank(64, 88, 128, 16, 8, budget=0.4, multiple=8)
+    assert (pl.r, pl.unrounded[0]) == (32, 37) and pl.predicted < 0.9 * 0.4 <= pl.unrounded[1]
