@@ -207,3 +207,45 @@ def test_budget_rounding_is_said(caplog):
 
     pl = plan_rank(64, 88, 128, 16, 8, budget=0.4, multiple=8)
     assert (pl.r, pl.unrounded[0]) == (32, 37) and pl.predicted < 0.9 * 0.4 <= pl.unrounded[1]
+
+
+def test_wandb_dir_under_a_file(capsys, monkeypatch, tmp_path):
+    """WANDB_DIR under a regular file: NotADirectoryError, and the fit's claim was left behind."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    monkeypatch.setenv("WANDB_DIR", str(f / "wd"))
+    line = one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "wandb.enabled=true",
+                             "train.steps=2"])
+    assert line.startswith("error: WANDB_DIR") and "is a file" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def _sharded(dst, edit):
+    """The fixture as a one-shard indexed checkpoint, its index edited."""
+    shutil.copytree(FIXTURE_DIR, dst)
+    (dst / "model.safetensors").rename(dst / "model-00001-of-00001.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(dst / "model-00001-of-00001.safetensors"), "pt") as f:
+        wm = dict.fromkeys(f.keys(), "model-00001-of-00001.safetensors")
+    idx = {"metadata": {}, "weight_map": wm}
+    edit(idx)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(idx))
+    return dst
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda idx: idx.pop("weight_map"), 'no "weight_map"'),
+    (lambda idx: idx["weight_map"].update({"model.norm.weight": "../../../etc/passwd"}), "outside the model directory"),
+    (lambda idx: idx["weight_map"].update({"model.norm.weight": "/etc/passwd"}), "outside the model directory"),
+])
+def test_index_damage(edit, words, capsys, tmp_path):
+    d = _sharded(tmp_path / "m", edit)
+    line = one_line(capsys, ["inspect", str(d)])
+    assert words in line, line
+
+
+def test_sharded_copy_is_accepted(tmp_path):
+    """The helper above builds a valid checkpoint (else the damage tests could pass on another error)."""
+    d = _sharded(tmp_path / "m", lambda idx: None)
+    assert globe.inspect(str(d))["num_experts"] == 16

@@ -43,6 +43,10 @@ def require_wandb(cfg: GlobeConfig):
     except ImportError:
         raise GlobeError("wandb.enabled=true but the wandb package is not installed "
                          "(pip install wandb, or set wandb.enabled=false)") from None
+    if os.environ.get("WANDB_DIR"):  # a file in the way, read-only: before the fit claims its output_dir
+        from ..io.outputs import check_writable
+
+        check_writable(os.environ["WANDB_DIR"], what="WANDB_DIR")
     if cfg.wandb.mode == "online" and not wandb.login(prompt=False, verify=False):
         raise GlobeError("wandb.mode=online but no W&B credentials are configured "
                          "(set WANDB_API_KEY or run `wandb login`), or use wandb.mode=offline")

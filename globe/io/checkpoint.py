@@ -64,6 +64,14 @@ def resolve_path(path: str, revision: str | None = None) -> Path:
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def check_shard_names(files, index: Path) -> None:
+    """GlobeError unless every shard an index names is a file name inside the model directory (no absolute
+    path, no `..`): an index is data from the hub, and must not send reads elsewhere."""
+    bad = next((f for f in files if not f or Path(f).is_absolute() or ".." in Path(f).parts), None)
+    if bad is not None:
+        raise GlobeError(f"{index}: shard {bad!r} lies outside the model directory; refusing to read it")
+
+
 def read_raw_config(model_dir: Path) -> dict[str, Any]:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
@@ -141,10 +149,13 @@ class Checkpoint:
         if idx.is_file() and not single.is_file():  # transformers reads model.safetensors first
             try:
                 wm = json.loads(idx.read_text(), object_pairs_hook=_no_duplicates)["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
+            except KeyError:
+                raise GlobeError(f"corrupt {INDEX} in {self.dir}: no \"weight_map\" (tensor -> shard file)") from None
+            except (ValueError, TypeError) as e:
                 raise GlobeError(f"corrupt {INDEX} in {self.dir}: {str(e).splitlines()[0]}") from None
             if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
                 raise GlobeError(f"corrupt {INDEX} in {self.dir}: weight_map is not a map of tensor -> file")
+            check_shard_names(wm.values(), self.dir / INDEX)
             missing = sorted({f for f in wm.values() if not (self.dir / f).is_file()})
             if missing:
                 raise GlobeError(f"{self.dir}: shard(s) listed in the index are missing: {', '.join(missing[:3])}")

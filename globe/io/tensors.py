@@ -59,10 +59,15 @@ class TensorDir:
         if idx.is_file():
             try:
                 wm = json.loads(idx.read_text())["weight_map"]
-                if not isinstance(wm, dict):
-                    raise TypeError("weight_map is not an object")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+                    raise TypeError("weight_map is not a map of tensor -> file")
+            except KeyError:
+                raise GlobeError(f"corrupt {idx}: no \"weight_map\" (tensor -> shard file)") from None
+            except (json.JSONDecodeError, TypeError) as e:
                 raise GlobeError(f"corrupt {idx}: {e}") from None
+            from .checkpoint import check_shard_names
+
+            check_shard_names(wm.values(), idx)
             self.weight_map: dict[str, str] = dict(wm)
             for f in sorted(set(self.weight_map.values())):
                 have = set(self._open(f).keys())
