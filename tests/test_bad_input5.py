@@ -229,7 +229,7 @@ def test_eval_records_the_lru_capacity_in_use(tmp_path, exported):
 @pytest.mark.parametrize("call, key", [
     (lambda: globe.patch_model(None, "x"), "model"),
     (lambda: globe.patch_model("str", "x"), "model"),
-    (lambda: globe.patch_model(torch.nn.Linear(2, 2), "x", cache="full"), "cache"),
+    (lambda: globe.patch_model(compat.load_pretrained(FIXTURE_DIR, torch.float32), "x", cache="full"), "cache"),
     (lambda: globe.export(FIXTURE_DIR, 123, "/nonexistent/out"), "artifacts"),
 ])
 def test_api_arguments_named(call, key):
