@@ -271,7 +271,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         except Exception as e:  # OSError, ValueError, safetensors' SafetensorError on a damaged shard, ...
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise GlobeError(f"cannot load model from {path}: {type(e).__name__}: {msg[:200]}") from None
-    # transformers initialises a weight the checkpoint lacks at random and only logs it: refuse instead
+    # transformers re-initialises a mismatched weight (ignore_mismatched_sizes) or one the checkpoint lacks at
+    # random and only logs it: refuse both instead
     mism = sorted(info.get("mismatched_keys") or [])
     if mism:
         k = mism[0] if isinstance(mism[0], str) else mism[0][0]

@@ -81,8 +81,9 @@ def test_run_eval_returns_zero_shot(tmp_path):
 
 
 def test_unknown_task_fails_before_model_load(tmp_path):
-    empty = tmp_path / "not_a_model"
+    empty = tmp_path / "not_a_model"  # a config.json and no weights: loading it would fail, so the tasks fail first
     empty.mkdir()
+    (empty / "config.json").write_text((fixture_path() / "config.json").read_text())
     cfg = GlobeConfig.from_dict({"model": {"path": str(empty)}, "output": str(tmp_path / "o.json"),
                                  "eval": {"tasks": [TASK, "nonexistent_task"], "task_paths": [str(TASKS)]}})
     with pytest.raises(GlobeError, match="unknown lm-eval task.*nonexistent_task") as e:

@@ -105,7 +105,8 @@ def _check_moe_checkpoint(p) -> None:
     from ..io.checkpoint import Checkpoint, read_raw_config
     from ..registry import REGISTRY
 
-    if read_raw_config(p).get("model_type") in REGISTRY:
+    raw = read_raw_config(p)
+    if raw.get("model_type") in REGISTRY and not raw.get("quantization_config"):  # quantized: transformers' job
         Checkpoint(p)
 
 
