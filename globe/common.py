@@ -85,8 +85,8 @@ def check_type(x: Any, cls: type, what: str) -> Any:
 
 def count_non_finite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
     """Number of NaN/inf values in a floating tensor (0 for other dtypes). One aminmax reduction first (NaN
-    propagates through it, inf shows as an extreme; no temporary: 0.14 s per GB of bf16 on 2 CPU cores,
-    13x faster than isfinite); only a tensor that fails it is counted, `chunk` elements at a time."""
+    propagates through it, inf shows as an extreme; no temporary, unlike isfinite's boolean tensor, and
+    several times faster on the CPU); only a tensor that fails it is counted, `chunk` elements at a time."""
     if not t.is_floating_point() or t.numel() == 0:
         return 0
     flat = t.reshape(-1)
