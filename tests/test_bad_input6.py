@@ -249,3 +249,20 @@ def test_sharded_copy_is_accepted(tmp_path):
     """The helper above builds a valid checkpoint (else the damage tests could pass on another error)."""
     d = _sharded(tmp_path / "m", lambda idx: None)
     assert globe.inspect(str(d))["num_experts"] == 16
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda sd: sd.pop("globe.up.bank"), "lacks tensor globe.up.bank"),
+    (lambda sd: sd.__setitem__("globe.up.bank", sd["globe.up.bank"][:, :-1].contiguous()), "globe.up.bank has shape"),
+    (lambda sd: sd.pop("globe.gate.A_1"), "lacks tensor globe.gate.A_1"),
+])
+def test_inspect_checks_family_tensors(edit, words, capsys, tmp_path, fit_dir):
+    """inspect printed a damaged export without complaint (eval refuses it): its headers are checked now."""
+    out = globe.export(FIXTURE_DIR, fit_dir, tmp_path / "e", ExportCfg(dtype="fp32"))
+    assert globe.inspect(str(out))["format"] == "globe"  # the undamaged export passes
+    f = next(out.glob("model*.safetensors"))
+    sd = load_file(str(f))
+    edit(sd)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    line = one_line(capsys, ["inspect", str(out)])
+    assert words in line, line

@@ -75,3 +75,23 @@ def check_export_meta(meta: Any, where: str) -> dict[str, Any]:
     if not isinstance(meta.get("cache", {}), dict):
         raise bad("cache", f"is {meta.get('cache')!r}, expected an object of cache settings")
     return meta
+
+
+def family_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every family tensor a well-formed export holds (see docs/format.md), from a section
+    check_export_meta accepted: bank (G, m, r, d), gain (G,), CSR codes, col_scale (d,), A_L (E, p, r) and,
+    with save_mixed, mixed_L (E, r, d) per MoE layer."""
+    E, p, d, layers = meta["num_experts"], meta["expert_intermediate_size"], meta["hidden_size"], meta["moe_layers"]
+    out: dict[str, tuple[int, ...]] = {}
+    for f, fm in meta["families"].items():
+        G, m, r, nnz = fm.get("banks", 1), fm["m"], fm["r"], fm["nnz"]
+        k = f"globe.{f}."
+        out.update({k + "bank": (G, m, r, d), k + "gain": (G,), k + "indptr": (len(layers) * E + 1,),
+                    k + "indices": (nnz,), k + "values": (nnz,)})
+        if fm.get("col_scale"):
+            out[k + "col_scale"] = (d,)
+        for L in layers:
+            out[f"{k}A_{L}"] = (E, p, r)
+            if meta.get("save_mixed"):
+                out[f"{k}mixed_{L}"] = (E, r, d)
+    return out

@@ -68,7 +68,7 @@ def inspect_export(d) -> dict[str, Any]:
     import json
 
     from ..errors import GlobeError
-    from .exportmeta import check_export_meta
+    from .exportmeta import check_export_meta, family_shapes
     from .tensors import TensorDir
 
     conf = json.loads((d / "config.json").read_text())
@@ -79,6 +79,11 @@ def inspect_export(d) -> dict[str, Any]:
                          "export it again from its fit directory with this globe")
     check_export_meta(g, str(d / "config.json"))
     src = TensorDir(d, g.get("weights_prefix", "model"))
+    for k, shape in family_shapes(g).items():  # headers only: a missing or resized family tensor is damage
+        if k not in src:
+            raise GlobeError(f"{d}: export lacks tensor {k} (truncated or damaged: export it again)")
+        if tuple(src.shape(k)) != shape:
+            raise GlobeError(f"{d}: tensor {k} has shape {list(src.shape(k))}, its config.json says {list(shape)}")
     E, p, dd, L = int(g["num_experts"]), int(g["expert_intermediate_size"]), int(g["hidden_size"]), len(g["moe_layers"])
     fams = {}
     for f, fm in g["families"].items():
