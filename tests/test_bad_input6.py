@@ -266,3 +266,10 @@ def test_inspect_checks_family_tensors(edit, words, capsys, tmp_path, fit_dir):
     save_file(sd, str(f), metadata={"format": "pt"})
     line = one_line(capsys, ["inspect", str(out)])
     assert words in line, line
+
+
+def test_unknown_key_lists_the_section(capsys, tmp_path):
+    line = one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "bank.m_upp=3"])
+    assert "did you mean bank.m_up?" in line and "r_multiple" in line, line
+    line = one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "bank.foo=3"])
+    assert "(bank keys: m_up, m_gate" in line, line

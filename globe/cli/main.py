@@ -78,7 +78,8 @@ def compose(overrides: list[str]) -> GlobeConfig:
             cfg = h_compose(config_name="default", overrides=list(overrides))
         data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: `bank=5` (a group given a number)
-        raise GlobeError(f"bad override: {str(e).splitlines()[0]}") from None
+        msg = str(e).splitlines()[0]
+        raise GlobeError(f"bad override: {msg}{_key_hint(msg)}") from None
     for key, val in verbatim.items():  # after Hydra: an explicit value beats a group's default
         if key == "artifacts" and val and "," in val and not Path(val).is_dir():
             val = [v.strip() for v in val.split(",") if v.strip()]  # several fit directories: DIR_UP,DIR_GATE
@@ -100,6 +101,24 @@ def compose(overrides: list[str]) -> GlobeConfig:
     except (TypeError, ValueError) as e:
         raise GlobeError(f"config {e}") from None
     return _fill_defaults(conf)
+
+
+def _key_hint(msg: str) -> str:
+    """For Hydra's "Could not override 'bank.foo'": the section's keys, the closest first."""
+    import dataclasses
+    import difflib
+
+    m = re.search(r"override '([\w.]+)'", msg)
+    if not m or "." not in m.group(1):
+        return ""
+    sec, _, leaf = m.group(1).partition(".")
+    obj = getattr(GlobeConfig(), sec, None)
+    if not dataclasses.is_dataclass(obj):
+        return ""
+    names = [f.name for f in dataclasses.fields(obj)]
+    close = difflib.get_close_matches(leaf, names, n=1)
+    return (f" (did you mean {sec}.{close[0]}?" if close else f" ({sec} keys:") + \
+        f"{' ' + sec + ' keys: ' if close else ' '}{', '.join(names)})"
 
 
 def require_model(conf: GlobeConfig) -> GlobeConfig:
