@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .common import has_zero_row
 from .errors import GlobeError
 from .io.outputs import scratch_dir
 from .io.tensors import DictSource, TensorDir
@@ -431,7 +432,7 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
                                      f"{'a floating' if want_float else 'an integer'} dtype (damaged file)")
                 return t
             bank = take(key(f, "bank")).to(dev)
-            if bank.ndim != 4 or bool((bank.reshape(bank.shape[0], -1) == 0).all(1).any()):
+            if bank.ndim != 4 or has_zero_row(bank):
                 raise GlobeError(f"artifact family {f}: bank of shape {list(bank.shape)} is not (G, m, r, d) of "
                                  "nonzero atoms (damaged file)")
             codes = dense_codes(take(key(f, "indptr")), take(key(f, "indices")), take(key(f, "values")),

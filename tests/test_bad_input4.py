@@ -3,38 +3,28 @@ the problem (Python); sizes a user can type never allocate beyond what the model
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
-from cli_helpers import one_line
+from cli_helpers import edit_config, one_line
 from safetensors.torch import load_file, save_file
 
 import globe
-from globe import compat
-from globe.config import EvalCfg, ExportCfg
+from globe.config import EvalCfg
 from globe.fixtures import FIXTURE_DIR
-from globe.testing.artifacts import random_artifacts
 
 TEXT = FIXTURE_DIR / "eval.txt"
 
 
-@pytest.fixture(scope="module")
-def globe_export(tmp_path_factory):
-    """A globe export (fp32) of the bundled fixture with random artifacts, and the fit directory."""
-    tmp = tmp_path_factory.mktemp("exp")
-    random_artifacts(compat.load_pretrained(FIXTURE_DIR, torch.float32)).save(tmp / "fit")
-    return globe.export(FIXTURE_DIR, tmp / "fit", tmp / "globe", ExportCfg(dtype="fp32")), tmp / "fit"
+@pytest.fixture
+def globe_export(random_export):
+    return random_export
 
 
 def _with_top_k(src, dst, k):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["num_experts_per_tok"] = k
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    return edit_config(src, dst, lambda c: c.update(num_experts_per_tok=k))
 
 
 @pytest.mark.parametrize("k", [0, 61, "4", True])

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from cli_helpers import one_line
+from cli_helpers import edit_config, edit_weights, one_line
 from safetensors.torch import load_file, save_file
 
 import globe
@@ -17,40 +17,22 @@ from globe.config import ExportCfg
 from globe.errors import GlobeError
 from globe.fixtures import FIXTURE_DIR
 from globe.io.exportmeta import check_export_meta
-from globe.testing.artifacts import random_artifacts
 
 TEXT = FIXTURE_DIR / "eval.txt"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(globe export fp32, fit dir) of the bundled fixture with random artifacts."""
-    tmp = tmp_path_factory.mktemp("exp5")
-    random_artifacts(compat.load_pretrained(FIXTURE_DIR, torch.float32)).save(tmp / "fit")
-    return globe.export(FIXTURE_DIR, tmp / "fit", tmp / "globe", ExportCfg(dtype="fp32")), tmp / "fit"
+@pytest.fixture
+def exported(random_export):
+    return random_export
 
 
-def _edit_weights(src, dst, edit):
-    shutil.copytree(src, dst)
-    sd = load_file(str(dst / "model.safetensors"))
-    edit(sd)
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def _edit_config(src, dst, edit):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    edit(cfg)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def test_missing_attention_weight_is_refused_not_random(capsys, tmp_path):
     """transformers initialises a weight the checkpoint lacks at random and only logs it; eval and generate
     of such an original printed a perplexity (rc 0). Now one line naming the tensor."""
     key = "model.layers.0.self_attn.q_proj.weight"
-    d = _edit_weights(FIXTURE_DIR, tmp_path / "noq", lambda sd: sd.pop(key))
+    d = edit_weights(FIXTURE_DIR, tmp_path / "noq", lambda sd: sd.pop(key))
     for argv in (["eval", f"model.path={d}", f"eval.text={TEXT}", "eval.max_tokens=64"],
                  ["generate", f"model.path={d}", "prompt=hi", "max_new_tokens=2"]):
         line = one_line(capsys, argv)
@@ -63,8 +45,8 @@ def test_null_top_k_is_refused_on_every_path(capsys, tmp_path, exported):
     """num_experts_per_tok: null raised inside transformers (dense export, eval of a globe export)."""
     def null(c):
         c["num_experts_per_tok"] = None
-    orig = _edit_config(FIXTURE_DIR, tmp_path / "orig", null)
-    exp = _edit_config(exported[0], tmp_path / "exp", null)
+    orig = edit_config(FIXTURE_DIR, tmp_path / "orig", null)
+    exp = edit_config(exported[0], tmp_path / "exp", null)
     for argv in (["eval", f"model.path={orig}", f"eval.text={TEXT}", "eval.max_tokens=64"],
                  ["eval", f"model.path={exp}", f"eval.text={TEXT}", "eval.max_tokens=64"],
                  ["export", f"model.path={orig}", f"artifacts={exported[1]}", f"output_dir={tmp_path / 'o'}",
@@ -88,7 +70,7 @@ def test_null_top_k_is_refused_on_every_path(capsys, tmp_path, exported):
 ])
 def test_damaged_globe_section_is_one_line(edit, key, capsys, tmp_path, exported):
     """A hand-edited globe section raised KeyError/TypeError in load_model and inspect."""
-    d = _edit_config(exported[0], tmp_path / "bad", lambda c: edit(c["globe"]))
+    d = edit_config(exported[0], tmp_path / "bad", lambda c: edit(c["globe"]))
     for argv in (["eval", f"model.path={d}", f"eval.text={TEXT}", "eval.max_tokens=64"], ["inspect", str(d)]):
         line = one_line(capsys, argv)
         assert key in line, (argv[0], line)
@@ -103,7 +85,7 @@ def test_export_meta_checker_accepts_real_exports(exported):
 
 
 def test_inspect_string_globe_section(capsys, tmp_path, exported):
-    d = _edit_config(exported[0], tmp_path / "s", lambda c: c.update(globe="x"))
+    d = edit_config(exported[0], tmp_path / "s", lambda c: c.update(globe="x"))
     assert "format" in one_line(capsys, ["inspect", str(d)])
 
 
@@ -162,7 +144,7 @@ def test_diverged_fit_is_refused(capsys, tmp_path):
 @pytest.mark.parametrize("fmt", ["globe", "dense"])
 def test_export_refuses_non_finite_tensors(fmt, tmp_path, exported):
     """A NaN in a tensor the export copies as it is (here the final norm) was written unchecked."""
-    d = _edit_weights(FIXTURE_DIR, tmp_path / "nan", lambda sd: sd["model.norm.weight"].__setitem__(0, float("inf")))
+    d = edit_weights(FIXTURE_DIR, tmp_path / "nan", lambda sd: sd["model.norm.weight"].__setitem__(0, float("inf")))
     with pytest.raises(GlobeError, match=r"model\.norm\.weight holds 1 NaN/inf"):
         globe.export(d, exported[1], tmp_path / "o", ExportCfg(format=fmt, dtype="fp32"))
     assert not (tmp_path / "o").exists()
@@ -170,7 +152,7 @@ def test_export_refuses_non_finite_tensors(fmt, tmp_path, exported):
 
 def test_export_refuses_values_beyond_fp16(tmp_path, exported):
     """A finite fp32 value above 65504 becomes inf in an fp16 export."""
-    d = _edit_weights(FIXTURE_DIR, tmp_path / "big", lambda sd: sd["model.norm.weight"].__setitem__(0, 1e6))
+    d = edit_weights(FIXTURE_DIR, tmp_path / "big", lambda sd: sd["model.norm.weight"].__setitem__(0, 1e6))
     globe.export(d, exported[1], tmp_path / "ok", ExportCfg(dtype="fp32"))  # fp32 holds it
     with pytest.raises(GlobeError, match="fp16"):
         globe.export(d, exported[1], tmp_path / "o", ExportCfg(dtype="fp16"))
@@ -178,7 +160,7 @@ def test_export_refuses_values_beyond_fp16(tmp_path, exported):
 
 def test_num_experts_mismatch_is_one_line_from_headers(capsys, tmp_path):
     """config.json says 20 experts, the weights hold 16: transformers printed its mismatch report first."""
-    d = _edit_config(FIXTURE_DIR, tmp_path / "ne", lambda c: c.update(num_experts=20))
+    d = edit_config(FIXTURE_DIR, tmp_path / "ne", lambda c: c.update(num_experts=20))
     rc = globe.cli.main.main(["eval", f"model.path={d}", f"eval.text={TEXT}", "eval.max_tokens=64"])
     cap = capsys.readouterr()
     assert rc == 2 and cap.err.strip().splitlines() == [cap.err.strip().splitlines()[-1]], cap.err
@@ -252,7 +234,7 @@ def test_nan_weight_is_refused_at_load(capsys, tmp_path, exported):
 
     def nan(sd):
         sd[key][0, 0] = float("nan")
-    orig = _edit_weights(FIXTURE_DIR, tmp_path / "o", nan)
+    orig = edit_weights(FIXTURE_DIR, tmp_path / "o", nan)
     for argv in (["eval", f"model.path={orig}", f"eval.text={TEXT}", "eval.max_tokens=64"],
                  ["generate", f"model.path={orig}", "prompt=hi", "max_new_tokens=2"]):
         line = one_line(capsys, argv)

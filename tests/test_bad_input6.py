@@ -10,33 +10,24 @@ import shutil
 
 import pytest
 import torch
-from cli_helpers import one_line
+from cli_helpers import edit_config, edit_weights, one_line
 from safetensors.torch import load_file, save_file
 
 import globe
-from globe import compat
 from globe.config import ExportCfg
 from globe.errors import GlobeError
 from globe.fixtures import FIXTURE_DIR
-from globe.testing.artifacts import random_artifacts
 
 TEXT = FIXTURE_DIR / "eval.txt"
 
 
-@pytest.fixture(scope="module")
-def fit_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fit6") / "fit"
-    random_artifacts(compat.load_pretrained(FIXTURE_DIR, torch.float32)).save(d)
-    return d
+@pytest.fixture
+def fit_dir(random_export):
+    return random_export[1]
 
 
 def _edit_fit(src, dst, edit):
-    shutil.copytree(src, dst)
-    f = dst / "globe-up.safetensors"
-    sd = load_file(str(f))
-    edit(sd)
-    save_file(sd, str(f), metadata={"format": "pt"})
-    return dst
+    return edit_weights(src, dst, edit, "globe-up.safetensors")
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -150,14 +141,6 @@ def test_patch_model_needs_a_transformers_model(fit_dir):
         globe.patch_model(torch.nn.Linear(2, 2), fit_dir)
 
 
-def _edit_config(dst, edit):
-    shutil.copytree(FIXTURE_DIR, dst)
-    c = json.loads((dst / "config.json").read_text())
-    edit(c)
-    (dst / "config.json").write_text(json.dumps(c))
-    return dst
-
-
 @pytest.mark.parametrize("edit, words", [
     (lambda c: c.update(vocab_size=5000), "does not match config.json (checkpoint [4096, 128], model [5000, 128])"),
     (lambda c: c.update(num_experts=0), "num_experts=0"),
@@ -166,7 +149,7 @@ def _edit_config(dst, edit):
 def test_config_errors_blame_the_config(edit, words, capsys, tmp_path):
     """A vocab mismatch printed transformers' load-report table before the error; num_experts=0 blamed
     top-k; a layer count transformers refuses blamed the tokenizer."""
-    d = _edit_config(tmp_path / "m", edit)
+    d = edit_config(FIXTURE_DIR, tmp_path / "m", edit)
     rc = globe.cli.main.main(["eval", f"model.path={d}", f"eval.text={TEXT}", "eval.max_tokens=64"])
     cap = capsys.readouterr()
     err = [ln for ln in cap.err.splitlines() if ln.strip() and "Loading weights" not in ln]
@@ -201,12 +184,25 @@ def test_tasks_only_eval_scores_no_perplexity():
     assert compose([f"model.path={FIXTURE_DIR}"]).eval.text == str(FIXTURE_DIR / "eval.txt")
 
 
-def test_budget_rounding_is_said(caplog):
-    """bank.budget 0.4 with m = 16 on the fixture: r 37 rounds down to 32, keeping 0.342 (not 0.4)."""
+def test_budget_rounding_is_said(caplog, monkeypatch, tmp_path):
+    """bank.budget 0.4 with m = 16 on the fixture: r 37 rounds down to 32, keeping 0.342, not 0.4; the
+    fit says so (it was silent), and the plan behind the line is the one the fit uses."""
+    import logging
+
     from globe.fit.budget import plan_rank
 
     pl = plan_rank(64, 88, 128, 16, 8, budget=0.4, multiple=8)
     assert (pl.r, pl.unrounded[0]) == (32, 37) and pl.predicted < 0.9 * 0.4 <= pl.unrounded[1]
+    monkeypatch.setattr(logging.getLogger("globe"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="globe")
+    from globe.cli.main import main
+
+    assert main(["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "bank.m_up=16",
+                 "sparsity.target_support=8", "train.steps=2", "train.eval_every=1", "train.families=[up]",
+                 "train.baselines=false"]) == 0
+    said = [r.getMessage() for r in caplog.records if "rounded down" in r.getMessage()]
+    assert said == ["fit up: bank.budget=0.4 gives r=37, rounded down to r=32 (a multiple of bank.r_multiple=8), "
+                    "which keeps 0.342 of the routed parameters; bank.r_multiple=1 keeps 0.395"], said
 
 
 def test_wandb_dir_under_a_file(capsys, monkeypatch, tmp_path):

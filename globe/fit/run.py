@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..artifacts import Artifacts, FamilyWriter, atomic_write, family_file, finish_fit_dir
-from ..common import resolve_device
+from ..common import has_zero_row, resolve_device
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
@@ -222,7 +222,7 @@ def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig) -> None:
     why = None
     if not math.isfinite(err) or not bool(torch.isfinite(art.gain).all()):
         why = "a non-finite error or gain"
-    elif float(art.bank.abs().amax()) == 0.0:
+    elif has_zero_row(art.bank):
         why = "an all-zero bank"
     elif cfg.train.objective == "weight" and err >= 1.0 - 1e-6:
         why = f"relative error {err:.6f} (1.0 = no better than all-zero experts)"
@@ -277,7 +277,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                     staged.is_file() or (out / family_file(fam)).is_file())):
                 continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
             ckpt = out / STATE / f"{fam}.ckpt.pt"
-            log.rewind(fam, read_checkpoint(ckpt)["step"] if lead and ckpt.is_file() else 0)
+            log.rewind(fam, read_checkpoint(ckpt, mmap=True)["step"] if lead and ckpt.is_file() else 0)  # no A read
             W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress, dist)
             rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
             def sink(family, fam=fam):  # the final adapters stream into the family's file, chunk by chunk

@@ -34,6 +34,7 @@ MODULE_FILE = "modeling_globe.py"
 # module (None) with its relative imports removed. Nothing here is written twice by hand.
 SOURCES: list[tuple[str, list[str] | None]] = [
     ("globe.errors", ["GlobeError"]),
+    ("globe.common", ["has_zero_row"]),
     ("globe.maps", None),
     ("globe.artifacts", ["KEEP_FP32"]),
     ("globe.compat", ["GATE_UP_ORDER", "ExpertsInfo", "experts_info"]),

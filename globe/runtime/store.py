@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..artifacts import KEEP_FP32
+from ..common import has_zero_row
 from ..errors import GlobeError
 from .cache import BankCodes, check_codes, compose_many
 
@@ -81,7 +82,7 @@ class FamilyStore(nn.Module):
             val = [float(v) for v in self.values.float().tolist()]
             gains = [float(g) for g in self.gain.float().tolist()]
             check_codes(ptr, idx, val, self.m, len(self.layers) * self.E, f"family {self.name}")
-            if not self.released and self.bank.numel() and bool((self.bank.reshape(self.G, -1) == 0).all(1).any()):
+            if not self.released and self.bank.numel() and has_zero_row(self.bank):
                 raise GlobeError(f"family {self.name}: a bank is all zeros (damaged file); every expert mixing "
                                  "from it would be zero")
             self._host = (ptr, idx, val, gains)
