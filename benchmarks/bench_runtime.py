@@ -46,7 +46,11 @@ VOCAB = 1024
 def configs(args) -> dict[str, CacheCfg | None]:
     return {"baseline": None, "full": CacheCfg(mode="full"),
             "lru16": CacheCfg(mode="lru", S_per_layer=16, warmup_tokens=args.warmup_tokens),
-            "none": CacheCfg(mode="none")}
+            "none": CacheCfg(mode="none"),
+            # cache.compile: the same modes with the torch.compile'd composition kernel (misses, table builds)
+            "full_compiled": CacheCfg(mode="full", compile=True),
+            "lru16_compiled": CacheCfg(mode="lru", S_per_layer=16, warmup_tokens=args.warmup_tokens, compile=True),
+            "none_compiled": CacheCfg(mode="none", compile=True)}
 
 
 DEVICE = torch.device("cpu")
@@ -102,14 +106,14 @@ def speed(args) -> dict:
         for name, cc in cfgs.items():
             if cc is not None:
                 t = time.perf_counter()
-                patch_model(model, arts, cc, collect_stats=name == "lru16")
+                patch_model(model, arts, cc, collect_stats=name.startswith("lru16"))
                 res[name].setdefault("patch_s", []).append(time.perf_counter() - t)
             with torch.no_grad():
                 model(input_ids=torch.tensor([[5, 6, 7, 8]], device=DEVICE), use_cache=False)  # touch every path
             res[name]["decode_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd))
             for b in extra:
                 res[name][f"decode_b{b}_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd, batch=b))
-            if name == "lru16":
+            if name.startswith("lru16"):
                 st = cache_stats(model)
                 res[name].setdefault("decode_hit_rate", []).append(st["hit_rate"])
             res[name]["prefill_tok_s"].append(max(prefill_tok_s(model, args.prefill_tokens, seed=100 + rnd)

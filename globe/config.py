@@ -246,6 +246,7 @@ class CacheCfg:
     dtype: str = "auto"  # compute dtype of cached tilde_B: auto follows the model
     warmup_tokens: int = 2048
     compose_full: bool = False  # cache A_i @ tilde_B_i (p x d) instead of tilde_B_i
+    compile: bool = False  # compose tilde_B with a torch.compile'd fused kernel (CPU; eager fallback, logged)
 
     def __post_init__(self) -> None:
         _numbers(self, "cache")

@@ -17,7 +17,9 @@ replays a routing trace through the same policy, so the hit rates `globe eval` r
 
 from __future__ import annotations
 
+import logging
 import math
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from ..maps import get_activation
 from .kernels import Blocks, LayerWeights, LazyPart
 
 MODES = ("full", "lru", "none")
+KERNELS = ("eager", "compiled")  # composition kernels; "compiled" (cache.compile=true) runs on the CPU only
+_fused: dict[Any, Any] = {}  # specialisation -> torch.compile'd copy of _mix_into; "failed": True once one failed
 
 
 @dataclass
@@ -49,6 +53,8 @@ class BankCodes:
     activation: str = "silu"
     col_scale: torch.Tensor | None = None  # (d,) fp32
     bank_of: Sequence[int] | None = None  # (N,) bank of each expert; None: one bank
+    kernel: str = "eager"  # one of KERNELS: every compose of a family in a process uses the same one
+    max_nnz: int | None = None  # largest nnz of any expert (the fused kernel pads to it); None: counted on use
 
     def atoms(self, i: int) -> tuple[torch.Tensor, float]:
         """(the (m, r*d) bank of expert i, its gain)."""
@@ -104,7 +110,8 @@ def compose_many(fam: BankCodes, ids: Sequence[int], dtype: torch.dtype,
     if out is None:
         out = torch.empty((len(ids), r, d), dtype=dtype, device=fam.bank.device)
     if fam.bank.device.type == "cpu":
-        _compose_cpu(fam, ids, out, max(d, chunk // d * d))
+        if not (fam.kernel == "compiled" and _compose_fused(fam, ids, out)):
+            _compose_cpu(fam, ids, out, max(d, chunk // d * d))
     else:
         for s in range(0, len(ids), max_batch):
             _compose_batched(fam, ids[s:s + max_batch], out, s)
@@ -138,6 +145,64 @@ def _compose_cpu(fam: BankCodes, ids, out, C: int) -> None:
             if fam.col_scale is not None:
                 acc.view(-1, d).mul_(fam.col_scale)
             out[b][s // d:t // d].copy_(acc.view(-1, d))
+
+
+def _mix_into(out: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, phi: Callable,
+              col_scale: torch.Tensor | None) -> None:
+    """out (r, d) = phi(sum_j coef[j] * bank[idx[j]]) [* col_scale]: bank (A, r*d) any float dtype, idx (k,)
+    int64, coef (k,) fp32; fp32 accumulation in code order, one cast. Compiled, it is one pass over the k
+    atoms (the eager kernel runs one torch op per atom and chunk)."""
+    rows = bank.index_select(0, idx)
+    acc = rows[0].float() * coef[0]
+    for j in range(1, idx.shape[0]):
+        acc = acc + rows[j].float() * coef[j]
+    acc = phi(acc).view(out.shape)
+    if col_scale is not None:
+        acc = acc * col_scale
+    out.copy_(acc)
+
+
+def _compose_fused(fam: BankCodes, ids, out) -> bool:
+    """Compose `ids` with the torch.compile'd `_mix_into`, one expert per call (so an expert's bits never
+    depend on the batch); each expert's codes padded to fam.max_nnz with zero coefficients (adding an exact
+    zero changes no bit). False, with nothing written, when it cannot run here: no fused kernel (compiling
+    failed once in this process: no C++ compiler, an unsupported torch; logged once) or a non-contiguous
+    out; the caller then uses the eager kernel."""
+    k = fam.max_nnz if fam.max_nnz is not None else max((b - a for a, b in zip(fam.indptr, fam.indptr[1:])),
+                                                          default=0)
+    if not ids:
+        return True
+    if k == 0 or _fused.get("failed") or any(not out[b].is_contiguous() for b in range(len(ids))):
+        return False
+    # one compiled copy (own code object) per specialisation, so torch's per-function recompile limit is
+    # never reached, which would silently run the uncompiled function (other bits) from then on
+    key = (fam.bank.dtype, out[0].dtype, fam.activation, fam.col_scale is None, k)
+    if key not in _fused:
+        code = _mix_into.__code__.replace()
+        fresh = types.FunctionType(code, _mix_into.__globals__, _mix_into.__name__)
+        _fused[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+    fn = _fused[key]
+    flat = fam.bank.reshape(-1, fam.r * fam.d)  # (G*m, r*d): atom j of bank b is row b*m + j
+    m, phi = fam.bank.shape[-2], get_activation(fam.activation).fn
+    for b, i in enumerate(ids):
+        lo, hi = fam.indptr[i], fam.indptr[i + 1]
+        bank_id = fam.bank_of[i] if (fam.bank.ndim == 3 and fam.bank_of is not None) else 0
+        g = fam.atoms(i)[1]
+        rows = [bank_id * m + fam.indices[j] for j in range(lo, hi)]
+        coef = [g * fam.values[j] for j in range(lo, hi)] + [0.0] * (k - (hi - lo))
+        rows += [rows[0] if rows else bank_id * m] * (k - (hi - lo))
+        try:
+            fn(out[b], flat, torch.tensor(rows, dtype=torch.int64), torch.tensor(coef, dtype=torch.float32), phi,
+               fam.col_scale)
+        except Exception as e:  # compiling failed (e.g. no C++ compiler): the eager kernel from now on
+            if b:
+                raise
+            _fused["failed"] = True
+            logging.getLogger("globe").warning("cache.compile: the fused composition kernel is unavailable here "
+                                               "(%s: %s); using the eager kernel", type(e).__name__,
+                                               str(e).splitlines()[0][:200] if str(e) else "")
+            return False
+    return True
 
 
 def _compose_batched(fam: BankCodes, ids, out, base: int) -> None:

@@ -87,6 +87,9 @@ def install(model: nn.Module, store: GlobeStore, dense: dict[int, dict[str, torc
     """
     originals = swap_experts(model, store, paths or experts_paths(model), dense, cache.mode, int(cache.S_per_layer),
                              cache.compose_full, collect_stats, build=False)
+    for f in FAMILY_ORDER:
+        if f in store:  # one composition kernel per family for every mode and layer (cache.py)
+            store[f].kernel = "compiled" if cache.compile else "eager"
     model._globe = {"originals": originals if keep_original else None, "cache": cache,
                     "collect_stats": collect_stats}
     compat.canonical_lm_head_input(model)  # inference weights do not require grad: see the function

@@ -50,6 +50,7 @@ class FamilyStore(nn.Module):
         self._host: tuple | None = None
         self._bank_of: list[int] | None = None
         self.released = False
+        self.kernel = "eager"  # composition kernel (cache.KERNELS); install() sets it from cache.compile
 
     # ---- dtype/device: A and composed caches follow the model, the rest keeps its dtype -------------
     def _apply(self, fn, recurse: bool = True):
@@ -85,7 +86,7 @@ class FamilyStore(nn.Module):
             if not self.released and self.bank.numel() and has_zero_row(self.bank):
                 raise GlobeError(f"family {self.name}: a bank is all zeros (damaged file); every expert mixing "
                                  "from it would be zero")
-            self._host = (ptr, idx, val, gains)
+            self._host = (ptr, idx, val, gains, max((b - a for a, b in zip(ptr, ptr[1:])), default=0))
         return self._host
 
     def nnz(self, i: int) -> int:
@@ -100,11 +101,11 @@ class FamilyStore(nn.Module):
         """This family as the composition kernel reads it (banks (G, m, r*d), host CSR codes)."""
         if self.released:
             raise GlobeError(f"family {self.name}: the bank was released after precomposing every expert")
-        ptr, idx, val, gains = self._host_codes()
+        ptr, idx, val, gains, width = self._host_codes()
         if self._bank_of is None:
             self._bank_of = [b for b in self.layer_bank for _ in range(self.E)]
         return BankCodes(self.bank.reshape(self.G, self.m, self.r * self.d), ptr, idx, val, self.r, self.d, gains,
-                         self.activation, self.col_scale, self._bank_of)
+                         self.activation, self.col_scale, self._bank_of, self.kernel, width)
 
     def compose(self, layer: int, e: int, dtype: torch.dtype) -> torch.Tensor:
         """tilde_B of expert e of MoE layer `layer`: (r, d) in dtype (stored tilde_B if save_mixed)."""
