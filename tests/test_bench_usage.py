@@ -16,6 +16,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_eval_memory.py", "--export", str(BENCH.parent / "globe" / "fixture" / "qwen2moe-tiny"),
       "--threads", "100000"], "--threads"),
     (["bench_omp_wait.py", "--rounds", "0"], "--rounds"),
+    (["bench_compose.py", "--settings", "4:9"], "--settings"),
+    (["bench_compose.py", "--settings", "x"], "--settings"),
+    (["bench_compose.py", "--batches", "0"], "--batches"),
 ])
 def test_bad_arguments_exit_2(argv, words, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,
