@@ -117,11 +117,12 @@ def test_run_eval_on_globe_export_matches_dense_export(tmp_path):
             "eval": {"text": str(tmp_path / "t.txt"), "context": 64, "hit_rate": True, "S_values": [6],
                      "device": "cpu", "dtype": "fp32"}}))
     assert res["globe"]["model_kind"] == "globe" and res["dense"]["model_kind"] == "dense"
-    assert res["globe"]["cache"] == {"mode": "lru", "S_per_layer": 3} and res["dense"]["cache"] is None
+    assert res["globe"]["cache"] == {"mode": "lru", "S_per_layer": 3, "compile": False}
+    assert res["dense"]["cache"] is None
     assert res["globe"]["perplexity"] == pytest.approx(res["dense"]["perplexity"], rel=1e-4)
     assert res["globe"]["hit_rate_by_S"] == res["dense"]["hit_rate_by_S"]  # same routing
     assert res["globe"]["runtime_cache_stats"]["misses"] > 0
     none = run_eval(GlobeConfig.from_dict({"model": {"path": str(tmp_path / "globe")}, "cache": {"mode": "none"},
                                            "eval": {"text": str(tmp_path / "t.txt"), "context": 64, "device": "cpu",
                                                     "dtype": "fp32", "max_tokens": 65}}))
-    assert none["cache"] == {"mode": "none", "S_per_layer": None}  # no S where there is no slab
+    assert none["cache"] == {"mode": "none", "S_per_layer": None, "compile": False}  # no S where there is no slab

@@ -145,7 +145,8 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
     if cache is not None:  # S only means something in lru mode; S above the expert count holds every expert
         E = max((m.num_experts for m in globe_layers(model).values()), default=int(cache.S_per_layer))
         out["cache"] = {"mode": cache.mode,
-                        "S_per_layer": min(int(cache.S_per_layer), E) if cache.mode == "lru" else None}
+                        "S_per_layer": min(int(cache.S_per_layer), E) if cache.mode == "lru" else None,
+                        "compile": bool(cache.compile)}
     ids = tokenize(tok, text, ev.max_tokens) if text is not None else None
     if ids is not None:
         if device.type == "cpu":
