@@ -6,7 +6,10 @@ done once and kept. There is ONE composition kernel, `compose_many`, used by eve
 export (save_mixed) and the loader, so every mode produces bit-identical blocks: fp32 accumulation in
 code order, then phi and col_scale in fp32, then one cast. Each expert's bits do not depend on which
 other experts are in the batch: on the CPU in row chunks of fixed size, elsewhere batched elementwise
-ops over a prefix of experts sorted by nnz; never a GEMM whose blocking depends on the batch.
+ops over a prefix of experts sorted by nnz; never a GEMM whose blocking depends on the batch. On the
+CPU a family may instead use the fused kernel (`BankCodes.kernel = "compiled"`, from cache.compile):
+`_mix_into` under torch.compile, one pass over an expert's atoms, one expert per call; its bits may
+differ from the eager kernel's by one rounding (FMA), so every compose of a family uses one kernel.
 
 `SlabCache` keeps at most S composed blocks of one layer in a preallocated slab (S, R, d) with an
 expert -> slot map and composes misses in one `compose_blocks` call straight into their slots
