@@ -18,7 +18,6 @@ writes benchmarks/results/runtime_cpu.json;  --device cuda --decode-batch 1 32 -
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import gc
 import json
@@ -36,7 +35,7 @@ from globe import compat
 from globe.artifacts import atomic_write
 from globe.common import DTYPES
 from globe.config import CacheCfg
-from globe.runtime import cache_stats, patch_model, reset_cache_stats, simulate_lru
+from globe.runtime import cache_stats, patch_model, reset_cache_stats, simulate_lru, unpatch_model
 from globe.testing.artifacts import random_artifacts
 from globe.testing.models import QWEN15_MOE_A27B, fixture_path, real_dim_model
 
@@ -45,8 +44,10 @@ VOCAB = 1024
 
 
 def configs(args) -> dict[str, CacheCfg | None]:
-    # each mode, then its twin with cache.compile (the torch.compile'd composition kernel) right after it,
-    # so the twins' per-round ratio (`vs_eager`) compares runs a few seconds apart on a shared CPU
+    # each mode, then its twin with cache.compile (the torch.compile'd composition kernel) next to it (after
+    # it in even rounds, before it in odd ones), so the twins' per-round ratio (`vs_eager`) compares runs
+    # seconds apart on a shared CPU, the order's bias cancelling; full vs full_compiled (the same GEMMs
+    # once the table is built) shows what is left of the noise
     lru = {"mode": "lru", "S_per_layer": 16, "warmup_tokens": args.warmup_tokens}
     return {"baseline": None, "full": CacheCfg(mode="full"), "full_compiled": CacheCfg(mode="full", compile=True),
             "lru16": CacheCfg(**lru), "lru16_compiled": CacheCfg(**lru, compile=True),
@@ -97,27 +98,23 @@ def decode_tok_s(model, n: int, seed: int, prompt: int = 32, batch: int = 1) -> 
 
 
 def speed(args) -> dict:
-    """Every configuration's model stays resident (a deep copy each, patched once), so a round is only
-    measurements, each configuration right after the other: on a shared CPU whose speed drifts over
-    seconds to minutes, per-round ratios then compare runs seconds apart (re-patching every round
-    spread one round over minutes). patch_s: the one patch of each copy (the first compiled
-    configuration's includes compiling the composition kernel, or loading it from torch's cache)."""
-    base_model, arts = build(args)
+    model, arts = build(args)
     cfgs = configs(args)
     extra = [b for b in args.decode_batch if b != 1]
     res: dict[str, dict] = {c: {"decode_tok_s": [], "prefill_tok_s": [], **{f"decode_b{b}_tok_s": [] for b in extra}}
                             for c in cfgs}
-    models = {}
-    for name, cc in cfgs.items():
-        model = base_model if cc is None else copy.deepcopy(base_model)
-        if cc is not None:
-            t = time.perf_counter()
-            patch_model(model, arts, cc, collect_stats=name.startswith("lru16"), keep_original=False)
-            res[name]["patch_s"] = [time.perf_counter() - t]
-        models[name] = model
-    del arts
     for rnd in range(args.rounds):
-        for name, model in models.items():
+        order = list(cfgs)
+        if rnd % 2:  # odd rounds run each compiled twin before its eager one: the order's bias cancels
+            for i, name in enumerate(order):
+                if name.endswith("_compiled"):
+                    order[i - 1], order[i] = order[i], order[i - 1]
+        for name in order:
+            cc = cfgs[name]
+            if cc is not None:
+                t = time.perf_counter()
+                patch_model(model, arts, cc, collect_stats=name.startswith("lru16"))
+                res[name].setdefault("patch_s", []).append(time.perf_counter() - t)
             with torch.no_grad():
                 model(input_ids=torch.tensor([[5, 6, 7, 8]], device=DEVICE), use_cache=False)  # touch every path
             res[name]["decode_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd))
@@ -128,11 +125,10 @@ def speed(args) -> dict:
                 res[name].setdefault("decode_hit_rate", []).append(st["hit_rate"])
             res[name]["prefill_tok_s"].append(max(prefill_tok_s(model, args.prefill_tokens, seed=100 + rnd)
                                                   for _ in range(args.prefill_repeats)))
+            if cc is not None:
+                unpatch_model(model)
             print(f"round {rnd} {name}: decode {res[name]['decode_tok_s'][-1]:.2f} tok/s, "
                   f"prefill {res[name]['prefill_tok_s'][-1]:.1f} tok/s", flush=True)
-    out_model_type = base_model.config._experts_implementation
-    del models, base_model
-    gc.collect()
     out = {}
     for name, r in res.items():  # median over rounds; each round interleaves all configurations
         out[name] = {k: statistics.median(v) for k, v in r.items() if v}
@@ -151,7 +147,7 @@ def speed(args) -> dict:
                 per = [c / e for c, e in zip(res[name][f"{k}_tok_s"], eager[f"{k}_tok_s"])]
                 out[name][f"{k}_vs_eager"] = statistics.median(per)
                 out[name][f"{k}_vs_eager_per_round"] = per
-    out["baseline"]["experts_implementation"] = out_model_type
+    out["baseline"]["experts_implementation"] = model.config._experts_implementation
     return out
 
 
