@@ -91,3 +91,20 @@ def test_model_card_and_lm_eval_by_path(tmp_path):
                                   task_manager=TaskManager(include_path=str(tasks)))
     acc = res["results"]["globe_fixture_mc"]["acc,none"]
     assert 0.0 <= acc <= 1.0 and res["results"]["globe_fixture_mc"]["sample_len"] == 6
+
+
+def test_remote_code_honours_cache_compile(tiny_dirs, tmp_path):
+    """An export saved with cache.compile=true composes with the fused kernel in both loaders: the logits
+    stay equal (the eager kernel's bits may differ by one rounding)."""
+    model, src = tiny_dirs["qwen2_moe"]
+    random_artifacts(model, m=4, r=6, support=3, seed=12).save(tmp_path / "arts")
+    out = export(GlobeConfig.from_dict(dict(model=dict(path=str(src)), artifacts=str(tmp_path / "arts"),
+                                            output_dir=str(tmp_path / "g"), export=dict(dtype="fp32"),
+                                            cache=dict(mode="none", compile=True))))
+    assert json.loads((out / "config.json").read_text())["globe"]["cache"]["compile"] is True
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    remote = _remote_logits(out, ids, tmp_path)
+    loaded = load_model(out)
+    assert {loaded.globe[f].kernel for f in loaded.globe} == {"compiled"}
+    with torch.no_grad():
+        assert torch.equal(remote, loaded(input_ids=ids).logits)

@@ -88,6 +88,8 @@ class GlobeForCausalLM(_BaseForCausalLM):
         paths = {{int(L): p for L, p in meta["experts_paths"].items()}}
         swap_experts(self, store, paths, dense, cache.get("mode", "full"), cache.get("S_per_layer", 16),
                      cache.get("compose_full", False), build=False)
+        for f in store:  # the composition kernel globe.load_model would use (cache.compile)
+            store[f].kernel = "compiled" if cache.get("compile") is True else "eager"
 '''
 
 
