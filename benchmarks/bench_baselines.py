@@ -13,7 +13,6 @@ Writes benchmarks/results/baselines_fixture.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 from globe.config import GlobeConfig
 from globe.fit.run import run_fit
@@ -29,7 +29,7 @@ from globe.testing.models import fixture_path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()

@@ -15,7 +15,6 @@ Writes benchmarks/results/calib_memory.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 CHILD = r"""
 import json, sys
@@ -104,7 +104,7 @@ def child(path: str, mode: str, tokens: int, threads: int, out: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=16)

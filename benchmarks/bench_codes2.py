@@ -17,7 +17,6 @@ A run is NAME=JSON with config overrides, e.g. 'b16={"train": {"batch_size": 16}
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,7 +113,7 @@ def run(W: torch.Tensor, E: int, fam: str, cfg_d: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(FIXTURE2_DIR))
     ap.add_argument("--family", default="up")
     ap.add_argument("--steps", type=int, default=1000)

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from usage import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -186,7 +188,7 @@ def fixture_equality(work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--ranks", type=int, nargs="+", default=None, help="world sizes (default: cpu 1 2, cuda 1)")

@@ -20,7 +20,6 @@ Writes the JSON and renders `globe report` of the 50% weight-only fit into <out 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,7 +102,7 @@ def fit(fixture: Path, out: Path, r: int, args, objective: str, calib: Path | No
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--m", type=int, default=16, help="atoms per family bank (< experts per family)")

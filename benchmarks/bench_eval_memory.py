@@ -17,7 +17,6 @@ unset (oneDNN's 1024), a number sets it; `ce_rows` is `nll_sum`'s rows per fp32 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from usage import die
+from usage import Parser, die
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_memory_fullsize.json"
@@ -88,7 +87,7 @@ def parse_setting(s: str) -> tuple[str, int, dict[str, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True, help="a globe export directory")
     ap.add_argument("--mode", default="none", help="cache.mode (default: %(default)s)")
     ap.add_argument("--S", type=int, default=8, help="cache.S_per_layer with --mode lru (default: %(default)s)")

@@ -12,7 +12,6 @@ Writes benchmarks/results/fit_fixture.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 from globe.config import GlobeConfig
 from globe.fit.baselines import svd_error
@@ -100,7 +100,7 @@ def ablation(ck, W, steps, grid) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--ablation_steps", type=int, default=1500)
     ap.add_argument("--m", type=int, default=16)

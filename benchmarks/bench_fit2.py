@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -404,7 +405,7 @@ def report(res: dict, ev: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=("grid", "recipe", "steps", "headline", "report"), required=True)
     ap.add_argument("--steps-list", type=int, nargs="+", default=[3000, 9000, 18000, 27000],
                     help="stage steps: the schedules tried at --batch")

@@ -12,7 +12,6 @@ Writes benchmarks/results/fit_step_cpu.json (or fit_step_<device>.json).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 from globe.fit.loop import _load, _refit, _residual, evaluate
 from globe.fit.model import GlobeParams
@@ -33,7 +33,7 @@ def sync(dev):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--p", type=int, default=1408)

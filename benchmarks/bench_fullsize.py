@@ -20,7 +20,6 @@ same fit for the up family alone, end to end, and deletes its output (one family
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import selectors
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from usage import die
+from usage import Parser, die
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -154,7 +153,7 @@ def verify_dense(ck_path: str, fit: Path, out: Path, samples: int = 3, seed: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--work", required=True, help="scratch directory for runs and exports (tens of GB)")
     ap.add_argument("--phases", default="inspect,fit,export_globe,export_dense,eval_lru16,eval_none")

@@ -19,7 +19,6 @@ writes benchmarks/results/kernels_cpu.json
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -29,19 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from usage import Parser
 
 from globe.artifacts import atomic_write
-from globe.runtime.kernels import (
-    BankCodes,
-    Blocks,
-    LayerWeights,
-    SlabCache,
-    active_experts,
-    build_table,
-    choose_path,
-    compose_blocks,
-    experts_forward,
-)
+from globe.runtime.cache import BankCodes, SlabCache, build_table, compose_blocks
+from globe.runtime.kernels import Blocks, LayerWeights, active_experts, choose_path, experts_forward
 from globe.testing.models import QWEN15_MOE_A27B
 
 OUT = Path(__file__).parent / "results" / "kernels_cpu.json"
@@ -268,7 +259,7 @@ def run(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, default=512)

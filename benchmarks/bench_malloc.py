@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from usage import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,7 +66,7 @@ def child(a) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", nargs="+", default=["off", "131072", "65536"],
                     help="off (glibc's dynamic threshold) or a frozen threshold in bytes")
     ap.add_argument("--rounds", type=int, default=3)

@@ -18,7 +18,6 @@ first arm, round by round. SPIN:N arms (GOMP_SPINCOUNT=N) spin briefly before sl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from usage import die
+from usage import Parser, die
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm: "default" (libgomp's own: spin about 300,000 rounds, then sleep), "PASSIVE" (OMP_WAIT_POLICY=PASSIVE:
@@ -71,7 +70,7 @@ def spinners(k: int) -> list[subprocess.Popen]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", nargs="+", default=["eval", "demo"], choices=["eval", "demo"])
     ap.add_argument("--arms", nargs="+", default=["default", "PASSIVE", "SPIN:3000", "SPIN:30000"],
                     help="default | PASSIVE | SPIN:N (GOMP_SPINCOUNT=N) | cli (the CLI's own setting); the first is "

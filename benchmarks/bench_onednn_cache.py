@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from usage import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [3, 17, 29, 8, 41, 12, 5, 33, 21, 9, 14, 27] * 2  # rows per expert call, like a prefill's groups
 
@@ -48,7 +50,7 @@ def child(threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--capacities", nargs="+", default=["default", "128", "0"],
                     help="ONEDNN_PRIMITIVE_CACHE_CAPACITY values (default: unset, oneDNN's 1024)")
     ap.add_argument("--rounds", type=int, default=3)

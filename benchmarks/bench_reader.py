@@ -10,7 +10,6 @@ Run: python benchmarks/bench_reader.py [--layers 2] -> benchmarks/results/reader
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import subprocess
@@ -18,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from usage import Parser
 
 CHILD = r"""
 import json, sys, time
@@ -51,7 +52,7 @@ print(json.dumps({'rss_before_kb': before, 'peak_before_kb': before_peak, 'peak_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader_memory.json"))
     a = ap.parse_args()

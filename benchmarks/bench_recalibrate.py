@@ -10,7 +10,6 @@ support falls to 1 in ~10 steps and takes ~60 to come back. Each run is `globe f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,13 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from usage import Parser
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "globe" / "fixture" / "qwen2moe-tiny"
 RUNS = [(40, 16), (200, 16), (1500, 64)]  # (steps, batch): the README example's scale up to the demo's
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recalibrate_fixture.json"))
     a = ap.parse_args()

@@ -17,7 +17,6 @@ writes benchmarks/results/runtime_cpu.json;  --device cuda --decode-batch 1 32 -
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
@@ -30,12 +29,14 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser, check_out, check_threads, die
 
 from globe import compat
 from globe.artifacts import atomic_write
 from globe.common import DTYPES
 from globe.config import CacheCfg
 from globe.runtime import cache_stats, patch_model, reset_cache_stats, simulate_lru, unpatch_model
+from globe.runtime.cache import fused_available
 from globe.testing.artifacts import random_artifacts
 from globe.testing.models import QWEN15_MOE_A27B, fixture_path, real_dim_model
 
@@ -117,6 +118,8 @@ def speed(args) -> dict:
                 res[name].setdefault("patch_s", []).append(time.perf_counter() - t)
             with torch.no_grad():
                 model(input_ids=torch.tensor([[5, 6, 7, 8]], device=DEVICE), use_cache=False)  # touch every path
+            if cc is not None and cc.compile and not fused_available():  # "compiled" rows would be eager ones
+                die("cache.compile: the fused kernel does not compile here (see the warning above)")
             res[name]["decode_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd))
             for b in extra:
                 res[name][f"decode_b{b}_tok_s"].append(decode_tok_s(model, args.decode_tokens, seed=rnd, batch=b))
@@ -225,7 +228,7 @@ def hit_rates(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=1)
@@ -246,6 +249,22 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-batch", type=int, nargs="+", default=[1])
     args = ap.parse_args()
+    for flag in ("layers", "rounds", "decode_tokens", "prefill_tokens", "prefill_repeats", "m", "support",
+                 "hit_tokens", "hit_context"):
+        if getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.support > args.m:
+        die(f"--support {args.support} exceeds --m {args.m}")
+    if min(args.S) < 1 or min(args.decode_batch) < 1 or args.warmup_tokens < 0 or args.hit_warmup < 0:
+        die("--S and --decode-batch must be >= 1, --warmup-tokens and --hit-warmup >= 0")
+    check_threads(args.threads)
+    check_out(args.out)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        die(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        die(f"--device {args.device}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
     torch.set_num_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)

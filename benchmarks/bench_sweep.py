@@ -10,10 +10,11 @@ Run: python benchmarks/bench_sweep.py [--steps 1500] -> benchmarks/results/sweep
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
+
+from usage import Parser
 
 from globe.cli.main import main as cli
 from globe.eval.report import render_report
@@ -23,7 +24,7 @@ OUT = Path(__file__).parent / "results" / "sweep_fixture"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--m", default="8,16,32")
     ap.add_argument("--support", default="4,8")

@@ -19,7 +19,6 @@ run while other jobs shared the 2 cores (load average recorded in the file).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from usage import Parser
 
 from globe.fit.init import _align, expert_scales, inv_scales, nnls, per_matrix, spectra, warm_start
 from globe.fit.temperature import calibrate
@@ -57,7 +57,7 @@ def new_per_expert(X: torch.Tensor, G: torch.Tensor, Bf: torch.Tensor, r: int, g
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)

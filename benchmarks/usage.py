@@ -1,12 +1,43 @@
 """Shared by the benchmark scripts: bad command-line input is one `error: ...` line and exit status 2,
-as for the `globe` command (sys.exit("text") would exit 1)."""
+as for the `globe` command (sys.exit("text") would exit 1; argparse prints its usage block first)."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 
 def die(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (a wrong type, an unknown choice or flag) are one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        die(message)
+
+
+def check_out(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file that is a directory or lies under a file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        die(f"{flag} {path} is a directory; give a file path")
+    for up in p.parents:
+        if up.exists():
+            if not up.is_dir():
+                die(f"{flag} {path}: {up} is a file, not a directory")
+            if not os.access(up, os.W_OK):
+                die(f"{flag} {path}: {up} is not writable")
+            break
+
+
+def check_threads(n: int, flag: str = "--threads") -> None:
+    """1 <= n <= the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 1 <= n <= cpus:
+        die(f"{flag} must be between 1 and the {cpus} CPUs available, got {n}")

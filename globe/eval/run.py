@@ -182,6 +182,10 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
 
         out["zero_shot"] = zero_shot(model, tok, ev.tasks, batch_size=ev.task_batch_size, limit=ev.task_limit,
                                      manager=manager)
+    if out["cache"] is not None and out["cache"]["compile"]:  # whether the fused kernel really composed
+        from ..runtime.cache import fused_available
+
+        out["cache"]["compile"] = fused_available()
     out["seconds"] = time.perf_counter() - t0
     if cfg.output:
         dest = Path(cfg.output).expanduser()

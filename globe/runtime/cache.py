@@ -177,13 +177,20 @@ def _compose_fused(fam: BankCodes, ids, out) -> bool:
         return True
     if k == 0 or _fused.get("failed") or any(not out[b].is_contiguous() for b in range(len(ids))):
         return False
-    # one compiled copy (own code object) per specialisation, so torch's per-function recompile limit is
-    # never reached, which would silently run the uncompiled function (other bits) from then on
-    key = (fam.bank.dtype, out[0].dtype, fam.activation, fam.col_scale is None, k)
+    # one compiled copy (own code object) per specialisation, static shapes: its code, so its bits, depend on
+    # the shapes alone, not on what this process compiled before (with dynamic shapes, a process that had
+    # compiled other shapes first gave other bits than a fresh one: tests/test_remote_code.py); torch's
+    # per-function recompile limit, which would silently run the uncompiled function, is never reached
+    key = (fam.bank.dtype, out[0].dtype, fam.activation, fam.col_scale is None, k, fam.r, fam.d,
+           fam.bank.numel() // (fam.r * fam.d))
     if key not in _fused:
+        logging.getLogger("globe").info("cache.compile: compiling the composition kernel for %s banks, %s blocks, "
+                                        "%s, up to %d codes, r %d x d %d (once per process; torch caches it on "
+                                        "disk)", str(key[0]).removeprefix("torch."),
+                                        str(key[1]).removeprefix("torch."), fam.activation, k, fam.r, fam.d)
         code = _mix_into.__code__.replace()
         fresh = types.FunctionType(code, _mix_into.__globals__, _mix_into.__name__)
-        _fused[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+        _fused[key] = torch.compile(fresh, dynamic=False, fullgraph=True)
     fn = _fused[key]
     flat = fam.bank.reshape(-1, fam.r * fam.d)  # (G*m, r*d): atom j of bank b is row b*m + j
     m, phi = fam.bank.shape[-2], get_activation(fam.activation).fn
@@ -206,6 +213,11 @@ def _compose_fused(fam: BankCodes, ids, out) -> bool:
                                                str(e).splitlines()[0][:200] if str(e) else "")
             return False
     return True
+
+
+def fused_available() -> bool:
+    """False once compiling the fused kernel failed in this process (every compose is eager from then on)."""
+    return not _fused.get("failed")
 
 
 def _compose_batched(fam: BankCodes, ids, out, base: int) -> None:
