@@ -32,6 +32,8 @@ def test_fused_kernel_matches_reference_eager_and_is_batch_independent(case):
     eager = compose_many(fam, ids, out_dtype)
     fam.kernel = "compiled"
     fused = compose_many(fam, ids, out_dtype)
+    if not C.fused_available():  # no C++ compiler here: the eager kernel ran, nothing fused to test
+        pytest.skip("torch.compile cannot compile here")
     ref = torch.stack([ref_tilde(fam, i) for i in ids])
     # the same formula: fp32 accumulation in code order, one cast; the fused pass may contract a*b+c into
     # one rounding (FMA), so the two kernels may differ by one rounding of the compute dtype
