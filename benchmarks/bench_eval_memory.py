@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from usage import Parser, die
+from usage import Parser, check_out, check_threads, die
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_memory_fullsize.json"
@@ -110,10 +110,9 @@ def main() -> None:
         die(f"--export: {a.export} is not a model directory (no config.json)")
     if a.mode not in ("full", "lru", "none") or min(a.S, a.windows, a.context, a.threads) < 1:
         die("--mode must be full, lru or none; --S, --windows, --context and --threads >= 1")
-    if not Path(a.out).parent.is_dir():
-        die(f"--out: no directory {Path(a.out).parent}")
-    if a.threads > (os.cpu_count() or 1):
-        die(f"--threads {a.threads}: this machine has {os.cpu_count()} CPUs")
+    check_out(a.out)
+    check_threads(a.threads)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     res = {"export": a.export, "mode": a.mode, "S_per_layer": a.S if a.mode == "lru" else None,
            "windows": a.windows, "context": a.context, "threads": a.threads, "settings": {}}
     if a.merge and Path(a.out).exists():  # add these settings to a file measured the same way

@@ -23,17 +23,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def check_out(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Refuse, before any work, an output file that is a directory or lies under a file."""
+    """Refuse, before any work, an output file that is a directory or whose directory cannot be written
+    (globe.io.outputs.check_writable: a file in the way, no permission, a dangling link)."""
+    from globe.errors import GlobeError
+    from globe.io.outputs import check_writable
+
     p = Path(path).expanduser()
     if p.is_dir():
         die(f"{flag} {path} is a directory; give a file path")
-    for up in p.parents:
-        if up.exists():
-            if not up.is_dir():
-                die(f"{flag} {path}: {up} is a file, not a directory")
-            if not os.access(up, os.W_OK):
-                die(f"{flag} {path}: {up} is not writable")
-            break
+    try:
+        check_writable(p.parent, what=flag)
+    except GlobeError as e:
+        die(str(e))
 
 
 def check_threads(n: int, flag: str = "--threads") -> None:

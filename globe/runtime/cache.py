@@ -35,7 +35,6 @@ from ..maps import get_activation
 from .kernels import Blocks, LayerWeights, LazyPart
 
 MODES = ("full", "lru", "none")
-KERNELS = ("eager", "compiled")  # composition kernels; "compiled" (cache.compile=true) runs on the CPU only
 _fused: dict[Any, Any] = {}  # specialisation -> torch.compile'd copy of _mix_into; "failed": True once one failed
 
 
@@ -56,7 +55,7 @@ class BankCodes:
     activation: str = "silu"
     col_scale: torch.Tensor | None = None  # (d,) fp32
     bank_of: Sequence[int] | None = None  # (N,) bank of each expert; None: one bank
-    kernel: str = "eager"  # one of KERNELS: every compose of a family in a process uses the same one
+    kernel: str = "eager"  # eager | compiled (cache.compile, CPU only): one kernel per family and process
     max_nnz: int | None = None  # largest nnz of any expert (the fused kernel pads to it); None: counted on use
 
     def atoms(self, i: int) -> tuple[torch.Tensor, float]:
@@ -77,6 +76,19 @@ class BankCodes:
         return cls(bank.reshape(m, r * d).to(dtype or bank.dtype), indptr, cols.tolist(),
                    codes[rows, cols].float().tolist(), r, d, float(gain), activation,
                    None if col_scale is None else col_scale.float())
+
+
+def max_nnz(indptr: Sequence[int]) -> int:
+    """Largest number of codes of any expert in CSR `indptr`."""
+    return max((b - a for a, b in zip(indptr, indptr[1:])), default=0)
+
+
+def _terms(fam: BankCodes, i: int) -> tuple[list[int], list[float]]:
+    """Expert i's codes as (rows of the flat bank (G*m, r*d), coefficients gain * value), in code order."""
+    lo, hi = fam.indptr[i], fam.indptr[i + 1]
+    base = (fam.bank_of[i] if (fam.bank.ndim == 3 and fam.bank_of is not None) else 0) * fam.bank.shape[-2]
+    g = fam.atoms(i)[1]
+    return [base + fam.indices[j] for j in range(lo, hi)], [g * fam.values[j] for j in range(lo, hi)]
 
 
 def check_codes(ptr: Sequence[int], idx: Sequence[int], val: Sequence[float], m: int, N: int, where: str) -> None:
@@ -171,8 +183,7 @@ def _compose_fused(fam: BankCodes, ids, out) -> bool:
     zero changes no bit). False, with nothing written, when it cannot run here: no fused kernel (compiling
     failed once in this process: no C++ compiler, an unsupported torch; logged once) or a non-contiguous
     out; the caller then uses the eager kernel."""
-    k = fam.max_nnz if fam.max_nnz is not None else max((b - a for a, b in zip(fam.indptr, fam.indptr[1:])),
-                                                          default=0)
+    k = fam.max_nnz if fam.max_nnz is not None else max_nnz(fam.indptr)
     if not ids:
         return True
     if k == 0 or _fused.get("failed") or any(not out[b].is_contiguous() for b in range(len(ids))):
@@ -193,14 +204,11 @@ def _compose_fused(fam: BankCodes, ids, out) -> bool:
         _fused[key] = torch.compile(fresh, dynamic=False, fullgraph=True)
     fn = _fused[key]
     flat = fam.bank.reshape(-1, fam.r * fam.d)  # (G*m, r*d): atom j of bank b is row b*m + j
-    m, phi = fam.bank.shape[-2], get_activation(fam.activation).fn
+    phi = get_activation(fam.activation).fn
     for b, i in enumerate(ids):
-        lo, hi = fam.indptr[i], fam.indptr[i + 1]
-        bank_id = fam.bank_of[i] if (fam.bank.ndim == 3 and fam.bank_of is not None) else 0
-        g = fam.atoms(i)[1]
-        rows = [bank_id * m + fam.indices[j] for j in range(lo, hi)]
-        coef = [g * fam.values[j] for j in range(lo, hi)] + [0.0] * (k - (hi - lo))
-        rows += [rows[0] if rows else bank_id * m] * (k - (hi - lo))
+        rows, coef = _terms(fam, i)
+        pad = k - len(rows)  # exact zeros on a row already read (an expert without codes: row 0)
+        rows, coef = rows + [rows[0] if rows else 0] * pad, coef + [0.0] * pad
         try:
             fn(out[b], flat, torch.tensor(rows, dtype=torch.int64), torch.tensor(coef, dtype=torch.float32), phi,
                fam.col_scale)
@@ -223,7 +231,6 @@ def fused_available() -> bool:
 def _compose_batched(fam: BankCodes, ids, out, base: int) -> None:
     """Experts sorted by nnz (descending): slot j updates the prefix of experts with nnz > j."""
     dev, rd = fam.bank.device, fam.r * fam.d
-    m = fam.bank.shape[-2]
     flat_bank = fam.bank.reshape(-1, rd)  # (G*m, r*d): atom j of bank b is row b*m + j
     nnz = [fam.indptr[i + 1] - fam.indptr[i] for i in ids]
     perm = sorted(range(len(ids)), key=lambda b: -nnz[b])  # stable
@@ -231,11 +238,8 @@ def _compose_batched(fam: BankCodes, ids, out, base: int) -> None:
     idx = [[0] * len(ids) for _ in range(width)]
     coef = [[0.0] * len(ids) for _ in range(width)]
     for q, b in enumerate(perm):
-        lo = fam.indptr[ids[b]]
-        bank_id = fam.bank_of[ids[b]] if (fam.bank.ndim == 3 and fam.bank_of is not None) else 0
-        g = fam.atoms(ids[b])[1]
-        for j in range(nnz[b]):
-            idx[j][q], coef[j][q] = bank_id * m + fam.indices[lo + j], g * fam.values[lo + j]
+        for j, (row, c) in enumerate(zip(*_terms(fam, ids[b]))):
+            idx[j][q], coef[j][q] = row, c
     idx_t = torch.tensor(idx, dtype=torch.int64).to(dev)  # one small copy each
     coef_t = torch.tensor(coef, dtype=torch.float32).to(dev)
     mix = torch.empty((len(ids), rd), dtype=torch.float32, device=dev)

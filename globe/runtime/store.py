@@ -19,7 +19,7 @@ from torch import nn
 from ..artifacts import KEEP_FP32
 from ..common import has_zero_row
 from ..errors import GlobeError
-from .cache import BankCodes, check_codes, compose_many
+from .cache import BankCodes, check_codes, compose_many, max_nnz
 
 
 class FamilyStore(nn.Module):
@@ -50,7 +50,7 @@ class FamilyStore(nn.Module):
         self._host: tuple | None = None
         self._bank_of: list[int] | None = None
         self.released = False
-        self.kernel = "eager"  # composition kernel (cache.KERNELS); install() sets it from cache.compile
+        self.kernel = "eager"  # composition kernel, eager | compiled: install() sets it from cache.compile
 
     # ---- dtype/device: A and composed caches follow the model, the rest keeps its dtype -------------
     def _apply(self, fn, recurse: bool = True):
@@ -86,7 +86,7 @@ class FamilyStore(nn.Module):
             if not self.released and self.bank.numel() and has_zero_row(self.bank):
                 raise GlobeError(f"family {self.name}: a bank is all zeros (damaged file); every expert mixing "
                                  "from it would be zero")
-            self._host = (ptr, idx, val, gains, max((b - a for a, b in zip(ptr, ptr[1:])), default=0))
+            self._host = (ptr, idx, val, gains, max_nnz(ptr))
         return self._host
 
     def nnz(self, i: int) -> int:
