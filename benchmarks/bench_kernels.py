@@ -19,6 +19,8 @@ writes benchmarks/results/kernels_cpu.json
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -28,10 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from usage import Parser
+from usage import Parser, check_out, check_threads, die
 
 from globe.artifacts import atomic_write
-from globe.runtime.cache import BankCodes, SlabCache, build_table, compose_blocks
+from globe.maps import ACTIVATIONS, get_activation
+from globe.runtime.cache import BankCodes, SlabCache, build_table, compose_blocks, fused_available
 from globe.runtime.kernels import Blocks, LayerWeights, active_experts, choose_path, experts_forward
 from globe.testing.models import QWEN15_MOE_A27B
 
@@ -52,7 +55,7 @@ def make_layer(args):
         for e in range(E):
             codes[e, torch.randperm(args.m, generator=g)[:args.support]] = torch.rand(args.support, generator=g) + 0.1
         fams[f] = BankCodes.from_dense(torch.randn(args.m, r, d, generator=g), codes / codes.sum(1, keepdim=True),
-                                       gain=0.8, dtype=dt)
+                                       gain=0.8, activation=args.activation, dtype=dt)
         fams[f].bank = fams[f].bank.to(args.device)
     rnd = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(args.device, dt)  # noqa: E731
     A = {f: rnd(E, p, r) for f in fams}
@@ -83,7 +86,7 @@ def legacy_compose(fam: BankCodes, i: int, dtype) -> torch.Tensor:
     mix = fam.bank[fam.indices[lo]].to(torch.float32, copy=True).mul_(fam.gain * fam.values[lo])
     for j in range(lo + 1, hi):
         mix.add_(fam.bank[fam.indices[j]], alpha=fam.gain * fam.values[j])
-    F.silu(mix, inplace=True)
+    get_activation(fam.activation).fn_(mix)
     return mix.view(fam.r, fam.d).to(dtype)
 
 
@@ -133,6 +136,8 @@ def configs(fams, lw, base, dims, args):
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     comp = lambda ids, out: compose_blocks(fams, lw, 0, ids, out)  # noqa: E731
+    famc = {f: dataclasses.replace(fam, kernel="compiled") for f, fam in fams.items()}  # same bank tensors
+    compc = lambda ids, out: compose_blocks(famc, lw, 0, ids, out)  # noqa: E731
     t = time.perf_counter()
     table = build_table(comp, E, (2 * r, d), lw.compute_dtype, args.device)
     _sync(args.device)
@@ -141,8 +146,9 @@ def configs(fams, lw, base, dims, args):
     leg_lru = LegacyLRU(args.S, lambda e: torch.cat([legacy_compose(fams[f], e, lw.compute_dtype) for f in lw.rows]))
     slabs = {}
 
-    def lru_call(name, path):  # each LRU configuration keeps its own slab
-        slab = slabs[name] = SlabCache(args.S, E, (2 * r, d), lw.compute_dtype, args.device, comp, collect_stats=True)
+    def lru_call(name, path, compose=comp):  # each LRU configuration keeps its own slab
+        slab = slabs[name] = SlabCache(args.S, E, (2 * r, d), lw.compute_dtype, args.device, compose,
+                                       collect_stats=True)
 
         def run(h, i, w):
             act, counts = active_experts(i, E)
@@ -164,7 +170,9 @@ def configs(fams, lw, base, dims, args):
         f"lru{S}_grouped": lru_call(f"lru{S}_grouped", "grouped"),
         f"lru{S}_auto": lru_call(f"lru{S}_auto", None),
     }
-    return cfgs, slabs, table_s
+    if args.compile:  # cache.compile: misses composed by the torch.compile'd kernel (CPU)
+        cfgs[f"lru{S}_compiled"] = lru_call(f"lru{S}_compiled", None, compc)
+    return cfgs, slabs, table_s, compc
 
 
 def _sync(device) -> None:
@@ -195,7 +203,7 @@ def _legacy_blocks(fams, lw, ids) -> None:
 def run(args) -> dict:
     fams, lw, base, dims = make_layer(args)
     E, d, p, r = dims
-    cfgs, slabs, table_s = configs(fams, lw, base, dims, args)
+    cfgs, slabs, table_s, compc = configs(fams, lw, base, dims, args)
     k, dev, B = args.top_k, args.device, args.decode_batch
 
     def hidden(n, seed):
@@ -218,6 +226,11 @@ def run(args) -> dict:
         slab.reset_stats()
     times = {ph: {n: [] for n in cfgs} for ph in ("decode", "prefill")}
     compose_ms = {"compose_blocks": [], "current_compose": []}  # ms per expert, both families
+    if args.compile:
+        compose_ms["compose_blocks_compiled"] = []
+        if not fused_available():  # the warm-up compiled it, or failed: "compiled" rows would be eager ones
+            die("--compile: the fused composition kernel does not compile here (see the warning above); "
+                "rerun with --no-compile")
     sweep: dict[int, dict[str, list[float]]] = {}
     for rnd in range(args.rounds):
         n_dec = args.decode_tokens
@@ -235,6 +248,8 @@ def run(args) -> dict:
         buf = torch.empty(len(ids), 2 * r, d, dtype=lw.compute_dtype, device=dev)
         compose_ms["compose_blocks"].append(_timed(dev, compose_blocks, fams, lw, 0, ids, buf) * 1e3 / len(ids))
         compose_ms["current_compose"].append(_timed(dev, _legacy_blocks, fams, lw, ids) * 1e3 / len(ids))
+        if args.compile:
+            compose_ms["compose_blocks_compiled"].append(_timed(dev, compc, ids, buf) * 1e3 / len(ids))
         for Bs in args.batch_sweep:  # where `gather` (one mv / gathered block per assignment) stops paying
             ib, wb = routing(n_dec * Bs, E, k, args.zipf, 3000 + rnd, dev)
             hb = hidden(n_dec * Bs, 70 + rnd)
@@ -275,8 +290,21 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=1, help="tokens per decode step")
     ap.add_argument("--batch-sweep", type=int, nargs="*", default=[2, 4, 8],
                     help="extra decode batch sizes for grouped vs gather (ratios only)")
+    ap.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS),
+                    help="the bank's phi (bank.activation)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time `lru` with cache.compile (CPU; needs a C++ compiler)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
+    for flag in ("rounds", "decode_tokens", "prefill_tokens", "experts", "top_k", "m", "support", "S", "decode_batch"):
+        if getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.support > args.m or args.top_k > args.experts:
+        die("--support must be <= --m and --top-k <= --experts")
+    check_threads(args.threads)
+    check_out(args.out)
+    if args.compile and not args.device.startswith("cpu"):
+        args.compile = False  # the fused kernel is CPU only (the device kernel is already batched)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     res = {"setup": {**{k: v for k, v in vars(args).items() if k != "out"}, "d": QWEN15_MOE_A27B["hidden_size"],

@@ -35,6 +35,7 @@ from globe import compat
 from globe.artifacts import atomic_write
 from globe.common import DTYPES
 from globe.config import CacheCfg
+from globe.maps import ACTIVATIONS
 from globe.runtime import cache_stats, patch_model, reset_cache_stats, simulate_lru, unpatch_model
 from globe.runtime.cache import fused_available
 from globe.testing.artifacts import random_artifacts
@@ -67,7 +68,7 @@ def build(args):
     dtype = DTYPES[args.dtype]
     model = real_dim_model(num_layers=args.layers, vocab_size=VOCAB, dtype=dtype)
     p = QWEN15_MOE_A27B["moe_intermediate_size"]
-    arts = random_artifacts(model, m=args.m, r=p // 2, support=args.support, seed=0)
+    arts = random_artifacts(model, m=args.m, r=p // 2, support=args.support, seed=0, activation=args.activation)
     return model.to(DEVICE), arts
 
 
@@ -191,7 +192,8 @@ def memory(args) -> dict:
     out = {}
     for name in configs(args):
         cmd = [sys.executable, __file__, "--mem-child", name, "--layers", str(args.layers), "--dtype", args.dtype,
-               "--m", str(args.m), "--support", str(args.support), "--threads", str(args.threads),
+               "--m", str(args.m), "--support", str(args.support), "--activation", args.activation,
+               "--threads", str(args.threads),
                "--prefill-tokens", str(args.prefill_tokens), "--warmup-tokens", str(args.warmup_tokens)]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -239,6 +241,8 @@ def main() -> None:
     ap.add_argument("--warmup-tokens", type=int, default=512)
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--support", type=int, default=4)
+    ap.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS),
+                    help="the bank's phi (bank.activation)")
     ap.add_argument("--S", type=int, nargs="+", default=[4, 8, 16, 32, 60])
     ap.add_argument("--hit-tokens", type=int, default=8192)
     ap.add_argument("--hit-context", type=int, default=256)
@@ -275,7 +279,8 @@ def main() -> None:
     res: dict = {
         "setup": {"model": "real_dim_model (Qwen1.5-MoE-A2.7B layer sizes, random weights)", "layers": args.layers,
                   "dtype": args.dtype, "r": QWEN15_MOE_A27B["moe_intermediate_size"] // 2, "m": args.m,
-                  "support": args.support, "threads": args.threads, "decode_tokens": args.decode_tokens,
+                  "support": args.support, "activation": args.activation, "threads": args.threads,
+                  "decode_tokens": args.decode_tokens,
                   "prefill_tokens": args.prefill_tokens, "prefill_repeats": args.prefill_repeats,
                   "lru_warmup_tokens": args.warmup_tokens,
                   "rounds": args.rounds, "device": args.device, "cpu": platform.processor() or platform.machine(),

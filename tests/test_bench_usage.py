@@ -24,6 +24,12 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_runtime.py", "--threads", "0"], "--threads"),
     (["bench_runtime.py", "--device", "gpu"], "--device"),
     (["bench_runtime.py", "--out", "/"], "is a directory"),
+    (["bench_runtime.py", "--activation", "relu"], "--activation"),
+    (["bench_kernels.py", "--rounds", "0"], "--rounds"),
+    (["bench_kernels.py", "--support", "9", "--m", "8"], "--support"),
+    (["bench_kernels.py", "--activation", "relu"], "--activation"),
+    (["bench_activation.py", "--activations", "relu"], "--activations"),
+    (["bench_activation.py", "--out", "/etc/passwd/x.json"], "is a file"),
 ])
 def test_bad_arguments_exit_2(argv, words, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,
