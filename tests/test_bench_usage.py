@@ -28,8 +28,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_kernels.py", "--rounds", "0"], "--rounds"),
     (["bench_kernels.py", "--support", "9", "--m", "8"], "--support"),
     (["bench_kernels.py", "--activation", "relu"], "--activation"),
-    (["bench_activation.py", "--activations", "relu"], "--activations"),
-    (["bench_activation.py", "--out", "/etc/passwd/x.json"], "is a file"),
+    (["bench_phi.py", "--activations", "relu"], "--activations"),
+    (["bench_phi.py", "--out", "/etc/passwd/x.json"], "is a file"),
 ])
 def test_bad_arguments_exit_2(argv, words, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,

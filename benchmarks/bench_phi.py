@@ -12,8 +12,8 @@ Points (each fitted on both families with `fit_family`, one torch thread):
   fixture 1 (qwen2moe-tiny, N = 64): fit_fixture.json's 50% headline: m 16, r 46, support 8, batch 64, 3000 steps
 Perplexity: the second half of each fixture's eval.txt, 256-token windows (as fit_fixture2.md).
 
-    python benchmarks/bench_activation.py [--activations silu identity tanh] [--out FILE]
-writes benchmarks/results/activation_fit.json (rows are appended and skipped when present, so it resumes).
+    python benchmarks/bench_phi.py [--activations silu identity tanh] [--out FILE]
+writes benchmarks/results/phi_fit.json (rows are appended and skipped when present, so it resumes).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from globe.fixtures import FIXTURE2_DIR, FIXTURE_DIR  # noqa: E402
 from globe.io.checkpoint import Checkpoint  # noqa: E402
 from globe.maps import ACTIVATIONS  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results" / "activation_fit.json"
+OUT = ROOT / "benchmarks" / "results" / "phi_fit.json"
 FAMS = ("up", "gate")
 CONTEXT = 256
 
