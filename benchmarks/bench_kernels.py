@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from usage import Parser, check_out, check_threads, die
+from usage import Parser, check_device, check_out, check_threads, die
 
 from globe.artifacts import atomic_write
 from globe.maps import ACTIVATIONS, get_activation
@@ -303,7 +303,7 @@ def main() -> None:
         die("--support must be <= --m and --top-k <= --experts")
     check_threads(args.threads)
     check_out(args.out)
-    if args.compile and not args.device.startswith("cpu"):
+    if check_device(args.device).type != "cpu":
         args.compile = False  # the fused kernel is CPU only (the device kernel is already batched)
     torch.set_num_threads(args.threads)
     t0 = time.time()

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from usage import Parser, check_out, check_threads, die
+from usage import Parser, check_device, check_out, check_threads, die
 
 from globe import compat
 from globe.artifacts import atomic_write
@@ -263,12 +263,7 @@ def main() -> None:
         die("--S and --decode-batch must be >= 1, --warmup-tokens and --hit-warmup >= 0")
     check_threads(args.threads)
     check_out(args.out)
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        die(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
-        die(f"--device {args.device}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+    check_device(args.device)
     torch.set_num_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)

@@ -42,3 +42,16 @@ def check_threads(n: int, flag: str = "--threads") -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if not 1 <= n <= cpus:
         die(f"{flag} must be between 1 and the {cpus} CPUs available, got {n}")
+
+
+def check_device(name: str, flag: str = "--device"):
+    """A torch device this machine has (cpu, or cuda when available): the torch.device."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        die(f"{flag} {name!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        die(f"{flag} {name}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+    return dev

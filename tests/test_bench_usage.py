@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_kernels.py", "--rounds", "0"], "--rounds"),
     (["bench_kernels.py", "--support", "9", "--m", "8"], "--support"),
     (["bench_kernels.py", "--activation", "relu"], "--activation"),
+    (["bench_kernels.py", "--device", "gpu"], "--device"),
     (["bench_phi.py", "--activations", "relu"], "--activations"),
     (["bench_phi.py", "--out", "/etc/passwd/x.json"], "is a file"),
 ])
