@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import time
@@ -289,7 +290,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda (then write kernels_gpu.json by --out)")
     ap.add_argument("--decode-batch", type=int, default=1, help="tokens per decode step")
     ap.add_argument("--batch-sweep", type=int, nargs="*", default=[2, 4, 8],
-                    help="extra decode batch sizes for grouped vs gather (ratios only)")
+                    help="extra decode batch sizes for grouped vs gather, ratios only (default 2 4 8; the flag "
+                         "with no sizes: no sweep)")
     ap.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS),
                     help="the bank's phi (bank.activation)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -299,6 +301,10 @@ def main() -> None:
     for flag in ("rounds", "decode_tokens", "prefill_tokens", "experts", "top_k", "m", "support", "S", "decode_batch"):
         if getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup_tokens < 0 or any(b < 1 for b in args.batch_sweep):
+        die("--warmup-tokens must be >= 0 and every --batch-sweep size >= 1")
+    if not (args.zipf >= 0 and math.isfinite(args.zipf)):
+        die(f"--zipf must be a finite number >= 0, got {args.zipf}")
     if args.support > args.m or args.top_k > args.experts:
         die("--support must be <= --m and --top-k <= --experts")
     check_threads(args.threads)

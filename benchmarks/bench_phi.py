@@ -72,9 +72,12 @@ def scorer(ck: Checkpoint) -> Scorer:
 
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("--activations", nargs="+", default=["silu", "identity"], choices=sorted(ACTIVATIONS))
+    ap.add_argument("--activations", nargs="+", default=["silu", "identity"], choices=sorted(ACTIVATIONS),
+                    help="phi values to fit (default silu identity); each point x phi fits both families, about "
+                         "1-2 min each on one core")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=str(OUT), help="JSON file; rows already in it are kept and not re-fitted "
+                    "(give a new file to measure again)")
     a = ap.parse_args()
     check_threads(a.threads)
     check_out(a.out)
@@ -84,6 +87,11 @@ def main() -> None:
     res.setdefault("setup", {"threads": a.threads, "context": CONTEXT, "scored_text": "second half of eval.txt",
                              "torch": torch.__version__})
     rows = res.setdefault("rows", [])
+    todo = [(pt["name"], act) for pt in points() for act in a.activations
+            if not any(r["point"] == pt["name"] and r["activation"] == act for r in rows)]
+    if not todo:
+        print(f"{out}: every requested row is already there; nothing to fit (give --out NEWFILE to measure again)")
+        return
     for pt in points():
         ck = Checkpoint(pt["fixture"])
         W = {f: ck.load_family(f, torch.float32) for f in FAMS}

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import globe
 from globe import compat
+from globe.cli.main import main
 from globe.config import ExportCfg
 from globe.errors import GlobeError
 from globe.fixtures import FIXTURE_DIR
@@ -76,6 +77,33 @@ def test_damaged_globe_section_is_one_line(edit, key, capsys, tmp_path, exported
         assert key in line, (argv[0], line)
     with pytest.raises(GlobeError, match=key.replace(".", r"\.")):
         globe.load_model(d)
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda g: g["families"]["up"].update(activation="relu"), "globe.families.up.activation", "silu"),
+    (lambda g: g["families"]["gate"].update(activation=""), "globe.families.gate.activation", "silu"),
+    (lambda g: g.setdefault("cache", {}).update(bogus_key=1), "globe.cache", "bogus_key"),
+])
+def test_unknown_activation_or_cache_key_refused_before_loading(edit, key, words, capsys, tmp_path, exported):
+    """An unknown phi was refused only after the model was built (two lines, no file or key); an unknown
+    cache key ended in CacheCfg.__init__'s message. Both: one line naming config.json and the key."""
+    d = edit_config(exported[0], tmp_path / "bad", lambda c: edit(c["globe"]))
+    assert main(["eval", f"model.path={d}", f"eval.text={TEXT}", "eval.max_tokens=64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err  # refused before the load's memory line
+    line = err[0]
+    assert "config.json" in line and key in line and words in line and "__init__" not in line, line
+    with pytest.raises(GlobeError, match=key.replace(".", r"\.")):
+        globe.load_model(d)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_bad_lru_capacity_without_lru_is_one_line(value, capsys, tmp_path):
+    """cache.S_per_layer without cache=lru logs a note; for a bad value that note came before the error."""
+    rc = main(["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "train.steps=2",
+               f"cache.S_per_layer={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cache.S_per_layer" in err[0], err
 
 
 def test_export_meta_checker_accepts_real_exports(exported):

@@ -29,6 +29,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_kernels.py", "--support", "9", "--m", "8"], "--support"),
     (["bench_kernels.py", "--activation", "relu"], "--activation"),
     (["bench_kernels.py", "--device", "gpu"], "--device"),
+    (["bench_kernels.py", "--batch-sweep", "0"], "--batch-sweep"),
+    (["bench_kernels.py", "--zipf", "nan"], "--zipf"),
     (["bench_phi.py", "--activations", "relu"], "--activations"),
     (["bench_phi.py", "--out", "/etc/passwd/x.json"], "is a file"),
 ])

@@ -89,17 +89,17 @@ def compose(overrides: list[str]) -> GlobeConfig:
             node = node.setdefault(part, {})
         node[leaf] = val
     keys = {o.lstrip("+~").partition("=")[0]: o.partition("=")[2] for o in overrides}
-    if "cache.S_per_layer" in keys and keys.get("cache", keys.get("cache.mode")) != "lru":
-        from ..progress import log
-        log("cache.S_per_layer=%s without cache=lru: the model runs with cache.mode=%s (S_per_layer only sets "
-            "the simulated hit rate of eval.hit_rate); add cache=lru to run an lru cache",
-            keys["cache.S_per_layer"], keys.get("cache", keys.get("cache.mode", "full")))
     if not any(o.lstrip("+~").startswith("cache") for o in overrides):
         data.pop("cache", None)  # no cache setting on the command line: a globe export's saved ones apply
     try:
         conf = GlobeConfig.from_dict(data)
     except (TypeError, ValueError) as e:
         raise GlobeError(f"config {e}") from None
+    if "cache.S_per_layer" in keys and keys.get("cache", keys.get("cache.mode")) != "lru":  # valid, but inert
+        from ..progress import log
+        log("cache.S_per_layer=%s without cache=lru: the model runs with cache.mode=%s (S_per_layer only sets "
+            "the simulated hit rate of eval.hit_rate); add cache=lru to run an lru cache",
+            keys["cache.S_per_layer"], keys.get("cache", keys.get("cache.mode", "full")))
     return _fill_defaults(conf)
 
 

@@ -12,6 +12,7 @@ layer_bank [bank per MoE layer], col_scale}}, save_mixed, cache, base_model_type
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ..errors import GlobeError
@@ -24,12 +25,13 @@ def _int(v: Any, lo: int = 1) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
-def check_export_meta(meta: Any, where: str) -> dict[str, Any]:
+def check_export_meta(meta: Any, where: str, activations: Collection[str] | None = None) -> dict[str, Any]:
     """Return `meta` when it is a well-formed globe section; GlobeError naming `where` and the key otherwise.
 
     Checks types and ranges only (a positive int where a size belongs, one family entry per fitted
     family with m, r, nnz and an activation name, one bank index per MoE layer); the tensors are checked
-    against these sizes when they are read.
+    against these sizes when they are read. activations: the known phi names (globe.maps.ACTIVATIONS; passed
+    by the loader, since this module imports no torch); a family naming another is refused.
     """
     def bad(key: str, why: str) -> GlobeError:
         return GlobeError(f"{where}: globe.{key} {why}; the export is damaged or hand-edited: export it again")
@@ -66,6 +68,8 @@ def check_export_meta(meta: Any, where: str) -> dict[str, Any]:
             raise bad(f"families.{f}.nnz", f"is {fm.get('nnz')!r}, expected an integer in [0, L*E*m]")
         if not isinstance(fm.get("activation"), str):
             raise bad(f"families.{f}.activation", f"is {fm.get('activation')!r}, expected an activation name")
+        if activations is not None and fm["activation"] not in activations:
+            raise bad(f"families.{f}.activation", f"is {fm['activation']!r}, expected one of {', '.join(activations)}")
         lb = fm.get("layer_bank", [0] * len(layers))
         if not isinstance(lb, list) or len(lb) != len(layers) or not all(_int(b, 0) and b < banks for b in lb):
             raise bad(f"families.{f}.layer_bank", f"is {lb!r}, expected one bank index in [0, {banks}) per MoE layer")

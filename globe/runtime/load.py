@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
 from ..io.exportmeta import check_export_meta
 from ..io.tensors import TensorDir
+from ..maps import ACTIVATIONS
 from ..progress import Progress, log
 from .export import GLOBE_PREFIX, is_globe_dir
 from .patch import build_caches, globe_layers, install, warmup
@@ -70,10 +71,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if not isinstance(meta, dict):
         raise GlobeError(f"{p / 'config.json'}: the globe section must be an object, got {type(meta).__name__}")
     _check_version(meta, p / "config.json")
-    check_export_meta(meta, str(p / "config.json"))
+    check_export_meta(meta, str(p / "config.json"), ACTIVATIONS)
     dt = to_dtype(dtype, DTYPES[meta["dtype"]])
     if cache is None:
         saved = meta.get("cache", {})
+        known = [f.name for f in fields(CacheCfg)]
+        unknown = [k for k in saved if k not in known]
+        if unknown:
+            raise GlobeError(f"{p / 'config.json'}: globe.cache has unknown key(s) {', '.join(map(str, unknown))}; "
+                             f"the cache keys are {', '.join(known)}")
         try:
             cache = CacheCfg(**saved)
         except (TypeError, ValueError) as e:  # a hand-edited export: name the file, one line
