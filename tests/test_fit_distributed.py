@@ -92,7 +92,9 @@ def _worker(rank: int, world: int, port: int, out: str, train: dict, kill: tuple
         R.run_fit(make_cfg(out, **train), progress=False)
     except KeyboardInterrupt:
         os.kill(os.getpid(), signal.SIGKILL)  # a hard kill: no cleanup, no goodbye to the other rank
-    Path(log_dir, f"rank{rank}.json").write_text(json.dumps({"layers_read": sorted(reads), "shards": shards}))
+    import torch.distributed as td
+    Path(log_dir, f"rank{rank}.json").write_text(json.dumps({"layers_read": sorted(reads), "shards": shards,
+                                                             "group_left": not td.is_initialized()}))
 
 
 def spawn(world: int, out: Path, train: dict | None = None, kill: tuple | None = None) -> list[dict]:
@@ -152,7 +154,10 @@ def runs(tmp_path_factory):
 
 
 def test_two_ranks_match_one_process(runs):
-    base, _ = runs
+    base, recs = runs
+    # run_fit leaves the process group it joined (a rank exiting with the group alive could abort, SIGABRT,
+    # in gloo's thread teardown after the fit was written: seen once in CI)
+    assert all(r["group_left"] for r in recs), recs
     one, rev, two = tensors(base / "one"), tensors(base / "rev"), tensors(base / "two")
     dev, dev_rev = deviation(one, two), deviation(one, rev)
     assert dev <= TOL, dev
@@ -264,6 +269,10 @@ def test_distributed_setting_errors(tmp_path, monkeypatch):
         monkeypatch.setattr(td, "get_world_size", lambda *a: 5)
         with pytest.raises(GlobeError, match="5 ranks but the model has 4 MoE layers"):
             Dist.setup("cpu", 4, 16)
+        monkeypatch.undo()
+        d = Dist.setup("cpu", 4, 16)  # the caller's group: close() leaves it alone
+        d.close(finished=True)
+        assert td.is_initialized() and not d.owns_group
     finally:
         monkeypatch.undo()
         td.destroy_process_group()

@@ -162,6 +162,7 @@ class Dist:
                  dev: str = "cpu", backend: str = ""):
         self.rank, self.world, self.on, self.n_layers, self.E = rank, world, on, n_layers, E
         self.dev, self.backend = dev, backend
+        self.owns_group = False  # setup() joined the default group itself: close() leaves it again
         bounds = [k * n_layers // world for k in range(world + 1)]
         self.layer_bounds = bounds  # rank k owns layer positions [bounds[k], bounds[k+1])
         self.layers = range(bounds[rank], bounds[rank + 1])
@@ -184,7 +185,8 @@ class Dist:
                 raise GlobeError(f"train.distributed: {per_node} processes per node but {gpus} GPU(s); use "
                                  f"--nproc_per_node={gpus} or train.device=cpu (gloo)")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if not td.is_initialized():
+        owns = not td.is_initialized()
+        if owns:
             secs = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
             try:
                 td.init_process_group(backend, timeout=datetime.timedelta(seconds=secs))
@@ -198,7 +200,23 @@ class Dist:
         if world > n_layers:
             raise GlobeError(f"train.distributed: {world} ranks but the model has {n_layers} MoE layers; "
                              f"each rank owns whole layers, so use at most {n_layers} ranks")
-        return cls(rank, world, True, n_layers, E, "cuda" if backend == "nccl" else "cpu", backend)
+        d = cls(rank, world, True, n_layers, E, "cuda" if backend == "nccl" else "cpu", backend)
+        d.owns_group = owns
+        return d
+
+    def close(self, finished: bool) -> None:
+        """Leave the default process group if setup() joined it (a group the caller made stays). A process
+        that exits with the group alive can abort in its communication threads' teardown ("terminate called
+        without an active exception", SIGABRT) after the fit was written. finished: every rank got here, so
+        a barrier first keeps one rank from leaving while a peer still receives the last collective."""
+        if not (self.on and self.owns_group):
+            return
+        import torch.distributed as td
+        if td.is_initialized():
+            if finished:
+                self.barrier()
+            td.destroy_process_group()
+        self.owns_group = False
 
     def describe(self) -> dict[str, Any]:
         return {"world_size": self.world, "backend": self.backend,

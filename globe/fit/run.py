@@ -329,6 +329,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
         quiet_logger()
         if not ok and claimed and lead:
             _unclaim(out, existed)
+        dist.close(finished=ok)
     return summary
 
 
