@@ -205,10 +205,8 @@ class Dist:
         return d
 
     def close(self, finished: bool) -> None:
-        """Leave the default process group if setup() joined it (a group the caller made stays). A process
-        that exits with the group alive can abort in its communication threads' teardown ("terminate called
-        without an active exception", SIGABRT) after the fit was written. finished: every rank got here, so
-        a barrier first keeps one rank from leaving while a peer still receives the last collective."""
+        """Leave the default group if setup() joined it (exiting with it alive can SIGABRT in gloo's thread
+        teardown); finished (every rank got here): a barrier first, so no peer is mid-collective."""
         if not (self.on and self.owns_group):
             return
         import torch.distributed as td
