@@ -93,12 +93,14 @@ def main() -> None:
         print(f"{out}: every requested row is already there; nothing to fit (give --out NEWFILE to measure again)")
         return
     for pt in points():
+        if all(name != pt["name"] for name, _ in todo):
+            continue  # nothing left at this point: not even its weights are read
         ck = Checkpoint(pt["fixture"])
         W = {f: ck.load_family(f, torch.float32) for f in FAMS}
         sc = None
         base = res.setdefault("original_perplexity", {})
         for act in a.activations:
-            if any(r["point"] == pt["name"] and r["activation"] == act for r in rows):
+            if (pt["name"], act) not in todo:  # measured already (the file resumes)
                 continue
             if sc is None:
                 sc = scorer(ck)

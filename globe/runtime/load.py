@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from .. import compat
 from ..artifacts import FORMAT, VERSION, _check_version
 from ..common import DTYPES, check_type, count_non_finite, resolve_device, to_dtype
-from ..config import CacheCfg
+from ..config import CacheCfg, GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
 from ..io.exportmeta import check_export_meta
@@ -75,13 +75,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     dt = to_dtype(dtype, DTYPES[meta["dtype"]])
     if cache is None:
         saved = meta.get("cache", {})
-        known = [f.name for f in fields(CacheCfg)]
-        unknown = [k for k in saved if k not in known]
-        if unknown:
-            raise GlobeError(f"{p / 'config.json'}: globe.cache has unknown key(s) {', '.join(map(str, unknown))}; "
-                             f"the cache keys are {', '.join(known)}")
-        try:
-            cache = CacheCfg(**saved)
+        try:  # the config's own builder: an unknown key is named, not CacheCfg.__init__'s TypeError
+            cache = GlobeConfig.from_dict({"cache": saved}).cache
         except (TypeError, ValueError) as e:  # a hand-edited export: name the file, one line
             raise GlobeError(f"{p / 'config.json'}: globe.cache {saved!r} is not valid: {e}") from None
     src = TensorDir(p, meta.get("weights_prefix", "model"))
