@@ -26,7 +26,9 @@ Stages (each appends to the JSON files, so they can run separately):
   headline  each scope at its best M (both families, `run_fit`, SVD baseline), the MoBE-style bank at its
             best m_l, SVD; relative Frobenius errors, fit times, and the perplexity of each reconstruction
             on the second half of eval.txt (the first half calibrates the activation-aware objective, also
-            run here for the best scope with and without train.calib_row_weights)
+            run here for the best scope with and without train.calib_row_weights), and the best scope with routing
+            weights (train.expert_weights=routing, one run per --weight-powers, counts from --calib-tokens of the
+            first half: part `routing`)
 
     python benchmarks/bench_fit2.py --stage grid --batch 1440 --steps 600
     python benchmarks/bench_fit2.py --stage recipe --budgets 0.5 --scopes global --totals 48 384
@@ -187,11 +189,15 @@ def best_M(res: dict, b: float, share: str, N: int, p: int, d: int, L: int) -> i
         M = m * G
 
 
-def globe_run(a, ck, share, M, b, out, objective="weight", calib=None, row_weights=False, baselines=True) -> dict:
+def globe_run(a, ck, share, M, b, out, objective="weight", calib=None, row_weights=False, baselines=True,
+              power=None) -> dict:
+    """run_fit of one scope; power: train.expert_weights=routing with this train.expert_weight_power."""
     N, L = len(ck.moe_layers) * ck.num_experts, len(ck.moe_layers)
     bank, sp = bank_cfg(share, M, L, b)
+    weights = {} if power is None else {"expert_weights": "routing", "expert_weight_power": power,
+                                        "calib_tokens": a.calib_tokens}
     tr = train_cfg(a, N, baselines=baselines, objective=objective, calib_text=str(calib) if calib else None,
-                   calib_row_weights=row_weights)
+                   calib_row_weights=row_weights, **weights)
     cfg = GlobeConfig.from_dict({"model": {"path": str(ck.dir)}, "output_dir": str(out), "bank": bank,
                                  "sparsity": sp, "train": tr})
     t = time.time()
@@ -216,6 +222,7 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
                "context": a.context, "original_perplexity": base["perplexity"], "steps": a.steps, "batch": a.batch})
     runs = ev.setdefault("runs", {})
     head = res.setdefault("headline", {})
+    tok_tag = "" if a.calib_tokens == 4096 else f"_t{a.calib_tokens}"  # routing runs: counts from other lengths
 
     def record(key: str, row: dict, Wh: dict | None) -> None:
         if Wh is not None:
@@ -294,6 +301,34 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
                          "stored_params": sum(fams[f]["stored_params"] for f in FAMS),
                          "fit_time_s": sum(fams[f]["fit_time_s"] for f in FAMS)},
                    {f: r["arts"].families[f].reconstruct() for f in FAMS})
+        for pw in a.weight_powers if "routing" in a.parts else []:  # routing weights, best scope
+            key = f"globe_routing_p{pw:g}{tok_tag}[{best}]@{tag}"
+            if key in runs:
+                continue
+            M = hb["globe"][best]["M"]
+            r = globe_run(a, ck, best, M, b, work / f"rw{pw:g}_{tag[:-1]}", calib=calib, baselines=False, power=pw)
+            s = r["summary"]
+            fams = s["families"]
+            record(key, {"method": "globe_routing", "power": pw, "share": best, "budget": b, "M": M,
+                         "calib_tokens": s["expert_weights"]["calib_tokens"], "expert_weights": s["expert_weights"],
+                         "stored_params": sum(fams[f]["stored_params"] for f in FAMS),
+                         "fit_time_s": sum(fams[f]["fit_time_s"] for f in FAMS)},
+                   {f: r["arts"].families[f].reconstruct() for f in FAMS})
+        if "routing" in a.parts and "mobe" in hb:  # the MoBE-style bank with the same routing weights
+            for pw in a.weight_powers:
+                key = f"mobe_routing_p{pw:g}{tok_tag}@{tag}"
+                if key in runs:
+                    continue
+                from globe.fit.calib import routing_counts, routing_weights
+                wts = routing_weights(routing_counts(ck, calib, a.calib_tokens, progress=False), pw)
+                m_l, t, out = hb["mobe"]["m_per_layer"], time.time(), {}
+                for f in FAMS:
+                    out[f] = mobe_fit(W[f], L, m_l, hb["mobe"][f]["r"], activation="silu", steps=a.steps, lr=0.03,
+                                      seed=0, return_weights=True, weights=wts)
+                record(key, {"method": "mobe_routing", "power": pw, "budget": b, "m_per_layer": m_l,
+                             "r": out["up"]["r"], "calib_tokens": a.calib_tokens,
+                             "stored_params": sum(mobe_params(N, L, p, d, m_l, out[f]["r"]) for f in FAMS),
+                             "fit_time_s": time.time() - t}, {f: out[f]["W_hat"] for f in FAMS})
         if all(k in hb for k in ("svd", "mobe")) and f"svd@{tag}" in runs:
             summarize(res, ev, tag)
         save(FIT_JSON, res)
@@ -317,6 +352,20 @@ def summarize(res: dict, ev: dict, tag: str) -> None:
     dg = runs[f"globe[{best}]@{tag}"]["delta_ppl"]
     out["delta_ppl_ratio_vs_svd"] = dg / d_svd if d_svd > 0 else None
     out["ppl_target_half_of_svd_met"] = d_svd > 0 and dg <= 0.5 * d_svd
+    routed = {k: r for k, r in runs.items() if r.get("method") == "globe_routing" and r.get("budget") == hb["budget"]
+              and "delta_ppl" in r}
+    if routed and d_svd > 0:  # the same fit with routing weights (train.expert_weights=routing), each power
+        out["routing"] = {}
+        for k, r in routed.items():
+            row = {"power": r["power"], "delta_ppl_ratio_vs_svd": r["delta_ppl"] / d_svd,
+                   "ppl_target_half_of_svd_met": r["delta_ppl"] <= 0.5 * d_svd, "err_up": r["err_up"],
+                   "err_gate": r["err_gate"]}
+            tt = "" if r.get("calib_tokens", 4096) == 4096 else f"_t{r['calib_tokens']}"
+            mb = runs.get(f"mobe_routing_p{r['power']:g}{tt}@{tag}")  # MoBE-style with the same weights
+            if mb and "delta_ppl" in mb:
+                row.update({"mobe_delta_ppl": mb["delta_ppl"], "ratio_vs_mobe_routing": {
+                    f: r[f"err_{f}"] / mb[f"err_{f}"] for f in FAMS}})
+            out["routing"][k] = row
     hb["targets"] = out
 
 
@@ -384,6 +433,8 @@ def report(res: dict, ev: dict) -> str:
         keys = [f"globe[{sh}]@{tag}" for sh in SCOPES if f"globe[{sh}]@{tag}" in runs]
         keys += [k for k in runs if k.startswith("globe_activation") and k.endswith(f"@{tag}")]
         keys += [f"svd@{tag}", f"mobe@{tag}"]
+        keys += sorted((k for k in runs if "_routing_p" in k and k.endswith(f"@{tag}")),
+                       key=lambda k: (runs[k]["method"], runs[k]["power"], runs[k].get("calib_tokens", 4096)))
         for k in keys:
             x = runs[k]
             eu, eg = x["err_up"], x["err_gate"]
@@ -391,10 +442,12 @@ def report(res: dict, ev: dict) -> str:
             mb = [hb["mobe"][f]["rel_fro_error"] for f in FAMS]
             if x["method"] == "svd":
                 setting = f"rank {x['rank']}"
-            elif x["method"] == "mobe":
+            elif x["method"] in ("mobe", "mobe_routing"):
                 setting = f"{x['m_per_layer']} atoms/layer, r {x['r']}"
             else:
                 setting = f"{x['share']}, M {x['M']}" + (f", r {x['r']}" if "r" in x else "")
+            if "power" in x:  # routing weights: their power and the calibration tokens they were counted on
+                setting += f", power {x['power']:g}, {x['calib_tokens']} tokens"
             out.append(f"| {x['method']} | {setting} | {x['stored_params']:,} | {eu:.4f} / {eg:.4f} | "
                        f"{eu / sv[0]:.3f} / {eg / sv[1]:.3f} | {eu / mb[0]:.3f} / {eg / mb[1]:.3f} | "
                        f"{x['perplexity']:.3f} | {x['delta_ppl']:.3f} | "
@@ -422,12 +475,20 @@ def main() -> None:
     ap.add_argument("--code-pass-steps", type=int, default=1)
     ap.add_argument("--act-row-weights", type=int, nargs="*", default=[0, 1], choices=(0, 1),
                     help="activation-objective runs: without (0) / with (1) train.calib_row_weights")
-    ap.add_argument("--parts", nargs="+", default=["svd", "mobe", "activation"],
-                    choices=("svd", "mobe", "activation"), help="headline: what runs besides the GloBE scopes")
+    ap.add_argument("--parts", nargs="+", default=["svd", "mobe", "activation", "routing"],
+                    choices=("svd", "mobe", "activation", "routing"),
+                    help="headline: what runs besides the GloBE scopes")
+    ap.add_argument("--weight-powers", type=float, nargs="+", default=[0.5],
+                    help="part routing: train.expert_weight_power of each routing-weighted run")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="part routing: train.calib_tokens")
     ap.add_argument("--context", type=int, default=256, help="perplexity window (tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(RES), help="directory of the two JSON files")
     a = ap.parse_args()
+    if not all(0 <= pw <= 2 for pw in a.weight_powers):  # the range train.expert_weight_power accepts
+        ap.error(f"--weight-powers: each must be in [0, 2], got {a.weight_powers}")
+    if a.calib_tokens < 2:
+        ap.error(f"--calib-tokens: must be >= 2, got {a.calib_tokens}")
     global FIT_JSON, EVAL_JSON
     FIT_JSON, EVAL_JSON = Path(a.results) / FIT_JSON.name, Path(a.results) / EVAL_JSON.name
     torch.set_num_threads(a.threads)

@@ -174,6 +174,8 @@ class TrainCfg:
     calib_tokens: int = 4096
     calib_per_expert: bool = False  # covariance of tokens routed to each expert (else per layer)
     calib_row_weights: bool = False  # also weigh hidden units by how much their error reaches the output
+    expert_weights: str = "uniform"  # uniform | routing (each expert's error by its routed-token count ^ power)
+    expert_weight_power: float = 0.5  # exponent of the routing counts (0: uniform, 1: proportional)
     device: str = "auto"
     autocast_bf16: bool = False  # bf16 autocast of the large products (CUDA or CPU; fp32 masters)
     seed: int = 0
@@ -217,6 +219,12 @@ class TrainCfg:
               f"unknown objective {self.objective!r}; weight|activation")
         _need(self.objective == "weight" or bool(self.calib_text), "train.calib_text",
               "the activation objective needs a calibration text file")
+        _need(self.expert_weights in ("uniform", "routing"), "train.expert_weights",
+              f"unknown expert weighting {self.expert_weights!r}; uniform|routing")
+        _need(self.expert_weights == "uniform" or bool(self.calib_text), "train.calib_text",
+              "train.expert_weights=routing needs a calibration text file (the routed-token counts come from it)")
+        _need(math.isfinite(float(self.expert_weight_power)) and 0 <= float(self.expert_weight_power) <= 2,
+              "train.expert_weight_power", f"must be in [0, 2], got {self.expert_weight_power}")
         _need(self.device in DEVICES, "train.device", f"unknown device {self.device!r}")
         _need(int(self.calib_tokens) >= 2, "train.calib_tokens", f"must be >= 2 (tokens), got {self.calib_tokens}")
         _need(float(self.max_memory_gb) > 0, "train.max_memory_gb", "must be > 0")

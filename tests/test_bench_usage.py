@@ -33,6 +33,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_kernels.py", "--zipf", "nan"], "--zipf"),
     (["bench_phi.py", "--activations", "relu"], "--activations"),
     (["bench_phi.py", "--out", "/etc/passwd/x.json"], "is a file"),
+    (["bench_fit2.py", "--stage", "report", "--weight-powers", "3"], "--weight-powers"),
+    (["bench_fit2.py", "--stage", "report", "--calib-tokens", "1"], "--calib-tokens"),
 ])
 def test_bad_arguments_exit_2(argv, words, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,

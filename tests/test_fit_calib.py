@@ -96,20 +96,33 @@ def both_paths(monkeypatch, ck, ids, context=64):
         raise AssertionError("layer-wise calibration instantiated the whole model")
     with monkeypatch.context() as mp:
         mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_whole_model)
-        new = calib.calibration_stats(ck, "unused.txt", ids.numel(), per_expert=True, rows=True, context=context)
+        new = calib.calibration_stats(ck, "unused.txt", ids.numel(), per_expert=True, rows=True, context=context,
+                                      counts=True)
     monkeypatch.setattr(calib, "_calib_pass", lambda ck_, text, n, ctx, make, progress=None:
                         whole_model_pass(ck_, ids, ctx, make))
-    old = calib.calibration_stats(ck, "unused.txt", ids.numel(), per_expert=True, rows=True, context=context)
+    old = calib.calibration_stats(ck, "unused.txt", ids.numel(), per_expert=True, rows=True, context=context,
+                                  counts=True)
     return new, old
 
 
 def assert_same(new, old):
     """Bitwise equal: the same layer code runs on the same inputs in the same order."""
-    (c1, p1, r1), (c2, p2, r2) = new, old
+    (c1, p1, r1, n1), (c2, p2, r2, n2) = new, old
     same = torch.equal
     assert c1.keys() == c2.keys() and all(same(c1[L], c2[L]) for L in c1)
     assert p1.keys() == p2.keys() and all(p1[k][1] == p2[k][1] and same(p1[k][0], p2[k][0]) for k in p1)
     assert all(same(r1[f], r2[f]) for f in ("up", "gate"))
+    assert same(n1, n2)
+
+
+def assert_counts_match(ck, stats):
+    """The routing counts (N,), layer-major, equal the per-expert covariances' token counts (counted there by
+    a mask per expert, here by one bincount per layer)."""
+    _, per, _, counts = stats
+    E = ck.num_experts
+    want = torch.tensor([float(per[(L, e)][1]) if (L, e) in per else 0.0 for L in ck.moe_layers for e in range(E)],
+                        dtype=torch.float64)
+    assert counts.shape == (len(ck.moe_layers) * E,) and torch.equal(counts, want)
 
 
 def test_layerwise_calibration_equals_whole_model_on_the_fixture(monkeypatch):
@@ -121,6 +134,7 @@ def test_layerwise_calibration_equals_whole_model_on_the_fixture(monkeypatch):
     new, old = both_paths(monkeypatch, ck, ids, context=256)
     assert_same(new, old)
     assert sum(n for _, n in new[1].values()) == 600 * ck.top_k * len(ck.moe_layers)  # every routed token seen
+    assert_counts_match(ck, new)
 
 
 @pytest.mark.parametrize("model_type", list(TINY))
@@ -132,6 +146,7 @@ def test_layerwise_calibration_equals_whole_model_for_every_architecture(monkeyp
     ids = torch.randint(vocab, (150,), generator=torch.Generator().manual_seed(0))
     new, old = both_paths(monkeypatch, ck, ids, context=64)
     assert_same(new, old)
+    assert_counts_match(ck, new)
 
 
 def test_per_expert_covariances_too_big_are_refused_before_any_work(tmp_path):

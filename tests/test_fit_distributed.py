@@ -7,7 +7,8 @@ What a wrong implementation would violate:
 - a 1-rank process group is bitwise the 1-process fit (the sharded code path adds no arithmetic);
 - a rank SIGKILLed mid-fit, then a rerun, gives bitwise the uninterrupted 2-rank result (and one
   process resuming the same interrupted fit gives it within the tolerance);
-- `torchrun -m globe fit` is that same 2-rank fit; 3 ranks on 4 layers (unequal shards) also match.
+- `torchrun -m globe fit` is that same 2-rank fit; 3 ranks on 4 layers (unequal shards) also match, and so
+  does a 2-rank fit with routing weights (train.expert_weights=routing) the 1-process weighted fit.
 
 Tolerance: reduction order. The ranks sum the bank's gradient, the Gram of the warm start and the
 evaluations in another order than one process; entmax at the low temperatures these fits reach
@@ -247,6 +248,19 @@ def test_three_ranks_unequal_shards(runs, tmp_path):
     assert s["distributed"]["layers_per_rank"] == [1, 1, 2]
     assert s["baselines"]["mobe"]["up"]["rel_fro_error"] == pytest.approx(
         summary(base / "one")["baselines"]["mobe"]["up"]["rel_fro_error"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_routing_weights_match_one_process(tmp_path):
+    """Each rank weighs its own experts of the global batch; the sums over ranks are the weighted loss."""
+    train = {"families": ["up"], "expert_weights": "routing", "calib_text": str(FIXTURE_DIR / "eval.txt"),
+             "calib_tokens": 300, "baseline_mobe": False}
+    one_process(tmp_path / "one", **train)
+    spawn(2, tmp_path / "two", train)
+    assert deviation(tensors(tmp_path / "one"), tensors(tmp_path / "two")) <= TOL
+    s1, s2 = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert s1["expert_weights"] == s2["expert_weights"]  # every rank counted the same routing
+    assert s2["families"]["up"]["rel_fro_error"] == pytest.approx(s1["families"]["up"]["rel_fro_error"], rel=1e-5)
 
 
 def test_distributed_setting_errors(tmp_path, monkeypatch):

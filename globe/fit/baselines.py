@@ -36,7 +36,7 @@ def svd_error(sv: torch.Tensor, scales: torch.Tensor, k: int) -> float:
 def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str = "silu", steps: int = 300,
              lr: float = 1e-2, seed: int = 0, lam: float = 1e-4, dev: str = "cpu", chunk: int = 32,
              return_weights: bool = False, scales: torch.Tensor | None = None, progress: bool | None = None,
-             desc: str = "MoBE-style baseline", dist=None) -> dict:
+             desc: str = "MoBE-style baseline", dist=None, weights: torch.Tensor | None = None) -> dict:
     """Fit one MoBE-style bank per layer to W (N, p, d) (layer-major, N = layers * E).
 
     dist (globe.fit.dist.Dist, sharded fit): each rank fits the banks of its own layers (W holds only
@@ -45,12 +45,16 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
 
     return_weights=True adds "W_hat" (N, p, d) fp32 in the original scale (for perplexity checks).
     scales (N,): the experts' RMS if known. progress: tqdm (True), log lines (False) or auto (None).
+    weights (N,) positive: each expert's weight in the loss (the GloBE fit's train.expert_weights, rescaled
+    to mean one over the live experts), so both methods can be compared with the same weighting.
     """
     N, p, d = W.shape
     E = N // layers
     s = expert_scales(W) if scales is None else scales.float()
     inv = inv_scales(s)
     dead = inv == 0
+    w = torch.ones(N) if weights is None else weights.detach().float().cpu().reshape(-1)
+    w = w / w[~dead].mean() if bool((~dead).any()) else w
     phi = get_activation(activation).fn
     gen = torch.Generator().manual_seed(int(seed))
     res = torch.zeros(N, dtype=torch.float64)
@@ -70,9 +74,10 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
             M0 = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
             A = ridge_A(Wl, M0, lam).requires_grad_()
         opt = torch.optim.Adam([B, z, A], lr=lr)
+        wl = None if weights is None else w[sl].to(dev)[:, None, None]
         for _ in range(steps):
             M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
-            loss = (Wl - A @ M).pow(2).mean()
+            loss = (Wl - A @ M).pow(2).mean() if wl is None else ((Wl - A @ M).pow(2) * wl).mean()
             if not torch.isfinite(loss):
                 break
             opt.zero_grad(set_to_none=True)

@@ -180,9 +180,39 @@ class _RowWeights:
         return out
 
 
+class _Counts:
+    """Routed-token count of every expert (N,), layer-major: how often the router picks it (top-k slots)."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck, self.E = ck, ck.num_experts
+        self.n = torch.zeros(len(ck.moe_layers) * self.E, dtype=torch.float64)
+
+    def make(self, L, _experts):
+        li, E = self.ck.moe_layers.index(L), self.E
+
+        def hook(_x, top):
+            self.n[li * E:(li + 1) * E] += torch.bincount(top.reshape(-1).long(), minlength=E)[:E].double()
+        return hook
+
+    def result(self) -> torch.Tensor:
+        return self.n.clone()
+
+
+def routing_weights(counts: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-expert weights (N,) fp32 of the fit's objective from routed-token counts (N,):
+    w_i = (max(n_i, 1) / mean_j max(n_j, 1)) ^ power, so mean-one for power 1 and never zero (an expert the
+    calibration text never reaches keeps a small weight and is still fitted). The expected output error of
+    expert i is its routed tokens times its per-token error, so power 1 weighs the relative weight error by
+    its first-order share of the layer's output error; power 0.5 (default) hedges against counts from a
+    short or off-domain calibration text (measured on fixture 2: benchmarks/bench_fit2.py, part `routing`).
+    """
+    n = counts.double().clamp_min(1.0)
+    return (n / n.mean()).pow(float(power)).float()
+
+
 def _both(*collectors):
     def make(L, ex):
-        hooks = [c.make(L, ex) for c in collectors]
+        hooks = [c.make(L, ex) for c in collectors if c is not None]
 
         def hook(x, top):
             for h in hooks:
@@ -213,15 +243,26 @@ def row_weights(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, context:
     return rw.result()
 
 
+def routing_counts(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, context: int = 256,
+                   progress: bool | None = None) -> torch.Tensor:
+    """Routed-token count (N,) float64 of every expert over the first n_tokens of `text`, layer-major."""
+    c = _Counts(ck)
+    _calib_pass(ck, text, n_tokens, context, c.make, progress)
+    return c.result()
+
+
 def calibration_stats(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
-                      rows: bool = False, context: int = 256, progress: bool | None = None
-                      ) -> tuple[dict, dict, dict[str, torch.Tensor] | None]:
-    """`input_covariances` and (if rows) `row_weights` from ONE layer-wise pass: (covs, per, rows | None)."""
-    c = _Covariances(ck, per_expert)
+                      rows: bool = False, context: int = 256, progress: bool | None = None, covariances: bool = True,
+                      counts: bool = False) -> tuple[dict | None, dict | None, dict[str, torch.Tensor] | None,
+                                                     torch.Tensor | None]:
+    """`input_covariances` (if covariances), `row_weights` (if rows) and `routing_counts` (if counts) from ONE
+    layer-wise pass: (covs | None, per | None, rows | None, counts | None)."""
+    c = _Covariances(ck, per_expert) if covariances else None
     rw = _RowWeights(ck) if rows else None
-    _calib_pass(ck, text, n_tokens, context, _both(c, rw) if rw is not None else c.make, progress)
-    covs, per = c.result()
-    return covs, per, (rw.result() if rw is not None else None)
+    n = _Counts(ck) if counts else None
+    _calib_pass(ck, text, n_tokens, context, _both(c, rw, n), progress)
+    covs, per = c.result() if c is not None else (None, None)
+    return covs, per, (rw.result() if rw is not None else None), (n.result() if n is not None else None)
 
 
 def whitener(ck: Checkpoint, covs: dict[int, torch.Tensor], per: dict | None = None, per_expert: bool = False,

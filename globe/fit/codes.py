@@ -119,13 +119,15 @@ class FitOptimizer:
 
 def code_pass(W: torch.Tensor, s: torch.Tensor, prm: GlobeParams, T: float, opt: FitOptimizer, steps: int, *,
               load, refit, residual, rel_mean, whiten=None, rows=None, lam: float = 1e-4, chunk: int = 32,
-              dev="cpu", z_max: float = 1.0, autocast: bool = False, live: torch.Tensor | None = None) -> float:
+              dev="cpu", z_max: float = 1.0, autocast: bool = False, live: torch.Tensor | None = None,
+              weights: torch.Tensor | None = None) -> float:
     """`steps` logit updates of every expert with the bank and gain fixed, chunk by chunk; returns the
     mean objective over live experts at the last inner step (before its update).
 
     load/refit/residual/rel_mean: the loop's own functions, so the objective is the loop's. The logits
     move by RowAdam (opt.copt; for codes_optimizer=adam, a RowAdam made for this pass) at its current lr.
     live (N,) bool: experts that count (dead experts have zero weights and zero gradient anyway).
+    weights (N,) on dev: the experts' weights in the objective (the loop's), None = all one.
     """
     copt = opt.copt if opt.copt is not None else RowAdam([prm.logits], lr=opt.lr_codes)
     N = W.shape[0]
@@ -142,7 +144,7 @@ def code_pass(W: torch.Tensor, s: torch.Tensor, prm: GlobeParams, T: float, opt:
             with torch.no_grad():
                 A = refit(Wb, M.detach(), L, lam)
             r2, n2 = residual(Wb, A, M, L, autocast, Rw)
-            obj = rel_mean(r2, n2)
+            obj = rel_mean(r2, n2, None if weights is None else weights[didx])
             (g,) = torch.autograd.grad(obj, z)
             grad[didx] = g
             prm.logits.grad = grad

@@ -347,18 +347,20 @@ class Dist:
                 q.grad.copy_(flat[o:o + q.numel()].view_as(q.grad))
                 o += q.numel()
 
-    def batch_loss(self, r2: torch.Tensor, n2: torch.Tensor, z_rows: torch.Tensor, l1: float, n_batch: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch_loss(self, r2: torch.Tensor, n2: torch.Tensor, z_rows: torch.Tensor, l1: float, n_batch: int,
+                   w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of the global batch loss and the global values for the log.
 
         r2, n2 (n_local,): residual and norm per local expert of the batch; z_rows (n_local, m) their
-        logits; n_batch the global batch size. The global loss is mean_{live} r2 / n2 + l1 mean |z|
-        (loop.rel_mean); the local loss uses the global live count and batch size, so the gradients
-        summed over ranks equal the one-process gradient. Returns (local loss for backward, global
-        loss, global sum r2, global sum n2) as tensors (the last three detached, float64).
+        logits; n_batch the global batch size; w (n_local,) their weights (None: one). The global loss
+        is mean_{live} w r2 / n2 + l1 mean |z| (loop.rel_mean); the local loss uses the global live count
+        and batch size, so the gradients summed over ranks equal the one-process gradient. Returns (local
+        loss for backward, global loss, global sum r2, global sum n2) as tensors (the last three detached,
+        float64).
         """
         live = n2 > 0
-        ratio = (r2 / torch.where(live, n2, torch.ones_like(n2))).sum()
+        ratio = r2 / torch.where(live, n2, torch.ones_like(n2))
+        ratio = (ratio if w is None else ratio * w).sum()
         zabs = z_rows.abs().sum() if l1 > 0 else r2.new_zeros(())
         g = self.sum64([ratio.detach(), live.sum(), r2.detach().sum(), n2.detach().sum(), zabs.detach()])
         cnt = max(g[1], 1.0)

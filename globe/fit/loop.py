@@ -97,10 +97,12 @@ def _residual(Wb, A, M, L, autocast: bool, Rw=None) -> tuple[torch.Tensor, torch
     return R.pow(2).sum(dim=(1, 2)), Wn.pow(2).sum(dim=(1, 2))
 
 
-def rel_mean(r2: torch.Tensor, n2: torch.Tensor) -> torch.Tensor:
-    """Mean of r2 / n2 over experts with n2 > 0 (dead experts, all zero, have r2 = n2 = 0 and no say)."""
+def rel_mean(r2: torch.Tensor, n2: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of w * r2 / n2 over experts with n2 > 0 (dead experts, all zero, have r2 = n2 = 0 and no say);
+    w (n,): the experts' weights (train.expert_weights; mean one over all live experts), None = all one."""
     live = n2 > 0
-    return (r2 / torch.where(live, n2, torch.ones_like(n2))).sum() / live.sum().clamp_min(1)
+    ratio = r2 / torch.where(live, n2, torch.ones_like(n2))
+    return (ratio if w is None else ratio * w).sum() / live.sum().clamp_min(1)
 
 
 def _refit(Wb, M, L, lam):
@@ -115,7 +117,8 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
              dev="cpu", codes: torch.Tensor | None = None, keep_A: bool = False,
              desc: str = "evaluation", progress: bool | None = None,
              on_A: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-             experts: torch.Tensor | None = None, dist: Dist | None = None) -> dict[str, Any]:
+             experts: torch.Tensor | None = None, dist: Dist | None = None,
+             weights: torch.Tensor | None = None) -> dict[str, Any]:
     """Pass with fresh A: objective, plain relative Frobenius error, optional all A (N, p, r).
 
     Dead experts are reconstructed as zero (A = 0): the objective is the mean over live experts, and
@@ -125,6 +128,7 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
     experts: evaluate only these (ascending) experts (default all); errors are over them.
     dist: a sharded fit (globe.fit.dist): this rank evaluates its own experts, the errors are summed over
     ranks, and A comes back as this rank's rows (a dist.Shard).
+    weights (N,): the experts' weights in the objective (rel_mean); the plain error is never weighted.
     """
     N = W.shape[0]
     ids = torch.arange(N) if experts is None else experts.reshape(-1).cpu()
@@ -159,6 +163,8 @@ def evaluate(W, s, prm: GlobeParams, T: float, *, whiten: Whiten = None, rows: R
     res_plain[dead] = float(p * d)  # reconstructed as zero: the residual is the whole (normalised) expert
     s2 = s.double().pow(2)
     rel = math.sqrt(float((res_plain * s2).sum() / (s2 * p * d).sum().clamp_min(1e-300)))
+    if weights is not None:
+        obj = obj * weights[ids].double()
     objective = float(obj[~dead].mean()) if bool((~dead).any()) else 0.0
     if dist is not None and dist.on:  # [dist] errors over every rank's experts; A stays with its rank
         rel, objective = dist.reduce_eval(res_plain * s2, s2 * p * d, obj[~dead])
@@ -197,7 +203,7 @@ def before_step(family: str, step: int) -> None:
 
 
 def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = None, rows: Rows = None,
-               dev: str = "cpu",
+               weights: torch.Tensor | None = None, dev: str = "cpu",
                ckpt_path: str | os.PathLike | None = None, log: Callable[[dict], None] | None = None,
                progress: bool | None = False,
                on_codes: Callable[[int, torch.Tensor], None] | None = None,
@@ -212,7 +218,10 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     the final adapters are streamed to it chunk by chunk instead of held as one (N, p, r) tensor.
     dist (globe.fit.dist.Dist): a sharded fit; W is then a dist.Shard holding this rank's experts,
     `scales` (all N) and `sink` are required, and every rank must call fit_family.
-    Raises GlobeError when an expert holds NaN/inf or every expert is zero.
+    weights (N,): each expert's weight in the objective (train.expert_weights=routing; calib.routing_weights),
+    rescaled here to mean one over the live experts; None weighs every expert alike.
+    Raises GlobeError when an expert holds NaN/inf, every expert is zero, or weights are not N positive
+    finite numbers.
     """
     t0 = time.time()
     dist = dist or Dist()  # [dist] single process: every dist call below is a no-op
@@ -233,6 +242,11 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     live = live_experts(s)
     if not bool(live.any()):
         raise GlobeError(f"family {fam}: every routed expert is zero; nothing to fit")
+    if weights is not None:
+        weights = weights.detach().float().cpu().reshape(-1)
+        if weights.numel() != N or not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
+            raise GlobeError(f"family {fam}: expert weights must be {N} positive finite numbers")
+        weights = weights / weights[live].mean()
     state = dist.load_state(ckpt_path) if ckpt_path else None  # [dist] + this rank's A
     resumed = state is not None
     if state is None:
@@ -248,7 +262,8 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     A_all = state["A_all"]
     live_d = live.to(dev)
     evkw = {"whiten": whiten, "rows": rows, "lam": lam, "chunk": chunk, "dev": dev, "progress": progress,
-            "dist": dist}
+            "dist": dist, "weights": weights}
+    w_dev = None if weights is None else weights.to(dev)
     if K > 1 and A_all is None:
         A_all = evaluate(W, s, prm, ctrl.T, keep_A=True, desc=f"initial A {fam}", **evkw)["A"]
     best, bad = state["best"], state["bad_evals"]
@@ -281,11 +296,12 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
             else:
                 A = A_all[idx].to(dev)
         r2, n2 = _residual(Wb, A, M, L, tr.autocast_bf16, Rw)
-        obj = rel_mean(r2, n2)
+        wb = None if w_dev is None else w_dev[didx]
+        obj = rel_mean(r2, n2, wb)
         loss = obj + (sp.l1 * prm.logits[didx].abs().mean() if sp.l1 > 0 else 0.0)
         loss_all, r2_all, n2_all = loss.detach(), r2.detach().sum(), n2.detach().sum()
         if dist.on:  # [dist] this rank's share (gradients sum to the global one) and the global values
-            loss, loss_all, r2_all, n2_all = dist.batch_loss(r2, n2, prm.logits[didx], sp.l1, len(idx_all))
+            loss, loss_all, r2_all, n2_all = dist.batch_loss(r2, n2, prm.logits[didx], sp.l1, len(idx_all), wb)
         if not torch.isfinite(loss_all):
             where = f"; last good checkpoint (step {state['step']}) kept in {ckpt_path}" if ckpt_path else ""
             raise GlobeError(f"fit of family {fam}: loss became NaN/inf at step {step}; stopped{where}")
@@ -297,7 +313,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         if tr.code_pass_every and (step + 1) % tr.code_pass_every == 0:  # every expert's codes, bank fixed
             code_pass(W, s, prm, ctrl.T, opt, tr.code_pass_steps, load=_load, refit=_refit, residual=_residual,
                       rel_mean=rel_mean, whiten=whiten, rows=rows, lam=lam, chunk=chunk, dev=dev, z_max=sp.z_max,
-                      autocast=tr.autocast_bf16, live=live)
+                      autocast=tr.autocast_bf16, live=live, weights=w_dev)
         with torch.no_grad():
             codes_now = prm.codes(None, ctrl.T)  # (N, m) at the T this step used
             sup = support(codes_now[live_d]).float()

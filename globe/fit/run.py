@@ -54,7 +54,7 @@ def _validate(cfg: GlobeConfig) -> None:
     if not cfg.output_dir:
         raise GlobeError("output_dir: required for fit")
     check_writable(cfg.output_dir, what="output_dir")  # read-only, not ours, a file in the way: before any work
-    if cfg.train.objective == "activation" and not Path(str(cfg.train.calib_text)).is_file():
+    if _calibrated(cfg) and not Path(str(cfg.train.calib_text)).is_file():
         raise GlobeError(f"train.calib_text: file not found: {cfg.train.calib_text}")
     if wandb_on(cfg):
         require_wandb(cfg)  # fail before any work: package missing, online without credentials
@@ -188,9 +188,10 @@ def _experts(ck: Checkpoint, fam: str, max_gb: float, progress: bool | None = No
 
 
 def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, fam: str, dev: str,
-               progress: bool | None = None, dist: Dist | None = None) -> dict:
-    """SVD baseline (from the spectra: no extra pass) and, with train.baseline_mobe, the MoBE-style bank;
-    each entry records its own wall time `time_s` (the SVD's includes computing plain spectra if needed)."""
+               progress: bool | None = None, dist: Dist | None = None, weights: torch.Tensor | None = None) -> dict:
+    """SVD baseline (from the spectra: no extra pass) and, with train.baseline_mobe, the MoBE-style bank
+    (with the fit's expert weights, if any; per-expert SVD does not depend on them); each entry records its
+    own wall time `time_s` (the SVD's includes computing plain spectra if needed)."""
     N, p, d = W.shape
     layers = len(ck.moe_layers)
     stored = fit.metrics["stored_params"]
@@ -208,7 +209,8 @@ def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, 
     t = time.time()
     out["mobe"] = mobe_fit(W, layers, m_l, r, activation=cfg.bank.activation if cfg.bank.activation != "identity"
                            else "silu", steps=steps, lr=cfg.train.lr, seed=cfg.bank.seed, lam=cfg.train.ridge, dev=dev,
-                           scales=scales, progress=progress, desc=f"MoBE-style baseline {fam}", dist=dist)
+                           scales=scales, progress=progress, desc=f"MoBE-style baseline {fam}", dist=dist,
+                           weights=weights)
     out["mobe"]["time_s"] = time.time() - t
     return out
 
@@ -243,7 +245,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     except ValueError as e:
         raise GlobeError(str(e)) from None
     _check_calib_memory(cfg, ck, N)
-    if cfg.train.objective == "activation":  # a binary, empty or too-short text fails here, before any output
+    if _calibrated(cfg):  # a binary, empty or too-short text fails here, before any output
         from .calib import calib_ids
         calib_ids(ck, cfg.train.calib_text, cfg.train.calib_tokens)
     dev = str(resolve_device(cfg.train.device, "train.device"))  # 'cuda' | 'mps' | 'cpu'
@@ -269,7 +271,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     results: dict[str, dict] = {}
     ok = False
     try:
-        whiten_for, rows_for = _whitening(cfg, ck, progress)
+        whiten_for, rows_for, weights, wstats = _calibration(cfg, ck, progress)
         for fam in cfg.train.families:
             done = out / STATE / f"{fam}.done.json"
             staged = out / STATE / f"{fam}.safetensors"
@@ -285,13 +287,13 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                     return RankAWriter(dist, out / STATE, fam, family, list(ck.moe_layers),
                                        out / STATE / f"{fam}.safetensors")
                 return FamilyWriter(out / STATE / f"{fam}.safetensors", fam, family, list(ck.moe_layers))
-            fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, dev=dev, ckpt_path=ckpt,
+            fit = fit_family(W, cfg, fam, whiten=whiten_for, rows=rows, weights=weights, dev=dev, ckpt_path=ckpt,
                              log=log if lead else None, progress=progress, experts_per_layer=ck.num_experts,
                              scales=sc, sink=sink,
                              on_codes=log.codes_hook(fam), dist=dist)
             # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
             sv = read_checkpoint(ckpt, mmap=True)["sv"].clone() if whiten_for is None else None
-            base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress, dist) if cfg.train.baselines else {}
+            base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress, dist, weights) if cfg.train.baselines else {}
             if base:
                 plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"
                                                         for k, b in base.items()))
@@ -315,6 +317,8 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             meta["families"] = {f: results[f]["family_meta"] for f in cfg.train.families}
             finish_fit_dir(out, meta, list(cfg.train.families))
             summary = _summary(results, cfg, ck, dev, time.time() - t0)
+            if wstats is not None:
+                summary["expert_weights"] = wstats
             if peaks is not None:
                 summary["distributed"] = {**dist.describe(), **peaks}
             atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
@@ -387,15 +391,37 @@ def _check_calib_memory(cfg: GlobeConfig, ck: Checkpoint, N: int) -> None:
                          "use the per-layer covariance (train.calib_per_expert=false)")
 
 
-def _whitening(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
-    """(whiten callable | None, {family: row weights (N, p)} | None) for the activation objective."""
-    if cfg.train.objective != "activation":
-        return None, None
-    from .calib import calibration_stats, whitener
+def _calibrated(cfg: GlobeConfig) -> bool:
+    """Whether the fit reads cfg.train.calib_text (activation objective or routing weights)."""
+    return cfg.train.objective == "activation" or cfg.train.expert_weights == "routing"
+
+
+def _calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
+    """(whiten callable | None, {family: row weights (N, p)} | None, expert weights (N,) | None, their summary
+    record | None) from one calibration pass: whitening for the activation objective, routed-token counts
+    for train.expert_weights=routing."""
     tr = cfg.train
-    covs, per, rows = calibration_stats(ck, tr.calib_text, tr.calib_tokens, tr.calib_per_expert, tr.calib_row_weights,
-                                        progress=progress)
-    return whitener(ck, covs, per, tr.calib_per_expert), rows
+    act, routing = tr.objective == "activation", tr.expert_weights == "routing"
+    if not (act or routing):
+        return None, None, None, None
+    from .calib import calibration_stats, routing_weights, whitener
+    covs, per, rows, counts = calibration_stats(ck, tr.calib_text, tr.calib_tokens, tr.calib_per_expert,
+                                                act and tr.calib_row_weights, progress=progress, covariances=act,
+                                                counts=routing)
+    whiten = whitener(ck, covs, per, tr.calib_per_expert) if act else None
+    if not routing:
+        return whiten, rows, None, None
+    w = routing_weights(counts, tr.expert_weight_power)
+    stats = {"kind": "routing", "power": float(tr.expert_weight_power), "routed_tokens": int(counts.sum()),
+             "count_min": int(counts.min()), "count_median": float(counts.median()), "count_max": int(counts.max()),
+             "experts_without_tokens": int((counts == 0).sum()), "weight_min": float(w.min()),
+             "weight_max": float(w.max())}
+    stats["calib_tokens"] = int(counts.sum()) // max(1, ck.top_k * len(ck.moe_layers))
+    plog("expert weights: routed-token counts over %d calibration tokens: min %d, median %.0f, max %d (%d experts "
+         "never routed); weights %.3f..%.3f (power %g)", stats["calib_tokens"], stats["count_min"],
+         stats["count_median"], stats["count_max"], stats["experts_without_tokens"], stats["weight_min"],
+         stats["weight_max"], tr.expert_weight_power)
+    return whiten, rows, w, stats
 
 
 def _summary(results: dict, cfg: GlobeConfig, ck: Checkpoint, dev: str, secs: float) -> dict:
