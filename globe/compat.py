@@ -526,7 +526,8 @@ def canonical_lm_head_input(model: nn.Module) -> nn.Module:
     n = 255, 128, 1 of 256; outputs equal).
     A forward pre-hook on `get_output_embeddings()` re-views the input (B = 1: no copy; B > 1: a copy of
     the activations, never of the weight). Installed by load_model and patch_model, and by globe's eval
-    passes on any model they are given. Idempotent; outputs are unchanged."""
+    passes on any model they are given. Idempotent; outputs are unchanged for B = 1 and equal up to the
+    GEMM's float rounding for B > 1 (one GEMM on the copy instead of a batched product)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module) and not getattr(head, "_globe_canonical", False):
         head.register_forward_pre_hook(_canonical_strides)

@@ -41,7 +41,10 @@ def test_lm_head_sees_canonical_strides_and_same_logits():
     d = model.config.hidden_size
     # not (9 * d, d, 1): transformers' slice re-viewed (B = 1, no copy) or copied (B = 2, activations only)
     assert seen == [(3 * d, d, 1), (3 * d, d, 1)]
-    assert all(torch.equal(got[b], ref[b]) for b in (1, 2)) and len(model.lm_head._forward_pre_hooks) == 2
+    # B = 1: the same view, the same bits. B = 2: one GEMM on the copy instead of torch's batched product on
+    # the strided view, which may round differently (seen with transformers 5.24: 6e-8 of 0.42)
+    assert torch.equal(got[1], ref[1]) and len(model.lm_head._forward_pre_hooks) == 2
+    assert float((got[2] - ref[2]).abs().max()) <= 8 * torch.finfo(torch.float32).eps * float(ref[2].abs().max())
 
 
 def test_generate_with_the_hook_equals_plain_generate():

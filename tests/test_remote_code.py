@@ -95,7 +95,10 @@ def test_model_card_and_lm_eval_by_path(tmp_path):
 
 def test_remote_code_honours_cache_compile(tiny_dirs, tmp_path):
     """An export saved with cache.compile=true composes with the fused kernel in both loaders: the logits
-    stay equal (the eager kernel's bits may differ by one rounding)."""
+    agree to a few float32 roundings. Not bitwise: the remote loader compiles in a fresh process, while
+    this process may hold other torch threads settings and compiled kernels from earlier tests, and
+    Inductor's CPU code (its reduction order) depends on them (seen once in CI: equal to 4 decimals, not
+    in every bit). A wrong kernel or wrong codes would differ by orders of magnitude more."""
     model, src = tiny_dirs["qwen2_moe"]
     random_artifacts(model, m=4, r=6, support=3, seed=12).save(tmp_path / "arts")
     out = export(GlobeConfig.from_dict(dict(model=dict(path=str(src)), artifacts=str(tmp_path / "arts"),
@@ -107,4 +110,5 @@ def test_remote_code_honours_cache_compile(tiny_dirs, tmp_path):
     loaded = load_model(out)
     assert {loaded.globe[f].kernel for f in loaded.globe} == {"compiled"}
     with torch.no_grad():
-        assert torch.equal(remote, loaded(input_ids=ids).logits)
+        ref = loaded(input_ids=ids).logits
+    assert float((remote - ref).abs().max()) <= 16 * torch.finfo(torch.float32).eps * float(ref.abs().max())
