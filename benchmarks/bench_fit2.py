@@ -479,8 +479,11 @@ def main() -> None:
                     choices=("svd", "mobe", "activation", "routing"),
                     help="headline: what runs besides the GloBE scopes")
     ap.add_argument("--weight-powers", type=float, nargs="+", default=[0.5],
-                    help="part routing: train.expert_weight_power of each routing-weighted run")
-    ap.add_argument("--calib-tokens", type=int, default=4096, help="part routing: train.calib_tokens")
+                    help="part routing: train.expert_weight_power of each routing-weighted run (default 0.5); "
+                         "the MoBE-style bank runs with the same weights where the results already hold its "
+                         "uniform row (part mobe)")
+    ap.add_argument("--calib-tokens", type=int, default=4096,
+                    help="part routing: train.calib_tokens (default 4096)")
     ap.add_argument("--context", type=int, default=256, help="perplexity window (tokens)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(RES), help="directory of the two JSON files")

@@ -30,7 +30,8 @@ def test_routing_weights_closed_form():
     n = torch.tensor([0.0, 1.0, 3.0, 4.0])  # clamped to [1, 1, 3, 4], mean 9 / 4
     want = torch.tensor([4 / 9, 4 / 9, 12 / 9, 16 / 9])
     assert torch.allclose(routing_weights(n, 1.0), want, rtol=1e-6)
-    assert torch.allclose(routing_weights(n, 0.5), want.sqrt(), rtol=1e-6)
+    root = torch.tensor([1.0, 1.0, 3 ** 0.5, 2.0])  # power 0.5: sqrt of the clamped counts, to mean one
+    assert torch.allclose(routing_weights(n, 0.5), root / root.mean(), rtol=1e-6)
     assert torch.equal(routing_weights(n, 0.0), torch.ones(4))
 
 
@@ -108,6 +109,25 @@ def test_fit_with_routing_weights_records_its_counts(tmp_path):
     assert ew["count_min"] <= ew["count_median"] <= ew["count_max"]
     assert 0 < ew["weight_min"] <= 1 <= ew["weight_max"]
     assert s["objective"] == "weight"
+
+
+def test_a_changed_calibration_text_or_power_is_another_fit(tmp_path, capsys):
+    """The fit's identity holds the text's content, not only its path; the refusal names what differs."""
+    text = tmp_path / "calib.txt"
+    text.write_text((FIXTURE_DIR / "eval.txt").read_text()[:4000])
+    out = tmp_path / "fit"
+    args = ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={out}", "train.expert_weights=routing",
+            f"train.calib_text={text}", "train.calib_tokens=200", "train.steps=2", "train.eval_every=1",
+            "bank.m_up=8", "bank.m_gate=8", "bank.r=24", "sparsity.target_support=4", "train.device=cpu",
+            "train.families=[up]"]
+    assert main(args) == 0
+    before = (out / "summary.json").read_text()
+    text.write_text((FIXTURE_DIR / "eval.txt").read_text()[-4000:])  # same path, other words
+    msg = one_line(capsys, args)
+    assert "holds a different fit" in msg and "calib_text_sha256" in msg
+    assert (out / "summary.json").read_text() == before  # the finished fit is left as it was
+    msg = one_line(capsys, [*args, "train.expert_weight_power=1"])
+    assert "train.expert_weight_power" in msg
 
 
 def test_mobe_baseline_takes_the_same_weights(W):

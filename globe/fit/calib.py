@@ -43,7 +43,8 @@ def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int) -> torch.Tensor:
 
     body = load_text(text, "calibration text")
     tok = compat.load_tokenizer(ck.dir, "calibration")
-    ids = tok(body, return_tensors="pt")["input_ids"][0][:n_tokens]
+    ids = tok(body, return_tensors="pt", verbose=False)["input_ids"][0][:n_tokens]  # no "longer than" warning:
+    # the text is cut into windows of train.calib_tokens / context, never fed whole
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
     return ids
@@ -200,14 +201,14 @@ class _Counts:
 
 def routing_weights(counts: torch.Tensor, power: float) -> torch.Tensor:
     """Per-expert weights (N,) fp32 of the fit's objective from routed-token counts (N,):
-    w_i = (max(n_i, 1) / mean_j max(n_j, 1)) ^ power, so mean-one for power 1 and never zero (an expert the
-    calibration text never reaches keeps a small weight and is still fitted). The expected output error of
+    w_i proportional to max(n_i, 1) ^ power, scaled to mean one: never zero (an expert the calibration text
+    never reaches keeps a small weight and is still fitted). The expected output error of
     expert i is its routed tokens times its per-token error, so power 1 weighs the relative weight error by
     its first-order share of the layer's output error; power 0.5 (default) hedges against counts from a
     short or off-domain calibration text (measured on fixture 2: benchmarks/bench_fit2.py, part `routing`).
     """
-    n = counts.double().clamp_min(1.0)
-    return (n / n.mean()).pow(float(power)).float()
+    w = (counts.double().clamp_min(1.0) / counts.double().clamp_min(1.0).mean()).pow(float(power))
+    return (w / w.mean()).float()
 
 
 def _both(*collectors):

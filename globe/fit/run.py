@@ -67,8 +67,22 @@ def fingerprint(cfg: GlobeConfig, ck: Checkpoint) -> dict[str, Any]:
     model = {"config_sha": hashlib.sha256(json.dumps(ck.config, sort_keys=True).encode()).hexdigest(),
              "files": {f.name: f.stat().st_size for f in ck.files}}
     body = {"model": model, "bank": d["bank"], "sparsity": d["sparsity"], "train": train}
+    if _calibrated(cfg):  # the text's content, not only its path: counts and covariances come from it
+        body["calib_text_sha256"] = hashlib.sha256(Path(str(cfg.train.calib_text)).read_bytes()).hexdigest()
     return {"sha": hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest(),
             "source": str(ck.dir), **body}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Dotted names of the fingerprint entries that differ between two runs (e.g. train.expert_weights)."""
+    out = []
+    for sec in sorted((set(old) | set(new)) - {"sha", "source"}):
+        a, b = old.get(sec), new.get(sec)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{sec}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(sec)
+    return out
 
 
 def _claim(out: Path, fp: dict) -> bool:
@@ -81,8 +95,10 @@ def _claim(out: Path, fp: dict) -> bool:
         except json.JSONDecodeError:
             old = {}
         if old.get("sha") != fp["sha"]:
-            raise GlobeError(f"output_dir {out} holds a different fit (other model or config); "
-                             "choose a new output_dir or delete it")
+            diff = _differences(old, json.loads(json.dumps(fp, default=str)))
+            what = f" (differs in {', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})" if diff else \
+                " (other model or config)"
+            raise GlobeError(f"output_dir {out} holds a different fit{what}; choose a new output_dir or delete it")
         return False
     if out.exists() and any(out.iterdir()):
         raise GlobeError(f"output_dir {out} is not empty and holds no GloBE fit of this run; refusing to overwrite")
@@ -417,10 +433,10 @@ def _calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None)
              "experts_without_tokens": int((counts == 0).sum()), "weight_min": float(w.min()),
              "weight_max": float(w.max())}
     stats["calib_tokens"] = int(counts.sum()) // max(1, ck.top_k * len(ck.moe_layers))
-    plog("expert weights: routed-token counts over %d calibration tokens: min %d, median %.0f, max %d (%d experts "
-         "never routed); weights %.3f..%.3f (power %g)", stats["calib_tokens"], stats["count_min"],
-         stats["count_median"], stats["count_max"], stats["experts_without_tokens"], stats["weight_min"],
-         stats["weight_max"], tr.expert_weight_power)
+    plog("expert weights: routed-token counts over %d calibration tokens: min %d, median %.0f, max %d, never "
+         "routed: %d of %d experts; weights (mean one) %.3f..%.3f (power %g)", stats["calib_tokens"],
+         stats["count_min"], stats["count_median"], stats["count_max"], stats["experts_without_tokens"],
+         counts.numel(), stats["weight_min"], stats["weight_max"], tr.expert_weight_power)
     return whiten, rows, w, stats
 
 
