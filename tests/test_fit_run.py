@@ -114,11 +114,24 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, wh
     assert len(steps) == len(set(steps))  # no duplicated log lines after resume
 
 
+def test_interruption_before_the_first_checkpoint_leaves_a_rerunnable_dir(model_dir, tmp_path, monkeypatch):
+    """Ctrl-C at step 3 of 100-step checkpoints, with metrics logged every step: nothing to resume from, so the
+    claim and this run's log go (a kept log blocked the rerun as a foreign file); the rerun fits normally."""
+    import globe.fit.loop as loop
+    out = tmp_path / "early"
+    cfg = make_cfg(model_dir, out, train__checkpoint_every=100, train__log_every=1)
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(loop, "before_step", kill_at({"up": 3}))
+        run(cfg)
+    assert not out.exists()
+    assert run(cfg)["families"]["up"]["steps_run"] == cfg.train.steps
+
+
 def test_different_run_in_output_dir_is_refused(model_dir, tmp_path):
     out = tmp_path / "o"
     run(make_cfg(model_dir, out))
     before = (out / "globe-up.safetensors").read_bytes()
-    with pytest.raises(GlobeError, match="different"):
+    with pytest.raises(GlobeError, match=r"different fit \(differs in bank\.m_up\)"):
         run(make_cfg(model_dir, out, bank__m_up=5))
     assert (out / "globe-up.safetensors").read_bytes() == before
     other = tmp_path / "busy"

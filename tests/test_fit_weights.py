@@ -30,8 +30,7 @@ def test_routing_weights_closed_form():
     n = torch.tensor([0.0, 1.0, 3.0, 4.0])  # clamped to [1, 1, 3, 4], mean 9 / 4
     want = torch.tensor([4 / 9, 4 / 9, 12 / 9, 16 / 9])
     assert torch.allclose(routing_weights(n, 1.0), want, rtol=1e-6)
-    root = torch.tensor([1.0, 1.0, 3 ** 0.5, 2.0])  # power 0.5: sqrt of the clamped counts, to mean one
-    assert torch.allclose(routing_weights(n, 0.5), root / root.mean(), rtol=1e-6)
+    assert torch.allclose(routing_weights(n, 0.5), want.sqrt(), rtol=1e-6)
     assert torch.equal(routing_weights(n, 0.0), torch.ones(4))
 
 
@@ -69,10 +68,17 @@ def test_heavy_experts_are_fitted_better(W):
 
 
 @pytest.mark.parametrize("w", [torch.ones(63), torch.zeros(64), torch.full((64,), float("nan")),
-                               torch.tensor([-1.0] + [1.0] * 63)])
+                               torch.tensor([-1.0] + [1.0] * 63), torch.ones(64, 1), torch.ones(8, 8)])
 def test_bad_weights_are_refused(W, w):
-    with pytest.raises(GlobeError, match="expert weights must be 64 positive finite numbers"):
+    with pytest.raises(GlobeError, match=r"expert weights must be 64 positive finite numbers, shape \(64,\)"):
         fit_family(W, cfg(steps=1), "up", weights=w)
+
+
+def test_huge_weights_do_not_overflow_to_zero(W):
+    """3e38 each: their fp32 mean overflows; rescaled by the largest first, they are all one."""
+    a = fit_family(W, cfg(steps=4), "up")
+    b = fit_family(W, cfg(steps=4), "up", weights=torch.full((W.shape[0],), 3e38))
+    assert torch.equal(a.artifact.bank, b.artifact.bank)
 
 
 @pytest.mark.parametrize("train, key", [({"expert_weights": "routing"}, "train.calib_text"),
@@ -144,3 +150,14 @@ def test_mobe_baseline_takes_the_same_weights(W):
     def err(x):
         return ((W - x["W_hat"]).pow(2).sum((1, 2)) / W.pow(2).sum((1, 2))).sqrt()
     assert err(c)[heavy].mean() < 0.97 * err(a)[heavy].mean()
+
+
+def test_inert_settings_are_noted(tmp_path, caplog):
+    """A power without routing weights, or a text nothing reads, is said, not silently dropped."""
+    import logging
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "train.expert_weight_power=1",
+                     f"train.calib_text={FIXTURE_DIR / 'eval.txt'}", "train.steps=1", "train.families=[up]",
+                     "bank.m_up=8", "bank.r=24", "sparsity.target_support=4", "train.device=cpu"]) == 0
+    assert "train.expert_weight_power=1 has no effect" in caplog.text
+    assert "this fit does not use it" in caplog.text

@@ -201,14 +201,15 @@ class _Counts:
 
 def routing_weights(counts: torch.Tensor, power: float) -> torch.Tensor:
     """Per-expert weights (N,) fp32 of the fit's objective from routed-token counts (N,):
-    w_i proportional to max(n_i, 1) ^ power, scaled to mean one: never zero (an expert the calibration text
-    never reaches keeps a small weight and is still fitted). The expected output error of
+    w_i = (max(n_i, 1) / mean_j max(n_j, 1)) ^ power (fit_family rescales them to mean one over the live
+    experts): never zero (an expert the calibration text never reaches keeps a small weight and is still
+    fitted). The expected output error of
     expert i is its routed tokens times its per-token error, so power 1 weighs the relative weight error by
     its first-order share of the layer's output error; power 0.5 (default) hedges against counts from a
     short or off-domain calibration text (measured on fixture 2: benchmarks/bench_fit2.py, part `routing`).
     """
-    w = (counts.double().clamp_min(1.0) / counts.double().clamp_min(1.0).mean()).pow(float(power))
-    return (w / w.mean()).float()
+    n = counts.double().clamp_min(1.0)
+    return (n / n.mean()).pow(float(power)).float()
 
 
 def _both(*collectors):

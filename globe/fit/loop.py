@@ -243,10 +243,14 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     if not bool(live.any()):
         raise GlobeError(f"family {fam}: every routed expert is zero; nothing to fit")
     if weights is not None:
-        weights = weights.detach().float().cpu().reshape(-1)
-        if weights.numel() != N or not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
-            raise GlobeError(f"family {fam}: expert weights must be {N} positive finite numbers")
-        weights = weights / weights[live].mean()
+        weights = torch.as_tensor(weights).detach().float().cpu()
+        if weights.shape != (N,) or not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
+            raise GlobeError(f"family {fam}: expert weights must be {N} positive finite numbers, shape ({N},)")
+        mean = weights[live].mean()
+        if not bool(torch.isfinite(mean)):  # huge weights overflow the fp32 mean: scale by the largest first
+            weights = weights / weights.max()
+            mean = weights[live].mean()
+        weights = weights / mean
     state = dist.load_state(ckpt_path) if ckpt_path else None  # [dist] + this rank's A
     resumed = state is not None
     if state is None:

@@ -55,7 +55,8 @@ def _validate(cfg: GlobeConfig) -> None:
         raise GlobeError("output_dir: required for fit")
     check_writable(cfg.output_dir, what="output_dir")  # read-only, not ours, a file in the way: before any work
     if _calibrated(cfg) and not Path(str(cfg.train.calib_text)).is_file():
-        raise GlobeError(f"train.calib_text: file not found: {cfg.train.calib_text}")
+        what = "is a directory, not a text file" if Path(str(cfg.train.calib_text)).is_dir() else "file not found"
+        raise GlobeError(f"train.calib_text: {what}: {cfg.train.calib_text}")
     if wandb_on(cfg):
         require_wandb(cfg)  # fail before any work: package missing, online without credentials
 
@@ -64,11 +65,15 @@ def fingerprint(cfg: GlobeConfig, ck: Checkpoint) -> dict[str, Any]:
     """What makes two runs the same: the model (config + weight file sizes) and result-relevant config."""
     d = cfg.to_dict()
     train = {k: v for k, v in d["train"].items() if k not in _NOT_RESULT}
+    if train.get("expert_weights") == "uniform":  # inert: a uniform fit keeps the identity it had before them
+        train.pop("expert_weights")
+        train.pop("expert_weight_power", None)
     model = {"config_sha": hashlib.sha256(json.dumps(ck.config, sort_keys=True).encode()).hexdigest(),
              "files": {f.name: f.stat().st_size for f in ck.files}}
     body = {"model": model, "bank": d["bank"], "sparsity": d["sparsity"], "train": train}
-    if _calibrated(cfg):  # the text's content, not only its path: counts and covariances come from it
+    if _calibrated(cfg):  # the text's content, not its path (relative or absolute, moved or edited)
         body["calib_text_sha256"] = hashlib.sha256(Path(str(cfg.train.calib_text)).read_bytes()).hexdigest()
+        train.pop("calib_text", None)
     return {"sha": hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest(),
             "source": str(ck.dir), **body}
 
@@ -109,16 +114,15 @@ def _claim(out: Path, fp: dict) -> bool:
 
 def _unclaim(out: Path, existed: bool) -> None:
     """After a fit that failed before saving anything to resume from (bad weights, an error in the first
-    steps, Ctrl-C): remove the claim and the empty metrics log this run wrote, and output_dir itself when
-    this run created it and nothing else is in it. Any checkpoint or finished family keeps everything."""
+    steps, Ctrl-C before the first checkpoint): remove the claim and the metrics log this run wrote (its steps
+    will be redone; a kept log would block the rerun as a foreign file), and output_dir itself when this run
+    created it and nothing else is in it. Any checkpoint or finished family keeps everything."""
     state = out / STATE
     if not state.is_dir() or any(f.name != "run.json" for f in state.iterdir()):
         return
     (state / "run.json").unlink(missing_ok=True)
     state.rmdir()
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size == 0:
-        metrics.unlink()
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # only this run wrote it: it made the claim
     if not existed and not any(out.iterdir()):
         out.rmdir()
 
@@ -254,6 +258,13 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     """
     t0 = time.time()
     _validate(cfg)
+    tr = cfg.train
+    if tr.expert_weights == "uniform" and float(tr.expert_weight_power) != 0.5:
+        plog("note: train.expert_weight_power=%g has no effect with train.expert_weights=uniform",
+             tr.expert_weight_power)
+    if tr.calib_text and not _calibrated(cfg):
+        plog("note: train.calib_text is read only with train.objective=activation or train.expert_weights=routing; "
+             "this fit does not use it")
     ck = Checkpoint(cfg.model.path, cfg.model.revision)  # headers only: no weight is read here
     N = len(ck.moe_layers) * ck.num_experts
     try:
@@ -428,10 +439,11 @@ def _calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None)
     if not routing:
         return whiten, rows, None, None
     w = routing_weights(counts, tr.expert_weight_power)
+    shown = w.double() / w.double().mean()  # as the fit uses them: mean one (over the live experts there)
     stats = {"kind": "routing", "power": float(tr.expert_weight_power), "routed_tokens": int(counts.sum()),
              "count_min": int(counts.min()), "count_median": float(counts.median()), "count_max": int(counts.max()),
-             "experts_without_tokens": int((counts == 0).sum()), "weight_min": float(w.min()),
-             "weight_max": float(w.max())}
+             "experts_without_tokens": int((counts == 0).sum()), "weight_min": float(shown.min()),
+             "weight_max": float(shown.max())}
     stats["calib_tokens"] = int(counts.sum()) // max(1, ck.top_k * len(ck.moe_layers))
     plog("expert weights: routed-token counts over %d calibration tokens: min %d, median %.0f, max %d, never "
          "routed: %d of %d experts; weights (mean one) %.3f..%.3f (power %g)", stats["calib_tokens"],
