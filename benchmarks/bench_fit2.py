@@ -65,6 +65,7 @@ from globe.config import GlobeConfig  # noqa: E402
 from globe.eval.perplexity import tokenize  # noqa: E402
 from globe.fit.baselines import mobe_fit  # noqa: E402
 from globe.fit.budget import globe_params, mobe_params, mobe_rank, svd_rank  # noqa: E402
+from globe.fit.calib import routing_counts, routing_weights  # noqa: E402
 from globe.fit.loop import fit_family  # noqa: E402
 from globe.fit.run import run_fit  # noqa: E402
 from globe.fit.share import n_banks  # noqa: E402
@@ -223,6 +224,7 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
     runs = ev.setdefault("runs", {})
     head = res.setdefault("headline", {})
     tok_tag = "" if a.calib_tokens == 4096 else f"_t{a.calib_tokens}"  # routing runs: counts from other lengths
+    counts = None  # routed-token counts of the calibration half (part routing, MoBE-style rows)
 
     def record(key: str, row: dict, Wh: dict | None) -> None:
         if Wh is not None:
@@ -319,8 +321,9 @@ def headline(a, ck: Checkpoint, res: dict, ev: dict) -> None:
                 key = f"mobe_routing_p{pw:g}{tok_tag}@{tag}"
                 if key in runs:
                     continue
-                from globe.fit.calib import routing_counts, routing_weights
-                wts = routing_weights(routing_counts(ck, calib, a.calib_tokens, progress=False), pw)
+                if counts is None:  # one calibration pass for every power and budget of this call
+                    counts = routing_counts(ck, calib, a.calib_tokens, progress=False)
+                wts = routing_weights(counts, pw)
                 m_l, t, out = hb["mobe"]["m_per_layer"], time.time(), {}
                 for f in FAMS:
                     out[f] = mobe_fit(W[f], L, m_l, hb["mobe"][f]["r"], activation="silu", steps=a.steps, lr=0.03,

@@ -150,6 +150,8 @@ def test_mobe_baseline_takes_the_same_weights(W):
     def err(x):
         return ((W - x["W_hat"]).pow(2).sum((1, 2)) / W.pow(2).sum((1, 2))).sqrt()
     assert err(c)[heavy].mean() < 0.97 * err(a)[heavy].mean()
+    with pytest.raises(GlobeError, match="MoBE-style baseline: expert weights must be 64 positive"):
+        mobe_fit(W, 4, 4, 24, weights=torch.zeros(W.shape[0]), **kw)
 
 
 def test_inert_settings_are_noted(tmp_path, caplog):

@@ -22,7 +22,7 @@ import torch
 from ..maps import get_activation
 from ..progress import Progress
 from .budget import mobe_params
-from .init import expert_scales, inv_scales, quiet
+from .init import expert_scales, inv_scales, mean_one, quiet
 from .solve import ridge_A
 
 
@@ -53,8 +53,7 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
     s = expert_scales(W) if scales is None else scales.float()
     inv = inv_scales(s)
     dead = inv == 0
-    w = torch.ones(N) if weights is None else weights.detach().float().cpu().reshape(-1)
-    w = w / w[~dead].mean() if bool((~dead).any()) else w
+    w = None if weights is None else mean_one(weights, ~dead, "MoBE-style baseline")
     phi = get_activation(activation).fn
     gen = torch.Generator().manual_seed(int(seed))
     res = torch.zeros(N, dtype=torch.float64)
@@ -74,7 +73,7 @@ def mobe_fit(W: torch.Tensor, layers: int, m_l: int, r: int, *, activation: str 
             M0 = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
             A = ridge_A(Wl, M0, lam).requires_grad_()
         opt = torch.optim.Adam([B, z, A], lr=lr)
-        wl = None if weights is None else w[sl].to(dev)[:, None, None]
+        wl = None if w is None else w[sl].to(dev)[:, None, None]
         for _ in range(steps):
             M = phi((torch.softmax(z, -1) @ B.reshape(m_l, -1)).reshape(E, r, d))
             loss = (Wl - A @ M).pow(2).mean() if wl is None else ((Wl - A @ M).pow(2) * wl).mean()

@@ -89,6 +89,23 @@ def live_experts(s: torch.Tensor) -> torch.Tensor:
     return (s > 0) & (s > DEAD_REL * med)
 
 
+def mean_one(weights, live: torch.Tensor, where: str) -> torch.Tensor:
+    """Expert weights (N,) -> fp32, rescaled to mean one over the live experts (N,) bool; GlobeError naming
+    `where` unless they are N positive finite numbers. Huge weights (their fp32 mean overflows) are scaled
+    by the largest first, so they are never turned into zeros."""
+    N = live.numel()
+    w = torch.as_tensor(weights).detach().float().cpu()
+    if w.shape != (N,) or not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+        raise GlobeError(f"{where}: expert weights must be {N} positive finite numbers, shape ({N},)")
+    if not bool(live.any()):
+        return w
+    mean = w[live].mean()
+    if not bool(torch.isfinite(mean)):
+        w = w / w.max()
+        mean = w[live].mean()
+    return w / mean
+
+
 def inv_scales(s: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
     """1 / s_i for live experts, 0 for dead ones (their normalised weights become exactly zero)."""
     live = live_experts(s) if live is None else live

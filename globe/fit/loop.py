@@ -36,7 +36,7 @@ from ..progress import Progress, log
 from .budget import fit_rank
 from .codes import FitOptimizer, code_pass
 from .dist import Dist
-from .init import check_finite, expert_scales, inv_scales, live_experts, quiet
+from .init import check_finite, expert_scales, inv_scales, live_experts, mean_one, quiet
 from .model import GlobeParams
 from .share import expert_banks, layer_banks, warm_start_banks
 from .solve import ridge_A
@@ -243,14 +243,7 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
     if not bool(live.any()):
         raise GlobeError(f"family {fam}: every routed expert is zero; nothing to fit")
     if weights is not None:
-        weights = torch.as_tensor(weights).detach().float().cpu()
-        if weights.shape != (N,) or not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
-            raise GlobeError(f"family {fam}: expert weights must be {N} positive finite numbers, shape ({N},)")
-        mean = weights[live].mean()
-        if not bool(torch.isfinite(mean)):  # huge weights overflow the fp32 mean: scale by the largest first
-            weights = weights / weights.max()
-            mean = weights[live].mean()
-        weights = weights / mean
+        weights = mean_one(weights, live, f"family {fam}")
     state = dist.load_state(ckpt_path) if ckpt_path else None  # [dist] + this rank's A
     resumed = state is not None
     if state is None:

@@ -72,7 +72,11 @@ def fingerprint(cfg: GlobeConfig, ck: Checkpoint) -> dict[str, Any]:
              "files": {f.name: f.stat().st_size for f in ck.files}}
     body = {"model": model, "bank": d["bank"], "sparsity": d["sparsity"], "train": train}
     if _calibrated(cfg):  # the text's content, not its path (relative or absolute, moved or edited)
-        body["calib_text_sha256"] = hashlib.sha256(Path(str(cfg.train.calib_text)).read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        with open(str(cfg.train.calib_text), "rb") as f:  # in 1 MiB pieces: a large corpus is never held whole
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
+        body["calib_text_sha256"] = digest.hexdigest()
         train.pop("calib_text", None)
     return {"sha": hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest(),
             "source": str(ck.dir), **body}
