@@ -501,6 +501,9 @@ def main() -> None:
     torch.manual_seed(0)
     ck = Checkpoint(a.model)
     res, ev = load(FIT_JSON), load(EVAL_JSON)
+    if a.stage in ("report", "headline") and not res.get("grid", {}).get("rows"):
+        ap.error(f"--stage {a.stage}: {FIT_JSON} holds no grid; run --stage grid first (or point --results at a "
+                 "directory that holds one: the committed benchmarks/results)")
     res.update({"model": ck.dir.name, "N": len(ck.moe_layers) * ck.num_experts, "layers": len(ck.moe_layers),
                 "experts_per_layer": ck.num_experts, "p": ck.p, "d": ck.hidden_size, "threads": a.threads})
     res.setdefault("loadavg_start", {})[a.stage] = os.getloadavg()

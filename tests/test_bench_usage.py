@@ -35,6 +35,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_phi.py", "--out", "/etc/passwd/x.json"], "is a file"),
     (["bench_fit2.py", "--stage", "report", "--weight-powers", "3"], "--weight-powers"),
     (["bench_fit2.py", "--stage", "report", "--calib-tokens", "1"], "--calib-tokens"),
+    (["bench_fit2.py", "--stage", "report", "--results", "."], "holds no grid"),
+    (["bench_fit2.py", "--stage", "headline", "--results", "."], "holds no grid"),
 ])
 def test_bad_arguments_exit_2(argv, words, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,

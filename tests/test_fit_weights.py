@@ -115,6 +115,22 @@ def test_fit_with_routing_weights_records_its_counts(tmp_path):
     assert ew["count_min"] <= ew["count_median"] <= ew["count_max"]
     assert 0 < ew["weight_min"] <= 1 <= ew["weight_max"]
     assert s["objective"] == "weight"
+    # a rerun of the finished fit reads no calibration text (the pass costs a forward at full size) and
+    # keeps the counts it recorded
+    import globe.fit.calib as calib
+
+    def boom(*a, **k):
+        raise AssertionError("calibration pass on a finished fit")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(calib, "calibration_stats", boom)
+    try:
+        assert main(["fit", f"model.path={FIXTURE_DIR}", f"output_dir={out}", "train.expert_weights=routing",
+                     f"train.calib_text={FIXTURE_DIR / 'eval.txt'}", f"train.calib_tokens={tokens}",
+                     "train.steps=4", "train.eval_every=2", "bank.m_up=8", "bank.m_gate=8", "bank.r=24",
+                     "sparsity.target_support=4", "train.device=cpu"]) == 0
+    finally:
+        mp.undo()
+    assert json.loads((out / "summary.json").read_text())["expert_weights"] == ew
 
 
 def test_a_changed_calibration_text_or_power_is_another_fit(tmp_path, capsys):

@@ -302,13 +302,16 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     results: dict[str, dict] = {}
     ok = False
     try:
-        whiten_for, rows_for, weights, wstats = _calibration(cfg, ck, progress)
+        cal: list = []  # the calibration pass runs once, and only if a family is still to fit (not on a rerun)
         for fam in cfg.train.families:
             done = out / STATE / f"{fam}.done.json"
             staged = out / STATE / f"{fam}.safetensors"
             if dist.on_rank0(lambda done=done, staged=staged, fam=fam: done.is_file() and (
                     staged.is_file() or (out / family_file(fam)).is_file())):
                 continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
+            if not cal:
+                cal.extend(_calibration(cfg, ck, progress))
+            whiten_for, rows_for, weights, wstats = cal
             ckpt = out / STATE / f"{fam}.ckpt.pt"
             log.rewind(fam, read_checkpoint(ckpt, mmap=True)["step"] if lead and ckpt.is_file() else 0)  # no A read
             W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress, dist)
@@ -330,7 +333,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                                                         for k, b in base.items()))
             _check_diverged(fam, fit, cfg)
             res = {"metrics": {**fit.metrics, **plans[fam].as_dict()}, "baselines": base,
-                   "family_meta": fit.artifact.family_meta()}
+                   "family_meta": fit.artifact.family_meta(), "expert_weights": wstats}
             if lead:
                 atomic_write(done, lambda p, res=res: Path(p).write_text(json.dumps(res, indent=1)))
             log.family_done(fam, fit)
@@ -348,6 +351,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             meta["families"] = {f: results[f]["family_meta"] for f in cfg.train.families}
             finish_fit_dir(out, meta, list(cfg.train.families))
             summary = _summary(results, cfg, ck, dev, time.time() - t0)
+            wstats = next((r["expert_weights"] for r in results.values() if r.get("expert_weights")), None)
             if wstats is not None:
                 summary["expert_weights"] = wstats
             if peaks is not None:
