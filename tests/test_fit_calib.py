@@ -11,7 +11,7 @@ from globe.fit.calib import row_weights
 from globe.fit.loop import evaluate
 from globe.fit.model import GlobeParams
 from globe.io.checkpoint import Checkpoint
-from globe.testing.models import TINY, fixture_path
+from globe.testing.models import FIXTURE_DIR, TINY, fixture_path
 
 
 def test_row_weights_match_direct_computation(tmp_path):
@@ -161,3 +161,27 @@ def test_per_expert_covariances_too_big_are_refused_before_any_work(tmp_path):
     with pytest.raises(GlobeError, match=r"train\.calib_per_expert: per-expert covariances of 64 experts need"):
         run_fit(cfg, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("n", [2, 300, 4096, 9000, 10 ** 6])
+@pytest.mark.parametrize("lines", [True, False])
+@pytest.mark.parametrize("guess", [8, 0.01])
+def test_calibration_ids_are_the_whole_texts_first_tokens(tmp_path, monkeypatch, n, lines, guess):
+    """calib_ids tokenizes only a prefix of the text (grown until it holds n tokens and a margin): its ids
+    equal the first n of the whole text's, with line ends and on one long line, below and above the text's
+    length, from a first prefix long enough or far too short (a wrong cut would drop or change tokens at
+    the prefix's end)."""
+    from globe import compat
+    from globe.fit import calib
+
+    monkeypatch.setattr(calib, "CHARS_PER_TOKEN", guess)  # 0.01: the prefix is doubled many times
+
+    body = (FIXTURE_DIR / "eval.txt").read_text()
+    if not lines:
+        body = body.replace("\n", " ")
+    text = tmp_path / "calib.txt"
+    text.write_text(body)
+    tok = compat.load_tokenizer(FIXTURE_DIR, "calibration")
+    whole = tok(body, return_tensors="pt", verbose=False)["input_ids"][0]
+    got = calib.calib_ids(Checkpoint(FIXTURE_DIR), text, n)
+    assert torch.equal(got, whole[:n])

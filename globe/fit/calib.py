@@ -36,15 +36,31 @@ def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
     return L.float()
 
 
-def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int) -> torch.Tensor:
-    """Token ids (t,) of the first n_tokens of `text`, with the checkpoint's own tokenizer."""
+CHARS_PER_TOKEN = 8  # first guess of the prefix calib_ids tokenizes (English BPE gives about 4 per token)
+
+
+def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int, margin: int = 64) -> torch.Tensor:
+    """Token ids (t,) of the first n_tokens of `text`, with the checkpoint's own tokenizer.
+
+    Only a prefix of the text is tokenized (a calibration corpus may be far longer than n_tokens): one
+    that ends at a line end and yields at least n_tokens + margin tokens, doubled until it does or is the
+    whole text, so the tokens kept lie well before the cut and equal those of the whole text (the cut can
+    only change the tokens of its last words; tests/test_fit_calib.py compares with the whole text).
+    """
     from .. import compat
     from ..io.text import load_text
 
     body = load_text(text, "calibration text")
     tok = compat.load_tokenizer(ck.dir, "calibration")
-    ids = tok(body, return_tensors="pt", verbose=False)["input_ids"][0][:n_tokens]  # no "longer than" warning:
-    # the text is cut into windows of train.calib_tokens / context, never fed whole
+    size = max(64, int(CHARS_PER_TOKEN * (n_tokens + margin)))  # characters of the first prefix tried
+    while True:
+        end = len(body) if size >= len(body) else (body.rfind("\n", 0, size) + 1 or size)
+        ids = tok(body[:end], return_tensors="pt", verbose=False)["input_ids"][0]  # no "longer than"
+        # warning: the text is cut into windows of train.calib_tokens / context, never fed whole
+        if end >= len(body) or ids.numel() >= n_tokens + margin:
+            break
+        size *= 2
+    ids = ids[:n_tokens]
     if ids.numel() < 2:
         raise GlobeError(f"calibration text {text} has fewer than 2 tokens")
     return ids
