@@ -113,7 +113,7 @@ class Progress:
             return
         self._start(use_bar)
 
-    def _start(self, use_bar: bool) -> None:
+    def _start(self, use_bar: bool, late_s: float = 0.0) -> None:
         total, desc, unit = self.total, self.desc, self._raw_unit
         if use_bar:
             from tqdm.auto import tqdm
@@ -121,7 +121,8 @@ class Progress:
                              unit_scale=self.scale if self.scale != 1.0 else False)
         else:
             tot = f" of {self._fmt(total)} {self.unit}" if total else ""
-            get_logger().info("%s: started%s", desc, tot)
+            ago = f" {fmt_duration(late_s)} ago" if late_s else ""  # a quiet phase revealed late says when it began
+            get_logger().info("%s: started%s%s", desc, ago, tot)
             if self.every_s > 0:  # one update can take minutes (a chunk of a full-size family on a busy CPU)
                 self._stop = threading.Event()
                 threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop, self.every_s),
@@ -144,7 +145,7 @@ class Progress:
             if self.every_s <= 0 or time.monotonic() - self.t0 < self.every_s:
                 return
             self.quiet = False  # a quiet phase that outlasted one interval: report it from here on
-            self._start(False)
+            self._start(False, time.monotonic() - self.t0)
             self.last = self.t0  # so the line below goes out now
         if self._bar is not None:
             self._bar.update(k)

@@ -143,7 +143,8 @@ def test_a_quiet_phase_that_runs_long_starts_reporting(caplog, monkeypatch):
     time.sleep(0.1)
     slow.update(1)
     got = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow")]
-    assert got[0] == "slow: started of 3 steps" and got[1].startswith("slow: 2/3 steps"), got
+    assert got[0].startswith("slow: started ") and got[0].endswith(" ago of 3 steps"), got  # when it began
+    assert got[1].startswith("slow: 2/3 steps"), got
     slow.update(1)
     slow.close()
     assert caplog.records[-1].getMessage().startswith("slow: done")

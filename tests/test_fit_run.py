@@ -97,7 +97,9 @@ def kill_at(where: dict[str, int]):
 
 
 @pytest.mark.parametrize("where", [{"up": 7}, {"gate": 13}])
-def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, where, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, where, monkeypatch, caplog):
+    import logging
+
     import globe.fit.loop as loop
     ref = run(make_cfg(model_dir, tmp_path / "ref"))
     out = tmp_path / "int"
@@ -105,7 +107,10 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, wh
         mp.setattr(loop, "before_step", kill_at(where))
         run(make_cfg(model_dir, out))
     assert not (out / "summary.json").exists()
-    res = run(make_cfg(model_dir, out))
+    with caplog.at_level(logging.INFO, logger="globe"):
+        res = run(make_cfg(model_dir, out))
+    assert ("fit up: finished earlier" in caplog.text) == ("gate" in where)  # the resume says what it kept
+    assert "fit gate: finished earlier" not in caplog.text
     for fam in ("up", "gate"):
         assert res["families"][fam]["rel_fro_error"] == ref["families"][fam]["rel_fro_error"]
     t1, t2 = tensors(tmp_path / "ref"), tensors(out)

@@ -218,3 +218,19 @@ def test_inspect_a_globe_export(tiny_dirs, tmp_path, capsys):
         assert info["families"][f]["banks"] == 2 and info["families"][f]["nnz"] == fa.nnz()
     assert main(["inspect", str(out)]) == 0
     assert "globe export of a qwen2_moe model (bf16)" in capsys.readouterr().out
+
+
+def test_export_reports_its_size_against_the_source_files(tmp_path, caplog):
+    """The logged ratio compares files with files: a dense export in the source's dtype is the same size (it
+    read 0.976 when tensor bytes were divided by whole files, headers included)."""
+    import logging
+
+    from globe.testing.models import FIXTURE_DIR
+
+    arts = random_artifacts(compat.load_pretrained(FIXTURE_DIR, torch.float32), m=4, r=6, support=2, seed=3)
+    arts.save(tmp_path / "arts")
+    with caplog.at_level(logging.INFO, logger="globe"):
+        out = export(_cfg(FIXTURE_DIR, tmp_path / "arts", tmp_path / "d", format="dense", dtype="bf16"))
+    src = sum(f.stat().st_size for f in FIXTURE_DIR.glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in out.glob("*.safetensors")) == src
+    assert "ratio 1.000" in caplog.text

@@ -308,6 +308,8 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             staged = out / STATE / f"{fam}.safetensors"
             if dist.on_rank0(lambda done=done, staged=staged, fam=fam: done.is_file() and (
                     staged.is_file() or (out / family_file(fam)).is_file())):
+                if lead:
+                    plog("fit %s: finished earlier in %s (same settings): kept, not refitted", fam, out)
                 continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
             if not cal:
                 cal.extend(_calibration(cfg, ck, progress))

@@ -129,8 +129,10 @@ def export(model: str | os.PathLike, artifacts: str | os.PathLike | Sequence[str
             write_remote_files(tmp, conf, [str(a) for a in artifacts] if isinstance(artifacts, (list, tuple))
                                else str(artifacts))
         _copy_side_files(ck.dir, tmp)
-    log("exported %s model to %s: %.2f GB of weights in %s (the source's are %.2f GB on disk: ratio %.3f)",
-        ecfg.format, out, total / 1e9, ecfg.dtype, ck.bytes_on_disk() / 1e9, total / max(1, ck.bytes_on_disk()))
+    written = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))  # files against files, headers in
+    log("exported %s model to %s: %.2f GB of weights in %s, %.2f GB of safetensors files against the source's "
+        "%.2f GB: ratio %.3f", ecfg.format, out, total / 1e9, ecfg.dtype, written / 1e9, ck.bytes_on_disk() / 1e9,
+        written / max(1, ck.bytes_on_disk()))
     return out
 
 
