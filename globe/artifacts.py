@@ -438,12 +438,29 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
             codes = dense_codes(take(key(f, "indptr")), take(key(f, "indices")), take(key(f, "values")),
                                 bank.shape[1], f"artifact family {f}")
             cs = take(key(f, "col_scale")).to(dev) if fm.get("col_scale") else None
-            fams[f] = Family(bank=bank, codes=codes.to(dev), gain=take(key(f, "gain")).float(),
+            gain = take(key(f, "gain")).float()
+            if tuple(gain.shape) != (bank.shape[0],) or not bool(torch.isfinite(gain).all() and (gain != 0).all()):
+                raise GlobeError(f"artifact family {f}: gain {gain.tolist()} is not one finite nonzero value per bank "
+                                 f"({bank.shape[0]}) (damaged file; a zero gain makes every expert zero)")
+            act = fm.get("activation", "silu")
+            try:
+                get_activation(act)
+            except GlobeError as e:
+                raise GlobeError(f"artifact family {f}: {e} (damaged globe_config.json)") from None
+            want_A = (E, int(meta["expert_intermediate_size"]), bank.shape[2])
+
+            def load_A(li, f=f, take=take, want=want_A):
+                a = take(key(f, "A", layers[li]))
+                if tuple(a.shape) != want:
+                    raise GlobeError(f"artifact tensor {key(f, 'A', layers[li])} has shape {list(a.shape)}, "
+                                     f"expected {list(want)} (E, p, r) (damaged file)")
+                return a.to(dev)
+            fams[f] = Family(bank=bank, codes=codes.to(dev), gain=gain,
                              layer_bank=[int(b) for b in fm.get("layer_bank", [0] * len(layers))],
-                             num_experts=E, activation=fm.get("activation", "silu"), col_scale=cs,
+                             num_experts=E, activation=act, col_scale=cs,
                              meta={k: v for k, v in fm.items() if k not in ("m", "r", "banks", "layer_bank",
                                                                             "activation", "col_scale", "nnz")},
-                             load_A=lambda li, f=f, take=take: take(key(f, "A", layers[li])).to(dev),
+                             load_A=load_A,
                              p=int(meta["expert_intermediate_size"]))
         arts = Artifacts(families=fams, model_type=meta["model_type"], moe_layers=layers, num_experts=E,
                          hidden_size=int(meta["hidden_size"]),

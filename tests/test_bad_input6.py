@@ -269,3 +269,94 @@ def test_unknown_key_lists_the_section(capsys, tmp_path):
     assert "did you mean bank.m_up?" in line and "r_multiple" in line, line
     line = one_line(capsys, ["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "bank.foo=3"])
     assert "(bank keys: m_up, m_gate" in line, line
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda sd: sd.__setitem__("globe.up.A_1", sd["globe.up.A_1"][..., :-1].contiguous()), "expected [16, 88,"),
+    (lambda sd: sd["globe.up.gain"].zero_(), "finite nonzero"),
+    (lambda sd: sd["globe.up.gain"].fill_(float("inf")), "finite nonzero"),
+])
+@pytest.mark.parametrize("fmt", ["dense", "globe"])
+def test_misshaped_adapters_and_zero_gain_are_refused(edit, words, fmt, capsys, tmp_path, fit_dir):
+    """Adapters of the wrong rank (the dense export died in a batched matmul with a traceback) and a zero
+    gain (every expert silu(0) = 0: both formats exported it with exit 0) are refused in both formats."""
+    d = _edit_fit(fit_dir, tmp_path / "f", edit)
+    line = one_line(capsys, ["export", f"model.path={FIXTURE_DIR}", f"artifacts={d}",
+                             f"output_dir={tmp_path / 'o'}", f"export.format={fmt}"])
+    assert words in line, line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["dense", "globe"])
+def test_unknown_activation_in_a_fit_dir_is_refused(fmt, capsys, tmp_path, fit_dir):
+    """globe_config.json naming an unknown phi: the globe format wrote an export nothing could load."""
+    d = tmp_path / "f"
+    shutil.copytree(fit_dir, d)
+    cfg = json.loads((d / "globe_config.json").read_text())
+    cfg["families"]["up"]["activation"] = "foo"
+    (d / "globe_config.json").write_text(json.dumps(cfg))
+    line = one_line(capsys, ["export", f"model.path={FIXTURE_DIR}", f"artifacts={d}",
+                             f"output_dir={tmp_path / 'o'}", f"export.format={fmt}"])
+    assert "unknown activation 'foo'" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_gain_in_an_export_is_refused(tmp_path, random_export):
+    out = tmp_path / "e"
+    shutil.copytree(random_export[0], out)
+    f = next(out.glob("model*.safetensors"))
+    sd = load_file(str(f))
+    sd["globe.up.gain"].zero_()
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(GlobeError, match="finite and nonzero"):
+        globe.load_model(out)
+
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(capsys, tmp_path):
+    """config.json saying 2 layers over a 4-layer checkpoint: inspect, fit and eval ran a truncated model
+    with exit 0 (transformers drops the extra layers' tensors silently)."""
+    def two(c):
+        c["num_hidden_layers"] = 2
+        if "layer_types" in c:
+            c["layer_types"] = c["layer_types"][:2]
+    d = edit_config(FIXTURE_DIR, tmp_path / "m", two)
+    for argv in (["inspect", str(d)], ["fit", f"model.path={d}", f"output_dir={tmp_path / 'o'}", "train.steps=2"],
+                 ["eval", f"model.path={d}", f"eval.text={TEXT}", "eval.max_tokens=64"]):
+        line = one_line(capsys, argv)
+        assert "decoder layer(s) 2, 3" in line and "num_hidden_layers=2" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_task_paths_without_tasks_is_refused(capsys, tmp_path, random_export):
+    """eval.task_paths naming no directory was ignored (exit 0) when no eval.tasks were asked for."""
+    line = one_line(capsys, ["eval", f"model.path={random_export[0]}", f"eval.text={TEXT}", "eval.max_tokens=64",
+                             f"eval.task_paths=[{tmp_path / 'nowhere'}]", f"output={tmp_path / 'v.json'}"])
+    assert "eval.task_paths: no such directory" in line, line
+    assert not (tmp_path / "v.json").exists()
+
+
+def test_export_without_its_globe_section_is_refused(tmp_path, random_export, capsys):
+    """load_model fell through to transformers, which printed its interactive trust_remote_code prompt."""
+    out = tmp_path / "e"
+    shutil.copytree(random_export[0], out)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["globe"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GlobeError, match="no globe section"):
+        globe.load_model(out)
+    assert "custom code" not in capsys.readouterr().out
+
+
+def test_demo_with_an_empty_out_is_refused(capsys):
+    """`globe demo --out ''` ran the whole demo into a fresh temp directory, as if --out were absent."""
+    from globe.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--out needs a directory" in err[0], err
+
+
+def test_a_directory_as_eval_text_is_named(capsys, tmp_path, random_export):
+    line = one_line(capsys, ["eval", f"model.path={random_export[0]}", f"eval.text={tmp_path}"])
+    assert "is a directory, not a text file" in line, line

@@ -36,6 +36,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     (["bench_fit2.py", "--stage", "report", "--weight-powers", "3"], "--weight-powers"),
     (["bench_fit2.py", "--stage", "report", "--calib-tokens", "1"], "--calib-tokens"),
     (["bench_fit2.py", "--stage", "report", "--results", "."], "holds no grid"),
+    (["bench_keep_dense.py", "--budget", "0.3", "--fractions", "0.3"], "--fractions"),
+    (["bench_keep_dense.py", "--budget", "0"], "--budget"),
+    (["bench_keep_dense.py", "--power", "3"], "--power"),
+    (["bench_keep_dense.py", "--scope", "band"], "--scope"),
     (["bench_fit2.py", "--stage", "headline", "--results", "."], "holds no grid"),
 ])
 def test_bad_arguments_exit_2(argv, words, tmp_path):

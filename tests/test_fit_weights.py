@@ -176,6 +176,8 @@ def test_inert_settings_are_noted(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "train.expert_weight_power=1",
                      f"train.calib_text={FIXTURE_DIR / 'eval.txt'}", "train.steps=1", "train.families=[up]",
-                     "bank.m_up=8", "bank.r=24", "sparsity.target_support=4", "train.device=cpu"]) == 0
+                     "bank.m_up=8", "bank.r=24", "sparsity.target_support=4", "train.device=cpu",
+                     "bank.share=group:5"]) == 0
     assert "train.expert_weight_power=1 has no effect" in caplog.text
     assert "this fit does not use it" in caplog.text
+    assert "bank.share=group:5 covers all 4 MoE layers" in caplog.text  # the fixture has 4

@@ -112,3 +112,29 @@ def test_remote_code_honours_cache_compile(tiny_dirs, tmp_path):
     with torch.no_grad():
         ref = loaded(input_ids=ids).logits
     assert float((remote - ref).abs().max()) <= 16 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("damage", ["drop_A", "drop_norm", "nan_bank"])
+def test_remote_code_refuses_a_damaged_export(tiny_dirs, tmp_path, damage):
+    """What globe.load_model refuses, plain transformers with the generated code refuses too: a missing
+    tensor (transformers would leave it random or empty) or NaN in a weight; the error names the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    model, src = tiny_dirs["qwen2_moe"]
+    random_artifacts(model, m=4, r=6, support=2, seed=11).save(tmp_path / "arts")
+    out = _export(src, tmp_path / "arts", tmp_path / "g", dtype="fp32")
+    f = out / "model.safetensors"
+    t = load_file(str(f))
+    name = {"drop_A": next(k for k in t if ".A_" in k), "drop_norm": "model.norm.weight",
+            "nan_bank": next(k for k in t if k.endswith("up.bank"))}[damage]
+    if damage == "nan_bank":
+        t[name] = t[name].clone()
+        t[name].view(-1)[0] = float("nan")
+    else:
+        del t[name]
+    save_file(t, str(f), metadata={"format": "pt"})
+    code = RUNNER.replace("out, ids_path, res_path = sys.argv[1:4]", "out = sys.argv[1]").split("ids = ")[0]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "GlobeError" in r.stderr, r.stderr[-2000:]
+    assert (name if damage != "drop_norm" else "model.norm.weight") in r.stderr.strip().splitlines()[-1]

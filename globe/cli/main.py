@@ -258,9 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="Markdown + PNG report of a fit run")
     p.add_argument("run_dir")
     p = sub.add_parser("demo", help="inspect, fit, export and evaluate the bundled fixture")
-    p.add_argument("--out", default=None, help="output directory (default: a fresh temp dir)")
+    p.add_argument("--out", default=None, type=_nonempty("--out"), help="output directory (default: a fresh temp dir)")
     p.add_argument("--fast", action="store_true", help="shorter schedule")
     return ap
+
+
+def _nonempty(flag: str):
+    """argparse type: a non-empty path (an empty --out ran the demo into a temp dir as if none was given)."""
+    def check(v: str) -> str:
+        if not v.strip():
+            raise argparse.ArgumentTypeError(f"{flag} needs a directory, got an empty string")
+        return v
+    return check
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from ..artifacts import atomic_write
 from ..common import dtype_name, resolve_device, resolve_dtype
 from ..config import CacheCfg, GlobeConfig
 from ..errors import GlobeError
+from ..progress import log
 
 KEYS = ("perplexity", "nll_per_token", "tokens", "prefill_tok_s", "decode_tok_s", "peak_mem_bytes",
         "cache_hit_rate", "device", "dtype")
@@ -128,6 +129,11 @@ def _run_eval(cfg: GlobeConfig) -> dict[str, Any]:
         from .zeroshot import validate_tasks
 
         manager = validate_tasks(ev.tasks, ev.task_paths)
+    elif ev.task_paths:  # read only with eval.tasks; a wrong path is still an error, as documented
+        from .zeroshot import task_dirs
+
+        task_dirs(ev.task_paths)
+        log("note: eval.task_paths is read only with eval.tasks=[...]; no zero-shot task runs")
     if ev.hit_rate and text is None:
         raise GlobeError("eval.hit_rate needs text to route: give eval.text=FILE or eval.dataset=wikitext2")
     torch.manual_seed(0)

@@ -37,7 +37,8 @@ def check_tasks(tasks: Sequence[str], manager) -> None:
                          "see `lm-eval ls tasks`)")
 
 
-def _paths(task_paths: Sequence[str] | None) -> list[str]:
+def task_dirs(task_paths: Sequence[str] | None) -> list[str]:
+    """The resolved directories of eval.task_paths; GlobeError naming one that is not a directory."""
     out = []
     for p in task_paths or ():
         d = Path(p).expanduser()
@@ -52,7 +53,7 @@ def validate_tasks(tasks: Sequence[str], task_paths: Sequence[str] | None = None
 
     Returns the TaskManager (built-in tasks plus the YAMLs under `task_paths`) to hand to `zero_shot`.
     """
-    paths = _paths(task_paths)
+    paths = task_dirs(task_paths)
     _, _, TaskManager = _lm_eval()
     manager = TaskManager(include_path=paths or None)
     check_tasks([str(t) for t in tasks], manager)

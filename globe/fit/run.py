@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -239,7 +240,7 @@ def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, 
     return out
 
 
-def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig) -> None:
+def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig, kept: bool = True) -> None:
     """GlobeError when the fit's result is no better than zero experts: a non-finite error or gain, an all-zero
     bank, or (weight objective) relative error 1, which ridge-solved adapters over any non-degenerate bank stay
     below; the activation objective minimises another norm, so its weight error may exceed 1 early on. Adam
@@ -253,8 +254,10 @@ def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig) -> None:
     elif cfg.train.objective == "weight" and err >= 1.0 - 1e-6:
         why = f"relative error {err:.6f} (1.0 = no better than all-zero experts)"
     if why:
+        tail = ("into a new output_dir (this one holds the diverged run: delete it)" if kept else
+                "(the output_dir this run created was removed)")
         raise GlobeError(f"fit of family {fam} diverged: {why}; lower train.lr (now {cfg.train.lr:g}) and fit again "
-                         f"into a new output_dir (this one holds the diverged run: delete it)")
+                         f"{tail}")
 
 
 def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
@@ -284,23 +287,27 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     lead = dist.rank == 0  # [dist] rank 0 claims, logs and writes the outputs; the others only fit
     out = Path(cfg.output_dir)
     plans = {f: fit_rank_plan(cfg, f, N, ck.p, ck.hidden_size, len(ck.moe_layers)) for f in cfg.train.families}
-    for f, pl in plans.items():  # a budget missed by more than 10% through rounding is said, not silent
-        if lead and pl.source == "budget" and pl.unrounded and pl.predicted < 0.9 * pl.budget:
-            plog("fit %s: bank.budget=%g gives r=%d, rounded down to r=%d (a multiple of bank.r_multiple=%d), which "
-                 "keeps %.3f of the routed parameters; bank.r_multiple=1 keeps %.3f", f, pl.budget, pl.unrounded[0],
-                 pl.r, cfg.bank.r_multiple, pl.predicted, pl.unrounded[1])
     G = n_banks(cfg.bank.share, len(ck.moe_layers))  # room for the final globe-{f}.safetensors, fp32
     check_writable(out, (2 if dist.on else 1) * 4 * sum(N * ck.p * plans[f].r + cfg.bank.m(f) * (
         G * plans[f].r * ck.hidden_size + N) for f in cfg.train.families), what="output_dir")
     fp = fingerprint(cfg, ck)
     existed = out.exists()
     claimed = dist.on_rank0(lambda: _claim(out, fp))
+    for f, pl in plans.items():  # after the claim (no note before a refusal): a budget missed by more than 10%
+        # through rounding is said, not silent
+        if lead and pl.source == "budget" and pl.unrounded and pl.predicted < 0.9 * pl.budget:
+            plog("fit %s: bank.budget=%g gives r=%d, rounded down to r=%d (a multiple of bank.r_multiple=%d), which "
+                 "keeps %.3f of the routed parameters; bank.r_multiple=1 keeps %.3f", f, pl.budget, pl.unrounded[0],
+                 pl.r, cfg.bank.r_multiple, pl.predicted, pl.unrounded[1])
+    share, L = str(cfg.bank.share), len(ck.moe_layers)
+    if lead and share.startswith("group:") and int(share.split(":")[1]) >= L > 1:
+        plog("note: bank.share=%s covers all %d MoE layers: one bank, as bank.share=global", share, L)
     torch.manual_seed(cfg.train.seed)
     log = _Log(out, cfg, on=lead)  # opens the wandb run, if any: closed in the finally below, also on error
     progress = (sys.stderr.isatty() if progress is None else progress) and lead
     quiet_logger = _quiet_unless(lead)
     results: dict[str, dict] = {}
-    ok = False
+    ok = diverged = False
     try:
         cal: list = []  # the calibration pass runs once, and only if a family is still to fit (not on a rerun)
         for fam in cfg.train.families:
@@ -333,7 +340,14 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             if base:
                 plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"
                                                         for k, b in base.items()))
-            _check_diverged(fam, fit, cfg)
+            # a diverged run's checkpoints cannot help a rerun (lower lr: another fit); a directory this run
+            # created, holding no finished family, goes entirely
+            drop = not existed and lead and not any((out / STATE).glob("*.done.json"))
+            try:
+                _check_diverged(fam, fit, cfg, kept=not drop)
+            except GlobeError:
+                diverged = drop
+                raise
             res = {"metrics": {**fit.metrics, **plans[fam].as_dict()}, "baselines": base,
                    "family_meta": fit.artifact.family_meta(), "expert_weights": wstats}
             if lead:
@@ -369,7 +383,10 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
         log.close(ok)
         quiet_logger()
         if not ok and claimed and lead:
-            _unclaim(out, existed)
+            if diverged:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                _unclaim(out, existed)
         dist.close(finished=ok)
     return summary
 

@@ -42,6 +42,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "to
 INDEX = "model.safetensors.index.json"
 FLOAT = ("F64", "F32", "F16", "BF16")
 _LOGGED: set[str] = set()
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")  # a decoder layer's tensor (text models)
 
 
 def resolve_path(path: str, revision: str | None = None) -> Path:
@@ -131,6 +132,7 @@ class Checkpoint:
         self.weight_map = self._weight_map()  # every stored tensor -> its file (scales included)
         self._scales = self._check_tensors()  # quantized tensor -> its scale_inv
         self._keys = [k for k in self.weight_map if not (self.block and k.endswith(SCALE_SUFFIX))]
+        self._check_layer_count()
         self.layout = self._detect_layout()
         self.quantization = (None if self.block is None else
                              f"fp8 e4m3, {self.block[0]}x{self.block[1]} blocks ({len(self._scales)} tensors, "
@@ -141,6 +143,19 @@ class Checkpoint:
             _LOGGED.add(str(self.dir))
             log("%s: FP8 block-quantized weights (%d tensors) are dequantized on read; exports will be bf16",
                 self.dir, len(self._scales))
+
+    def _check_layer_count(self) -> None:
+        """GlobeError when the weights hold decoder layers beyond config.json's num_hidden_layers (plus
+        DeepSeek-V3's num_nextn_predict_layers, stored after them): transformers would drop them silently and
+        every command would run a truncated model."""
+        n = int(self.config["num_hidden_layers"])
+        allowed = n + int(self.config.get("num_nextn_predict_layers") or 0)
+        seen = {int(m.group(1)) for k in self._keys if (m := _LAYER_KEY.match(k))}
+        beyond = sorted(i for i in seen if i >= allowed)
+        if beyond:
+            raise GlobeError(f"{self.dir}: the weights hold decoder layer(s) {', '.join(map(str, beyond[:4]))}"
+                             f"{' ...' if len(beyond) > 4 else ''} but config.json says num_hidden_layers={n} "
+                             "(a config from another model?)")
 
     # ---- files -------------------------------------------------------------------------------
     def _weight_map(self) -> dict[str, str]:

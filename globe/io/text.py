@@ -11,6 +11,8 @@ def load_text(path: str | Path, what: str = "eval text") -> str:
     """Read a UTF-8 text file; missing, unreadable, not UTF-8 (e.g. binary) or empty -> GlobeError naming
     `what` and the path."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise GlobeError(f"{what} {p} is a directory, not a text file")
     if not p.is_file():
         raise GlobeError(f"{what} file not found: {p}")
     try:

@@ -62,6 +62,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     p = resolve_path(str(path))
     dev = resolve_device(device or "cpu")
     if not is_globe_dir(p):
+        mt = _model_type(p)
+        if isinstance(mt, str) and mt.startswith(GLOBE_PREFIX):  # transformers would prompt for remote code
+            raise GlobeError(f"{p / 'config.json'}: model_type {mt!r} is a globe export's, but the file has no "
+                             "globe section (damaged export)")
         if cache is not None:
             log("load: %s is not a globe export (its experts are dense); the cache settings do not apply", p)
         _check_moe_checkpoint(p)
@@ -98,6 +102,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
         warmup(model, None, int(cache.warmup_tokens))
     return model.eval()
+
+
+def _model_type(p) -> object:
+    """config.json's model_type, or None when the file is missing or not a JSON object."""
+    try:
+        conf = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return conf.get("model_type") if isinstance(conf, dict) else None
 
 
 def _check_moe_checkpoint(p) -> None:

@@ -90,6 +90,22 @@ class GlobeForCausalLM(_BaseForCausalLM):
                      cache.get("compose_full", False), build=False)
         for f in store:  # the composition kernel globe.load_model would use (cache.compile)
             store[f].kernel = "compiled" if cache.get("compile") is True else "eager"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, refusing what globe.load_model refuses: a tensor the model needs
+        missing from the files (transformers would leave it random or empty) or NaN/inf in a weight."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the export")
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise GlobeError(f"{{where}}: the export lacks {{len(missing)}} tensor(s) the model needs, e.g. "
+                             f"{{missing[0]}} (damaged or incomplete export)")
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise GlobeError(f"{{where}}: tensor {{name}} holds NaN/inf (damaged file)")
+        return (model, info) if want_info else model
 '''
 
 

@@ -11,6 +11,7 @@ changes which bits a compose produces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -83,6 +84,9 @@ class FamilyStore(nn.Module):
             val = [float(v) for v in self.values.float().tolist()]
             gains = [float(g) for g in self.gain.float().tolist()]
             check_codes(ptr, idx, val, self.m, len(self.layers) * self.E, f"family {self.name}")
+            if not all(math.isfinite(g) and g != 0 for g in gains):
+                raise GlobeError(f"family {self.name}: bank gain {gains} is not finite and nonzero (damaged file); "
+                                 "every expert mixing from a zero gain would be zero")
             if not self.released and self.bank.numel() and has_zero_row(self.bank):
                 raise GlobeError(f"family {self.name}: a bank is all zeros (damaged file); every expert mixing "
                                  "from it would be zero")
