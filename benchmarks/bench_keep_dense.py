@@ -145,7 +145,7 @@ def main() -> None:
 
         def calibration(cfg, ck, progress=None, w=w):  # the fit's weights: routing, kept experts ~0
             return None, None, w, {"kind": "routing", "power": a.power, "calib_tokens": a.calib_tokens}
-        fit_run._calibration = calibration
+        fit_run.calibration = calibration
         t = time.time()
         r = B.globe_run(args, ck, a.scope, a.atoms, b, work / tag, calib=calib, baselines=False, power=a.power)
         fams = r["summary"]["families"]

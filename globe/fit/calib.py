@@ -12,14 +12,18 @@ per expert; `whitener(...)` returns a function idx (n,) -> L (n, d, d).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import GlobeError
 from ..io.checkpoint import Checkpoint
 from ..maps import get_activation
-from ..progress import Progress
+from ..progress import Progress, log
 from .init import quiet
+
+if TYPE_CHECKING:
+    from ..config import GlobeConfig
 
 
 def regularised_factor(C: torch.Tensor, delta: float = 1e-2) -> torch.Tensor:
@@ -299,3 +303,36 @@ def whitener(ck: Checkpoint, covs: dict[int, torch.Tensor], per: dict | None = N
         Le = torch.stack([one(L, e) for L in ck.moe_layers for e in range(E)])  # (N, d, d)
         return lambda idx: Le[idx.cpu()]
     return lambda idx: Ls[(idx.cpu() // E)]
+
+
+def calibrated(cfg: GlobeConfig) -> bool:
+    """Whether the fit reads cfg.train.calib_text (activation objective or routing weights)."""
+    return cfg.train.objective == "activation" or cfg.train.expert_weights == "routing"
+
+
+def calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
+    """(whiten callable | None, {family: row weights (N, p)} | None, expert weights (N,) | None, their summary
+    record | None) from one calibration pass: whitening for the activation objective, routed-token counts
+    for train.expert_weights=routing."""
+    tr = cfg.train
+    act, routing = tr.objective == "activation", tr.expert_weights == "routing"
+    if not (act or routing):
+        return None, None, None, None
+    covs, per, rows, counts = calibration_stats(ck, tr.calib_text, tr.calib_tokens, tr.calib_per_expert,
+                                                act and tr.calib_row_weights, progress=progress, covariances=act,
+                                                counts=routing)
+    whiten = whitener(ck, covs, per, tr.calib_per_expert) if act else None
+    if not routing:
+        return whiten, rows, None, None
+    w = routing_weights(counts, tr.expert_weight_power)
+    shown = w.double() / w.double().mean()  # as the fit uses them: mean one (over the live experts there)
+    stats = {"kind": "routing", "power": float(tr.expert_weight_power), "routed_tokens": int(counts.sum()),
+             "count_min": int(counts.min()), "count_median": float(counts.median()), "count_max": int(counts.max()),
+             "experts_without_tokens": int((counts == 0).sum()), "weight_min": float(shown.min()),
+             "weight_max": float(shown.max())}
+    stats["calib_tokens"] = int(counts.sum()) // max(1, ck.top_k * len(ck.moe_layers))
+    log("expert weights: routed-token counts over %d calibration tokens: min %d, median %.0f, max %d, never "
+         "routed: %d of %d experts; weights (mean one) %.3f..%.3f (power %g)", stats["calib_tokens"],
+         stats["count_min"], stats["count_median"], stats["count_max"], stats["experts_without_tokens"],
+         counts.numel(), stats["weight_min"], stats["weight_max"], tr.expert_weight_power)
+    return whiten, rows, w, stats

@@ -35,6 +35,7 @@ from ..progress import Progress
 from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
 from .budget import fit_rank_plan, mobe_rank, svd_rank
+from .calib import calibrated, calibration
 from .dist import Dist, RankAWriter, read_checkpoint, wanted
 from .init import expert_scales, inv_scales, quiet, spectra
 from .loop import FamilyFit, fit_family
@@ -55,7 +56,7 @@ def _validate(cfg: GlobeConfig) -> None:
     if not cfg.output_dir:
         raise GlobeError("output_dir: required for fit")
     check_writable(cfg.output_dir, what="output_dir")  # read-only, not ours, a file in the way: before any work
-    if _calibrated(cfg) and not Path(str(cfg.train.calib_text)).is_file():
+    if calibrated(cfg) and not Path(str(cfg.train.calib_text)).is_file():
         what = "is a directory, not a text file" if Path(str(cfg.train.calib_text)).is_dir() else "file not found"
         raise GlobeError(f"train.calib_text: {what}: {cfg.train.calib_text}")
     if wandb_on(cfg):
@@ -72,7 +73,7 @@ def fingerprint(cfg: GlobeConfig, ck: Checkpoint) -> dict[str, Any]:
     model = {"config_sha": hashlib.sha256(json.dumps(ck.config, sort_keys=True).encode()).hexdigest(),
              "files": {f.name: f.stat().st_size for f in ck.files}}
     body = {"model": model, "bank": d["bank"], "sparsity": d["sparsity"], "train": train}
-    if _calibrated(cfg):  # the text's content, not its path (relative or absolute, moved or edited)
+    if calibrated(cfg):  # the text's content, not its path (relative or absolute, moved or edited)
         digest = hashlib.sha256()
         with open(str(cfg.train.calib_text), "rb") as f:  # in 1 MiB pieces: a large corpus is never held whole
             for piece in iter(lambda: f.read(1 << 20), b""):
@@ -269,7 +270,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     if tr.expert_weights == "uniform" and float(tr.expert_weight_power) != 0.5:
         plog("note: train.expert_weight_power=%g has no effect with train.expert_weights=uniform",
              tr.expert_weight_power)
-    if tr.calib_text and not _calibrated(cfg):
+    if tr.calib_text and not calibrated(cfg):
         plog("note: train.calib_text is read only with train.objective=activation or train.expert_weights=routing; "
              "this fit does not use it")
     ck = Checkpoint(cfg.model.path, cfg.model.revision)  # headers only: no weight is read here
@@ -279,7 +280,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     except ValueError as e:
         raise GlobeError(str(e)) from None
     _check_calib_memory(cfg, ck, N)
-    if _calibrated(cfg):  # a binary, empty or too-short text fails here, before any output
+    if calibrated(cfg):  # a binary, empty or too-short text fails here, before any output
         from .calib import calib_ids
         calib_ids(ck, cfg.train.calib_text, cfg.train.calib_tokens)
     dev = str(resolve_device(cfg.train.device, "train.device"))  # 'cuda' | 'mps' | 'cpu'
@@ -319,7 +320,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                     plog("fit %s: finished earlier in %s (same settings): kept, not refitted", fam, out)
                 continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
             if not cal:
-                cal.extend(_calibration(cfg, ck, progress))
+                cal.extend(calibration(cfg, ck, progress))
             whiten_for, rows_for, weights, wstats = cal
             ckpt = out / STATE / f"{fam}.ckpt.pt"
             log.rewind(fam, read_checkpoint(ckpt, mmap=True)["step"] if lead and ckpt.is_file() else 0)  # no A read
@@ -443,40 +444,6 @@ def _check_calib_memory(cfg: GlobeConfig, ck: Checkpoint, N: int) -> None:
         raise GlobeError(f"train.calib_per_expert: per-expert covariances of {N} experts need {gb:.1f} GB "
                          f"(N x d x d, d = {ck.hidden_size}), above train.max_memory_gb={cfg.train.max_memory_gb}; "
                          "use the per-layer covariance (train.calib_per_expert=false)")
-
-
-def _calibrated(cfg: GlobeConfig) -> bool:
-    """Whether the fit reads cfg.train.calib_text (activation objective or routing weights)."""
-    return cfg.train.objective == "activation" or cfg.train.expert_weights == "routing"
-
-
-def _calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
-    """(whiten callable | None, {family: row weights (N, p)} | None, expert weights (N,) | None, their summary
-    record | None) from one calibration pass: whitening for the activation objective, routed-token counts
-    for train.expert_weights=routing."""
-    tr = cfg.train
-    act, routing = tr.objective == "activation", tr.expert_weights == "routing"
-    if not (act or routing):
-        return None, None, None, None
-    from .calib import calibration_stats, routing_weights, whitener
-    covs, per, rows, counts = calibration_stats(ck, tr.calib_text, tr.calib_tokens, tr.calib_per_expert,
-                                                act and tr.calib_row_weights, progress=progress, covariances=act,
-                                                counts=routing)
-    whiten = whitener(ck, covs, per, tr.calib_per_expert) if act else None
-    if not routing:
-        return whiten, rows, None, None
-    w = routing_weights(counts, tr.expert_weight_power)
-    shown = w.double() / w.double().mean()  # as the fit uses them: mean one (over the live experts there)
-    stats = {"kind": "routing", "power": float(tr.expert_weight_power), "routed_tokens": int(counts.sum()),
-             "count_min": int(counts.min()), "count_median": float(counts.median()), "count_max": int(counts.max()),
-             "experts_without_tokens": int((counts == 0).sum()), "weight_min": float(shown.min()),
-             "weight_max": float(shown.max())}
-    stats["calib_tokens"] = int(counts.sum()) // max(1, ck.top_k * len(ck.moe_layers))
-    plog("expert weights: routed-token counts over %d calibration tokens: min %d, median %.0f, max %d, never "
-         "routed: %d of %d experts; weights (mean one) %.3f..%.3f (power %g)", stats["calib_tokens"],
-         stats["count_min"], stats["count_median"], stats["count_max"], stats["experts_without_tokens"],
-         counts.numel(), stats["weight_min"], stats["weight_max"], tr.expert_weight_power)
-    return whiten, rows, w, stats
 
 
 def _summary(results: dict, cfg: GlobeConfig, ck: Checkpoint, dev: str, secs: float) -> dict:
