@@ -138,3 +138,18 @@ def test_remote_code_refuses_a_damaged_export(tiny_dirs, tmp_path, damage):
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode != 0 and "GlobeError" in r.stderr, r.stderr[-2000:]
     assert (name if damage != "drop_norm" else "model.norm.weight") in r.stderr.strip().splitlines()[-1]
+
+
+def test_remote_code_names_a_damaged_globe_section(tiny_dirs, tmp_path):
+    """A hand-damaged `globe` section raised a raw KeyError/IndexError inside the generated code; it now
+    names the key, as globe.load_model does."""
+    model, src = tiny_dirs["qwen2_moe"]
+    random_artifacts(model, m=4, r=6, support=2, seed=11).save(tmp_path / "arts")
+    out = _export(src, tmp_path / "arts", tmp_path / "g", dtype="fp32")
+    conf = json.loads((out / "config.json").read_text())
+    conf["globe"]["families"] = "x"
+    (out / "config.json").write_text(json.dumps(conf))
+    code = RUNNER.replace("out, ids_path, res_path = sys.argv[1:4]", "out = sys.argv[1]").split("ids = ")[0]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "GlobeError" in r.stderr and "globe.families" in r.stderr, r.stderr[-2000:]

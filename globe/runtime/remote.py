@@ -35,6 +35,7 @@ MODULE_FILE = "modeling_globe.py"
 SOURCES: list[tuple[str, list[str] | None]] = [
     ("globe.errors", ["GlobeError"]),
     ("globe.common", ["has_zero_row"]),
+    ("globe.io.exportmeta", ["_int", "FAMILIES", "_DTYPES", "check_export_meta"]),
     ("globe.maps", None),
     ("globe.artifacts", ["KEEP_FP32"]),
     ("globe.compat", ["GATE_UP_ORDER", "ExpertsInfo", "experts_info"]),
@@ -80,7 +81,7 @@ class GlobeForCausalLM(_BaseForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        meta = config.globe
+        meta = check_export_meta(getattr(config, "globe", None), "config.json", ACTIVATIONS)  # one line, not KeyError
         cache = meta.get("cache", {{}})
         dtype = torch.get_default_dtype()  # transformers sets it to the loading dtype
         store = skeleton_store(meta, dtype, None)
