@@ -103,14 +103,20 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, wh
     import globe.fit.loop as loop
     ref = run(make_cfg(model_dir, tmp_path / "ref"))
     out = tmp_path / "int"
-    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO, logger="globe"):
         mp.setattr(loop, "before_step", kill_at(where))
         run(make_cfg(model_dir, out))
     assert not (out / "summary.json").exists()
+    fam, step = next(iter(where.items()))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit stopped")]
+    assert len(said) == 1 and f"{fam} at step" in said[0] and "resumes" in said[0], said  # what a rerun resumes
+    assert ("up finished" in said[0]) == ("gate" in where)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="globe"):
         res = run(make_cfg(model_dir, out))
     assert ("fit up: finished earlier" in caplog.text) == ("gate" in where)  # the resume says what it kept
     assert "fit gate: finished earlier" not in caplog.text
+    assert f"fit {fam}: resuming from its checkpoint at step" in caplog.text
     for fam in ("up", "gate"):
         assert res["families"][fam]["rel_fro_error"] == ref["families"][fam]["rel_fro_error"]
     t1, t2 = tensors(tmp_path / "ref"), tensors(out)
@@ -119,16 +125,19 @@ def test_resume_after_interruption_matches_uninterrupted(model_dir, tmp_path, wh
     assert len(steps) == len(set(steps))  # no duplicated log lines after resume
 
 
-def test_interruption_before_the_first_checkpoint_leaves_a_rerunnable_dir(model_dir, tmp_path, monkeypatch):
+def test_interruption_before_the_first_checkpoint_leaves_a_rerunnable_dir(model_dir, tmp_path, monkeypatch, caplog):
     """Ctrl-C at step 3 of 100-step checkpoints, with metrics logged every step: nothing to resume from, so the
     claim and this run's log go (a kept log blocked the rerun as a foreign file); the rerun fits normally."""
+    import logging
+
     import globe.fit.loop as loop
     out = tmp_path / "early"
     cfg = make_cfg(model_dir, out, train__checkpoint_every=100, train__log_every=1)
-    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO, logger="globe"):
         mp.setattr(loop, "before_step", kill_at({"up": 3}))
         run(cfg)
     assert not out.exists()
+    assert "fit stopped before its first checkpoint (train.checkpoint_every=100): nothing kept" in caplog.text
     assert run(cfg)["families"]["up"]["steps_run"] == cfg.train.steps
 
 

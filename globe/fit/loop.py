@@ -32,7 +32,7 @@ from ..artifacts import Family
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..maps import code_stats, get_sparse_map, support
-from ..progress import Progress, log
+from ..progress import Progress, get_logger, log
 from .budget import fit_rank
 from .codes import FitOptimizer, code_pass
 from .dist import Dist
@@ -246,6 +246,8 @@ def fit_family(W: torch.Tensor, cfg: GlobeConfig, fam: str, *, whiten: Whiten = 
         weights = mean_one(weights, live, f"family {fam}")
     state = dist.load_state(ckpt_path) if ckpt_path else None  # [dist] + this rank's A
     resumed = state is not None
+    if resumed and dist.rank == 0:  # (the module's logger: `log` here is the caller's metrics sink)
+        get_logger().info("fit %s: resuming from its checkpoint at step %d of %d", fam, state["step"], tr.steps)
     if state is None:
         state = _new_state(W, s, cfg, fam, whiten, progress, experts_per_layer, dist)
     layer_bank = _layer_bank(cfg, N, experts_per_layer or N)

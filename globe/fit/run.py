@@ -308,7 +308,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     progress = (sys.stderr.isatty() if progress is None else progress) and lead
     quiet_logger = _quiet_unless(lead)
     results: dict[str, dict] = {}
-    ok = diverged = False
+    ok = diverged = stopped = False
     try:
         cal: list = []  # the calibration pass runs once, and only if a family is still to fit (not on a rerun)
         for fam in cfg.train.families:
@@ -380,6 +380,11 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             return summary
         summary = dist.on_rank0(finish)
         ok = True
+    except GlobeError:
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: say what a rerun resumes from (an error's own line stays last)
+        stopped = True
+        raise
     finally:
         log.close(ok)
         quiet_logger()
@@ -388,8 +393,26 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                 shutil.rmtree(out, ignore_errors=True)
             else:
                 _unclaim(out, existed)
+        if not ok and lead and stopped:
+            _say_kept(out, cfg)
         dist.close(finished=ok)
     return summary
+
+
+def _say_kept(out: Path, cfg: GlobeConfig) -> None:
+    """Log what an interrupted fit left to resume from: finished families and each checkpoint's step."""
+    kept = []
+    for fam in cfg.train.families:
+        if (out / STATE / f"{fam}.done.json").is_file():
+            kept.append(f"{fam} finished")
+        elif (out / STATE / f"{fam}.ckpt.pt").is_file():
+            step = read_checkpoint(out / STATE / f"{fam}.ckpt.pt", mmap=True)["step"]
+            kept.append(f"{fam} at step {step} of {cfg.train.steps}")
+    if kept:
+        plog("fit stopped: %s keeps %s; the same command resumes from there", out, ", ".join(kept))
+    else:
+        plog("fit stopped before its first checkpoint (train.checkpoint_every=%d): nothing kept; the same command "
+             "starts again", cfg.train.checkpoint_every)
 
 
 def _quiet_unless(lead: bool):
