@@ -47,6 +47,7 @@ from .maps import get_activation
 FORMAT, VERSION = "globe", 2
 CONFIG = "globe_config.json"
 PREFIX = "globe"
+MIN_GAIN = 1e-20  # |gain| below this makes every composed expert (numerically) zero: a damaged file
 KEEP_FP32 = ("gain", "values", "col_scale")  # family tensors that stay fp32 whatever the export dtype
 
 
@@ -439,9 +440,12 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
                                 bank.shape[1], f"artifact family {f}")
             cs = take(key(f, "col_scale")).to(dev) if fm.get("col_scale") else None
             gain = take(key(f, "gain")).float()
-            if tuple(gain.shape) != (bank.shape[0],) or not bool(torch.isfinite(gain).all() and (gain != 0).all()):
-                raise GlobeError(f"artifact family {f}: gain {gain.tolist()} is not one finite nonzero value per bank "
-                                 f"({bank.shape[0]}) (damaged file; a zero gain makes every expert zero)")
+            if tuple(gain.shape) != (bank.shape[0],):
+                raise GlobeError(f"artifact family {f}: gain of shape {list(gain.shape)}, expected one value per bank "
+                                 f"({bank.shape[0]}) (damaged file)")
+            if not bool(torch.isfinite(gain).all() and (gain.abs() >= MIN_GAIN).all()):
+                raise GlobeError(f"artifact family {f}: gain {gain.tolist()} is not finite and nonzero (damaged file; "
+                                 "a zero gain makes every expert zero)")
             act = fm.get("activation", "silu")
             try:
                 get_activation(act)

@@ -273,8 +273,9 @@ def test_unknown_key_lists_the_section(capsys, tmp_path):
 
 @pytest.mark.parametrize("edit, words", [
     (lambda sd: sd.__setitem__("globe.up.A_1", sd["globe.up.A_1"][..., :-1].contiguous()), "expected [16, 88,"),
-    (lambda sd: sd["globe.up.gain"].zero_(), "finite nonzero"),
-    (lambda sd: sd["globe.up.gain"].fill_(float("inf")), "finite nonzero"),
+    (lambda sd: sd["globe.up.gain"].zero_(), "finite and nonzero"),
+    (lambda sd: sd["globe.up.gain"].fill_(float("inf")), "finite and nonzero"),
+    (lambda sd: sd["globe.up.gain"].fill_(1e-45), "finite and nonzero"),  # a denormal: every expert ~0
 ])
 @pytest.mark.parametrize("fmt", ["dense", "globe"])
 def test_misshaped_adapters_and_zero_gain_are_refused(edit, words, fmt, capsys, tmp_path, fit_dir):

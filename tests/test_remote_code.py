@@ -114,7 +114,7 @@ def test_remote_code_honours_cache_compile(tiny_dirs, tmp_path):
     assert float((remote - ref).abs().max()) <= 16 * torch.finfo(torch.float32).eps * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("damage", ["drop_A", "drop_norm", "nan_bank"])
+@pytest.mark.parametrize("damage", ["drop_A", "drop_norm", "nan_bank", "extra", "zero_gain"])
 def test_remote_code_refuses_a_damaged_export(tiny_dirs, tmp_path, damage):
     """What globe.load_model refuses, plain transformers with the generated code refuses too: a missing
     tensor (transformers would leave it random or empty) or NaN in a weight; the error names the tensor."""
@@ -126,10 +126,16 @@ def test_remote_code_refuses_a_damaged_export(tiny_dirs, tmp_path, damage):
     f = out / "model.safetensors"
     t = load_file(str(f))
     name = {"drop_A": next(k for k in t if ".A_" in k), "drop_norm": "model.norm.weight",
-            "nan_bank": next(k for k in t if k.endswith("up.bank"))}[damage]
+            "nan_bank": next(k for k in t if k.endswith("up.bank")), "extra": "model.layers.0.foo.weight",
+            "zero_gain": next(k for k in t if k.endswith("up.gain"))}[damage]
     if damage == "nan_bank":
         t[name] = t[name].clone()
         t[name].view(-1)[0] = float("nan")
+    elif damage == "extra":
+        t[name] = torch.ones(3)
+    elif damage == "zero_gain":  # every expert silu(0) = 0: refused at load, not at the first forward
+        t[name] = torch.zeros_like(t[name])
+        name = "not finite and nonzero"
     else:
         del t[name]
     save_file(t, str(f), metadata={"format": "pt"})

@@ -241,7 +241,7 @@ def _baselines(W, fit: FamilyFit, sv, scales, ck: Checkpoint, cfg: GlobeConfig, 
     return out
 
 
-def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig, kept: bool = True) -> None:
+def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig, tail: str = "") -> None:
     """GlobeError when the fit's result is no better than zero experts: a non-finite error or gain, an all-zero
     bank, or (weight objective) relative error 1, which ridge-solved adapters over any non-degenerate bank stay
     below; the activation objective minimises another norm, so its weight error may exceed 1 early on. Adam
@@ -255,8 +255,7 @@ def _check_diverged(fam: str, fit: Any, cfg: GlobeConfig, kept: bool = True) -> 
     elif cfg.train.objective == "weight" and err >= 1.0 - 1e-6:
         why = f"relative error {err:.6f} (1.0 = no better than all-zero experts)"
     if why:
-        tail = ("into a new output_dir (this one holds the diverged run: delete it)" if kept else
-                "(the output_dir this run created was removed)")
+        tail = tail or "into a new output_dir (this one holds the diverged run: delete it)"
         raise GlobeError(f"fit of family {fam} diverged: {why}; lower train.lr (now {cfg.train.lr:g}) and fit again "
                          f"{tail}")
 
@@ -343,9 +342,11 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                                                         for k, b in base.items()))
             # a diverged run's checkpoints cannot help a rerun (lower lr: another fit); a directory this run
             # created, holding no finished family, goes entirely
-            drop = not existed and lead and not any((out / STATE).glob("*.done.json"))
+            drop = lead and not any((out / STATE).glob("*.done.json"))
+            tail = ("" if not drop else "(the output_dir this run created was removed)" if not existed else
+                    "(this run's state was removed from the output_dir)")
             try:
-                _check_diverged(fam, fit, cfg, kept=not drop)
+                _check_diverged(fam, fit, cfg, tail)
             except GlobeError:
                 diverged = drop
                 raise
@@ -389,8 +390,10 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
         log.close(ok)
         quiet_logger()
         if not ok and claimed and lead:
-            if diverged:
-                shutil.rmtree(out, ignore_errors=True)
+            if diverged:  # nothing of a diverged run can help a rerun (a lower lr is another fit)
+                shutil.rmtree(out if not existed else out / STATE, ignore_errors=True)
+                if existed:
+                    (out / "metrics.jsonl").unlink(missing_ok=True)
             else:
                 _unclaim(out, existed)
         if not ok and lead and stopped:

@@ -37,7 +37,7 @@ SOURCES: list[tuple[str, list[str] | None]] = [
     ("globe.common", ["has_zero_row"]),
     ("globe.io.exportmeta", ["_int", "FAMILIES", "_DTYPES", "check_export_meta"]),
     ("globe.maps", None),
-    ("globe.artifacts", ["KEEP_FP32"]),
+    ("globe.artifacts", ["KEEP_FP32", "MIN_GAIN"]),
     ("globe.compat", ["GATE_UP_ORDER", "ExpertsInfo", "experts_info"]),
     ("globe.runtime.kernels", None),
     ("globe.runtime.cache", None),
@@ -103,9 +103,15 @@ class GlobeForCausalLM(_BaseForCausalLM):
         if missing:
             raise GlobeError(f"{{where}}: the export lacks {{len(missing)}} tensor(s) the model needs, e.g. "
                              f"{{missing[0]}} (damaged or incomplete export)")
+        extra = sorted(info.get("unexpected_keys") or [])
+        if extra:
+            raise GlobeError(f"{{where}}: tensor {{extra[0]}} does not belong to this model "
+                             f"({{len(extra)}} unexpected; damaged export)")
         for name, t in model.state_dict().items():
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 raise GlobeError(f"{{where}}: tensor {{name}} holds NaN/inf (damaged file)")
+        for f in model.globe:  # codes, banks and gains checked now, not at the first forward
+            model.globe[f]._host_codes()
         return (model, info) if want_info else model
 '''
 
