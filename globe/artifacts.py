@@ -27,6 +27,7 @@ codes and one (N, p, r) A) are read and converted; version-1 exports are refused
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -49,6 +50,14 @@ CONFIG = "globe_config.json"
 PREFIX = "globe"
 MIN_GAIN = 1e-20  # |gain| below this makes every composed expert (numerically) zero: a damaged file
 KEEP_FP32 = ("gain", "values", "col_scale")  # family tensors that stay fp32 whatever the export dtype
+
+
+def check_gains(gains: list[float], where: str) -> None:
+    """GlobeError naming `where` unless every bank gain is finite with |g| >= MIN_GAIN: a zero (or denormal)
+    gain makes phi(g * mix) = phi(0) = 0 for every expert of the bank (a damaged file, never a fit)."""
+    if not all(math.isfinite(g) and abs(g) >= MIN_GAIN for g in gains):
+        raise GlobeError(f"{where}: bank gain {gains} is not finite and nonzero (damaged file); every expert "
+                         "mixing from a zero gain would be zero")
 
 
 def key(f: str, part: str, layer: int | None = None) -> str:
@@ -443,9 +452,7 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
             if tuple(gain.shape) != (bank.shape[0],):
                 raise GlobeError(f"artifact family {f}: gain of shape {list(gain.shape)}, expected one value per bank "
                                  f"({bank.shape[0]}) (damaged file)")
-            if not bool(torch.isfinite(gain).all() and (gain.abs() >= MIN_GAIN).all()):
-                raise GlobeError(f"artifact family {f}: gain {gain.tolist()} is not finite and nonzero (damaged file; "
-                                 "a zero gain makes every expert zero)")
+            check_gains(gain.tolist(), f"artifact family {f}")
             act = fm.get("activation", "silu")
             try:
                 get_activation(act)

@@ -381,9 +381,9 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             return summary
         summary = dist.on_rank0(finish)
         ok = True
-    except GlobeError:
+    except Exception:  # an error: its own line stays the last one
         raise
-    except BaseException:  # Ctrl-C, SIGTERM: say what a rerun resumes from (an error's own line stays last)
+    except BaseException:  # Ctrl-C, SIGTERM (KeyboardInterrupt, the CLI's Terminated): say what a rerun resumes
         stopped = True
         raise
     finally:

@@ -62,13 +62,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     p = resolve_path(str(path))
     dev = resolve_device(device or "cpu")
     if not is_globe_dir(p):
-        mt = _model_type(p)
+        from ..io.checkpoint import read_raw_config
+
+        raw = read_raw_config(p)  # a missing or corrupt config.json: one line
+        mt = raw.get("model_type")
         if isinstance(mt, str) and mt.startswith(GLOBE_PREFIX):  # transformers would prompt for remote code
             raise GlobeError(f"{p / 'config.json'}: model_type {mt!r} is a globe export's, but the file has no "
                              "globe section (damaged export)")
         if cache is not None:
             log("load: %s is not a globe export (its experts are dense); the cache settings do not apply", p)
-        _check_moe_checkpoint(p)
+        _check_moe_checkpoint(p, raw)
         return compat.load_pretrained(p, to_dtype(dtype), dev)
     conf = json.loads((p / "config.json").read_text())
     meta = conf.pop("globe")
@@ -104,22 +107,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     return model.eval()
 
 
-def _model_type(p) -> object:
-    """config.json's model_type, or None when the file is missing or not a JSON object."""
-    try:
-        conf = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return conf.get("model_type") if isinstance(conf, dict) else None
-
-
-def _check_moe_checkpoint(p) -> None:
+def _check_moe_checkpoint(p, raw: dict) -> None:
     """An MoE of a registry architecture: its expert tensors checked against config.json from the headers
     (Checkpoint), so a wrong num_experts or width is one line, not transformers' mismatch report."""
-    from ..io.checkpoint import Checkpoint, read_raw_config
+    from ..io.checkpoint import Checkpoint
     from ..registry import REGISTRY
 
-    raw = read_raw_config(p)
     if raw.get("model_type") in REGISTRY and not raw.get("quantization_config"):  # quantized: transformers' job
         Checkpoint(p)
 

@@ -34,10 +34,10 @@ MODULE_FILE = "modeling_globe.py"
 # module (None) with its relative imports removed. Nothing here is written twice by hand.
 SOURCES: list[tuple[str, list[str] | None]] = [
     ("globe.errors", ["GlobeError"]),
-    ("globe.common", ["has_zero_row"]),
+    ("globe.common", ["has_zero_row", "count_non_finite"]),
     ("globe.io.exportmeta", ["_int", "FAMILIES", "_DTYPES", "check_export_meta"]),
     ("globe.maps", None),
-    ("globe.artifacts", ["KEEP_FP32", "MIN_GAIN"]),
+    ("globe.artifacts", ["MIN_GAIN", "KEEP_FP32", "check_gains"]),
     ("globe.compat", ["GATE_UP_ORDER", "ExpertsInfo", "experts_info"]),
     ("globe.runtime.kernels", None),
     ("globe.runtime.cache", None),
@@ -107,9 +107,10 @@ class GlobeForCausalLM(_BaseForCausalLM):
         if extra:
             raise GlobeError(f"{{where}}: tensor {{extra[0]}} does not belong to this model "
                              f"({{len(extra)}} unexpected; damaged export)")
-        for name, t in model.state_dict().items():
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                raise GlobeError(f"{{where}}: tensor {{name}} holds NaN/inf (damaged file)")
+        for name, t in model.state_dict().items():  # globe's own check: one reduction, no boolean temporary
+            bad = count_non_finite(t)
+            if bad:
+                raise GlobeError(f"{{where}}: tensor {{name}} holds {{bad}} NaN/inf value(s) (damaged file)")
         for f in model.globe:  # codes, banks and gains checked now, not at the first forward
             model.globe[f]._host_codes()
         return (model, info) if want_info else model

@@ -11,13 +11,12 @@ changes which bits a compose produces.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..artifacts import KEEP_FP32, MIN_GAIN
+from ..artifacts import KEEP_FP32, check_gains
 from ..common import has_zero_row
 from ..errors import GlobeError
 from .cache import BankCodes, check_codes, compose_many, max_nnz
@@ -84,9 +83,7 @@ class FamilyStore(nn.Module):
             val = [float(v) for v in self.values.float().tolist()]
             gains = [float(g) for g in self.gain.float().tolist()]
             check_codes(ptr, idx, val, self.m, len(self.layers) * self.E, f"family {self.name}")
-            if not all(math.isfinite(g) and abs(g) >= MIN_GAIN for g in gains):
-                raise GlobeError(f"family {self.name}: bank gain {gains} is not finite and nonzero (damaged file); "
-                                 "every expert mixing from a zero gain would be zero")
+            check_gains(gains, f"family {self.name}")
             if not self.released and self.bank.numel() and has_zero_row(self.bank):
                 raise GlobeError(f"family {self.name}: a bank is all zeros (damaged file); every expert mixing "
                                  "from it would be zero")
