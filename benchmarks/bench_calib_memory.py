@@ -97,7 +97,7 @@ def child(path: str, mode: str, tokens: int, threads: int, out: str) -> dict:
         calib._calib_pass = lambda ck_, text, n, ctx, make, progress=None: whole_model_pass(ck_, ids, ctx, make)
     base = vm_hwm()
     t = time.time()
-    covs, _, rows, _ = calib.calibration_stats(ck, "unused", tokens, rows=True, progress=False)
+    covs, _, rows, _, _ = calib.calibration_stats(ck, "unused", tokens, rows=True, progress=False)
     secs = time.time() - t
     torch.save({"covs": covs, "rows": rows}, out)
     return {"seconds": secs, "peak_rss_bytes": vm_hwm(), "peak_rss_before_calibration_bytes": base}

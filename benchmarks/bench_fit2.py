@@ -191,14 +191,19 @@ def best_M(res: dict, b: float, share: str, N: int, p: int, d: int, L: int) -> i
 
 
 def globe_run(a, ck, share, M, b, out, objective="weight", calib=None, row_weights=False, baselines=True,
-              power=None) -> dict:
-    """run_fit of one scope; power: train.expert_weights=routing with this train.expert_weight_power."""
+              power=None, keep: float = 0.0) -> dict:
+    """run_fit of one scope; power: train.expert_weights=routing with this train.expert_weight_power; keep:
+    bank.keep_fraction (the busiest experts by the calibration text's gate mass kept uncompressed)."""
     N, L = len(ck.moe_layers) * ck.num_experts, len(ck.moe_layers)
     bank, sp = bank_cfg(share, M, L, b)
+    if keep:
+        bank["keep_fraction"] = keep
     weights = {} if power is None else {"expert_weights": "routing", "expert_weight_power": power,
                                         "calib_tokens": a.calib_tokens}
     tr = train_cfg(a, N, baselines=baselines, objective=objective, calib_text=str(calib) if calib else None,
                    calib_row_weights=row_weights, **weights)
+    if keep:
+        tr["calib_tokens"] = a.calib_tokens
     cfg = GlobeConfig.from_dict({"model": {"path": str(ck.dir)}, "output_dir": str(out), "bank": bank,
                                  "sparsity": sp, "train": tr})
     t = time.time()

@@ -22,6 +22,11 @@ bench_fit2's headline (--scope, --atoms, --steps, full batch, lr 0.03, bank.r_mu
 
     python benchmarks/bench_keep_dense.py --budget 0.3 --scope layer --fractions 0 0.05 0.1 0.15
     python benchmarks/bench_keep_dense.py --budget 0.5 --scope group:2 --fractions 0 0.05 0.1
+    python benchmarks/bench_keep_dense.py --real --budget 0.3 --scope layer --fractions 0.05 0.1
+    python benchmarks/bench_keep_dense.py --real --budget 0.5 --scope group:2 --fractions 0.05 0.1
+--real runs the library's feature (`bank.keep_fraction`: kept experts hidden from the fit, no weight
+floor, the budget's rank for the rest, routing weights by counts as `train.expert_weights=routing`) and
+scores it the same way; its rows are keyed `..._real`.
 Writes benchmarks/results/keep_dense_fixture2.json (rows keyed by budget, fraction and method; reruns skip
 rows already there). One torch thread.
 """
@@ -47,7 +52,7 @@ import bench_fit2 as B  # noqa: E402
 
 import globe.fit.run as fit_run  # noqa: E402
 from globe.fit.budget import svd_rank  # noqa: E402
-from globe.fit.calib import routing_counts, routing_weights  # noqa: E402
+from globe.fit.calib import Calibration, routing_counts, routing_weights  # noqa: E402
 from globe.fixtures import FIXTURE2_DIR  # noqa: E402
 from globe.io.checkpoint import Checkpoint  # noqa: E402
 
@@ -68,7 +73,7 @@ def gate_mass(ck: Checkpoint, text: Path, n_tokens: int) -> torch.Tensor:
         li = ck.moe_layers.index(L)
         router = f.get_tensor(f"model.layers.{L}.mlp.gate.weight").float()  # (E, d)
 
-        def hook(x, top):
+        def hook(x, top, _w=None):
             g, idx = torch.softmax(x.float() @ router.T, -1).topk(ck.top_k, -1)
             if not torch.equal(idx.sort(-1).values, top.long().sort(-1).values):
                 raise SystemExit(f"error: layer {L}: recomputed routing differs from the model's")
@@ -89,6 +94,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--select", default="mass", choices=("mass", "counts"), help="what 'busiest' means")
+    ap.add_argument("--real", action="store_true",
+                    help="the library's bank.keep_fraction (train.expert_weights=routing by counts, --power) instead "
+                         "of the emulation")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     if not 0 < a.budget <= 1:
@@ -138,13 +146,18 @@ def main() -> None:
                                   "delta_ppl": scorer.score(Wh)["perplexity"] - base}
             print(f"svd@{tag}", json.dumps(rows[f"svd@{tag}"]), flush=True)
         key = f"globe[{a.scope}]@{tag}"
+        if a.real:
+            real(a, ck, W, scorer, base, q, kept, work / f"real_{tag}", calib, args, rows, key + "_real")
+            B.save(Path(a.out), res)
+            continue
         if key in rows:
             continue
         w = routing_weights(counts * (1 if a.select == "counts" else 1e3), a.power)  # floor at 1 = 1e-3 mass
         w[kept] = 1e-6
 
         def calibration(cfg, ck, progress=None, w=w):  # the fit's weights: routing, kept experts ~0
-            return None, None, w, {"kind": "routing", "power": a.power, "calib_tokens": a.calib_tokens}
+            return Calibration(None, None, w, {"kind": "routing", "power": a.power, "calib_tokens": a.calib_tokens},
+                               [], None)
         fit_run.calibration = calibration
         t = time.time()
         r = B.globe_run(args, ck, a.scope, a.atoms, b, work / tag, calib=calib, baselines=False, power=a.power)
@@ -161,6 +174,32 @@ def main() -> None:
         print(key, json.dumps(rows[key]), flush=True)
         B.save(Path(a.out), res)
     B.save(Path(a.out), res)
+
+
+def real(a, ck, W, scorer, base, q, emulated, out, calib, args, rows, key) -> None:
+    """One row of the library feature: run_fit with bank.keep_fraction=q at the total budget --budget (the
+    fit derives r for what is left), routing weights by counts; scored with the kept experts' originals."""
+    if key in rows:
+        return
+    t = time.time()
+    r = B.globe_run(args, ck, a.scope, a.atoms, a.budget, out, calib=calib, baselines=True, power=a.power, keep=q)
+    summ, arts = r["summary"], r["arts"]
+    kept = arts.kept
+    Wh = {f: arts.families[f].reconstruct() for f in B.FAMS}
+    for f in B.FAMS:
+        Wh[f][kept] = W[f][kept]
+    fams = summ["families"]
+    rows[key] = {"method": "globe", "feature": "bank.keep_fraction", "share": a.scope, "atoms": a.atoms,
+                 "budget": a.budget, "keep_fraction": q, "kept": len(kept), "select": "mass",
+                 "same_experts_as_emulation": sorted(kept) == sorted(emulated.tolist()),
+                 "keep": summ.get("keep"), "r": fams["up"]["r"], "stored_fraction": summ["budget"]["achieved"],
+                 "delta_ppl": scorer.score(Wh)["perplexity"] - base,
+                 "err": {f: B.rel_err(W[f], Wh[f]) for f in B.FAMS},
+                 "summary_err": {f: fams[f]["rel_fro_error"] for f in B.FAMS},
+                 "err_fitted": {f: fams[f].get("rel_fro_error_fitted") for f in B.FAMS},
+                 "svd_err": {f: summ["baselines"]["svd"][f]["rel_fro_error"] for f in B.FAMS},
+                 "fit_time_s": time.time() - t, "loadavg": os.getloadavg()}
+    print(key, json.dumps(rows[key]), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ Tensors of family f (fit directory: fp32; export: bank, A and mixed in the expor
 
     W_hat_i = A_i @ (phi(g_b * sum_j alpha_ij B_bj) * col_scale),     b = layer_bank[li]
 
+Experts kept uncompressed (`bank.keep_fraction`) are listed in each family's metadata as `kept` (global
+ids, the same for every family); in a fit directory they hold A_i = 0 and one code (W_hat_i = 0 here):
+their gate/up are the source checkpoint's, which the export and the runtime take from the source.
+
 Metadata (JSON; `globe_config.json` of a fit directory, the `globe` section of an export's config.json):
 format "globe", version 2, model_type, moe_layers, num_experts, hidden_size, expert_intermediate_size,
 source, families {f: {m, r, banks, layer_bank, activation, col_scale, nnz, map, temperature, ...}},
@@ -108,6 +112,7 @@ class Family:
     A_layers: list[torch.Tensor] | None = None  # li -> (E, p, r)
     load_A: Callable[[int], torch.Tensor] | None = field(default=None, repr=False)
     p: int = 0  # expert width (needed when A is loaded lazily)
+    kept: list[int] = field(default_factory=list)  # global ids kept uncompressed (weights: the source's)
 
     @classmethod
     def from_fit(cls, bank: torch.Tensor, codes: torch.Tensor, A: torch.Tensor | None, gain: float | torch.Tensor,
@@ -188,14 +193,17 @@ class Family:
         return torch.bmm(A, self.compose(idx).float().cpu())
 
     def stored_params(self) -> int:
-        """Everything kept for this family: banks, all A_i, nonzero codes, gains, column scale."""
+        """Everything stored for this family: banks, all A_i, nonzero codes, gains, column scale, and p d per
+        expert kept uncompressed (bank.keep_fraction; held by the export and the runtime, not the fit dir)."""
         n, m, p, r, d = self.shape
-        return globe_params(n, p, d, m, r, self.nnz(), self.n_banks) + (0 if self.col_scale is None else d)
+        return (globe_params(n, p, d, m, r, self.nnz(), self.n_banks) + (0 if self.col_scale is None else d)
+                + len(self.kept) * p * d)
 
     def family_meta(self) -> dict[str, Any]:
         n, m, p, r, d = self.shape
         return {**self.meta, "m": m, "r": r, "banks": self.n_banks, "layer_bank": list(self.layer_bank),
-                "activation": self.activation, "col_scale": self.col_scale is not None, "nnz": self.nnz()}
+                "activation": self.activation, "col_scale": self.col_scale is not None, "nnz": self.nnz(),
+                "kept": list(self.kept)}
 
     # ---- the on-disk representation ----------------------------------------------------------------
     def plan(self, f: str, layers: list[int], dtype: torch.dtype = torch.float32,
@@ -246,6 +254,16 @@ class Artifacts:
     config: dict[str, Any] = field(default_factory=dict)  # resolved fit config as a dict
     source_digest: dict[str, str] = field(default_factory=dict)  # family -> Checkpoint.expert_digest at fit time
 
+    @property
+    def kept(self) -> list[int]:
+        """Global ids of the experts kept uncompressed (the same for every family; `validate` checks it)."""
+        return next((list(fa.kept) for fa in self.families.values()), [])
+
+    def kept_in_layer(self, layer: int) -> list[int]:
+        """Local ids (ascending) of the experts of MoE layer `layer` kept uncompressed."""
+        sl = self.layer_slice(layer)
+        return [i - sl.start for i in self.kept if sl.start <= i < sl.stop]
+
     def layer_slice(self, layer: int) -> slice:
         li = self.moe_layers.index(layer)
         return slice(li * self.num_experts, (li + 1) * self.num_experts)
@@ -270,6 +288,14 @@ class Artifacts:
                                  f"({self.expert_intermediate_size}, {self.hidden_size})")
             if not all(0 <= b < fa.n_banks for b in fa.layer_bank):
                 raise GlobeError(f"artifact family {f}: layer_bank {fa.layer_bank} refers to missing banks")
+            k = fa.kept
+            if not all(isinstance(i, int) and 0 <= i < n for i in k) or k != sorted(set(k)) or len(k) >= n:
+                raise GlobeError(f"artifact family {f}: kept experts {k[:8]}{'...' if len(k) > 8 else ''} are not "
+                                 f"distinct ascending ids in [0, {n}), fewer than all (damaged file)")
+            if k != self.kept:
+                raise GlobeError(f"artifact families keep different experts uncompressed ({len(k)} in {f}, "
+                                 f"{len(self.kept)} in {next(iter(self.families))}): fitted with different "
+                                 "bank.keep_fraction or calibration texts; fit them together")
 
     # ---- writing ---------------------------------------------------------------------------------
     def save(self, out_dir: str | os.PathLike) -> None:
@@ -469,10 +495,11 @@ def from_meta(meta: dict[str, Any], src, device: str | torch.device = "cpu") -> 
             fams[f] = Family(bank=bank, codes=codes.to(dev), gain=gain,
                              layer_bank=[int(b) for b in fm.get("layer_bank", [0] * len(layers))],
                              num_experts=E, activation=act, col_scale=cs,
-                             meta={k: v for k, v in fm.items() if k not in ("m", "r", "banks", "layer_bank",
+                             meta={k: v for k, v in fm.items() if k not in ("m", "r", "banks", "layer_bank", "kept",
                                                                             "activation", "col_scale", "nnz")},
                              load_A=load_A,
-                             p=int(meta["expert_intermediate_size"]))
+                             p=int(meta["expert_intermediate_size"]),
+                             kept=list(fm.get("kept") or []))
         arts = Artifacts(families=fams, model_type=meta["model_type"], moe_layers=layers, num_experts=E,
                          hidden_size=int(meta["hidden_size"]),
                          expert_intermediate_size=int(meta["expert_intermediate_size"]),

@@ -85,6 +85,8 @@ class BankCfg:
     seed: int = 0
     gain0: float = 1.0  # initial gain g inside phi (atoms have unit RMS)
     mobe_m: int | None = None  # MoBE-style baseline: atoms per layer (None -> max(2, m // layers))
+    keep_fraction: float = 0.0  # routed experts kept uncompressed, the busiest by calibration gate mass
+    # (fraction of all N; their Up/Gate stay the source's; counted in the budget; fit/calib.py keep_busiest)
 
     def __post_init__(self) -> None:
         _numbers(self, "bank")
@@ -107,6 +109,12 @@ class BankCfg:
         _need(float(self.gain0) > 0, "bank.gain0", f"must be > 0, got {self.gain0}")
         _need(0 <= int(self.seed) < 2 ** 63, "bank.seed", f"must be in [0, 2^63), got {self.seed}")
         _need(self.mobe_m is None or int(self.mobe_m) >= 1, "bank.mobe_m", f"must be >= 1, got {self.mobe_m}")
+        _need(0 <= float(self.keep_fraction) < 0.5, "bank.keep_fraction",
+              f"must be in [0, 0.5), got {self.keep_fraction}")
+        if self.budget is not None and self.r is None and self.r_frac is None:
+            _need(float(self.keep_fraction) < float(self.budget), "bank.keep_fraction",
+                  f"{self.keep_fraction:g} keeps at least bank.budget={self.budget:g} of the parameters exact: "
+                  "nothing is left for the fitted experts; lower it")
 
     def m(self, family: str) -> int:
         return int(self.m_up if family == "up" else self.m_gate)

@@ -107,7 +107,7 @@ def both_paths(monkeypatch, ck, ids, context=64):
 
 def assert_same(new, old):
     """Bitwise equal: the same layer code runs on the same inputs in the same order."""
-    (c1, p1, r1, n1), (c2, p2, r2, n2) = new, old
+    (c1, p1, r1, n1, _), (c2, p2, r2, n2, _) = new, old
     same = torch.equal
     assert c1.keys() == c2.keys() and all(same(c1[L], c2[L]) for L in c1)
     assert p1.keys() == p2.keys() and all(p1[k][1] == p2[k][1] and same(p1[k][0], p2[k][0]) for k in p1)
@@ -118,7 +118,7 @@ def assert_same(new, old):
 def assert_counts_match(ck, stats):
     """The routing counts (N,), layer-major, equal the per-expert covariances' token counts (counted there by
     a mask per expert, here by one bincount per layer)."""
-    _, per, _, counts = stats
+    _, per, _, counts, _ = stats
     E = ck.num_experts
     want = torch.tensor([float(per[(L, e)][1]) if (L, e) in per else 0.0 for L in ck.moe_layers for e in range(E)],
                         dtype=torch.float64)

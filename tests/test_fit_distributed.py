@@ -34,7 +34,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from globe.artifacts import dense_codes
+from globe.artifacts import Artifacts, dense_codes
 from globe.config import GlobeConfig
 from globe.errors import GlobeError
 from globe.testing.models import FIXTURE_DIR
@@ -51,6 +51,7 @@ E = 16  # experts per layer in the fixture (4 MoE layers, 64 experts per family)
 
 def make_cfg(out, **train) -> GlobeConfig:
     d = json.loads(json.dumps(CFG))
+    d["bank"].update(train.pop("bank", {}))
     d["train"].update(train)
     return GlobeConfig.from_dict({"model": {"path": str(FIXTURE_DIR)}, "output_dir": str(out), **d})
 
@@ -261,6 +262,26 @@ def test_two_ranks_with_routing_weights_match_one_process(tmp_path):
     s1, s2 = summary(tmp_path / "one"), summary(tmp_path / "two")
     assert s1["expert_weights"] == s2["expert_weights"]  # every rank counted the same routing
     assert s2["families"]["up"]["rel_fro_error"] == pytest.approx(s1["families"]["up"]["rel_fro_error"], rel=1e-5)
+
+
+def test_two_ranks_keeping_experts_match_one_process(tmp_path):
+    """Kept experts (bank.keep_fraction) are hidden on the rank that owns them; the errors over all experts
+    and the baselines (every expert, spectra recomputed when sharded) match one process."""
+    train = {"families": ["up"], "calib_text": str(FIXTURE_DIR / "eval.txt"), "calib_tokens": 300,
+             "baseline_mobe": False, "bank": {"keep_fraction": 0.1}}
+    one_process(tmp_path / "one", **json.loads(json.dumps(train)))
+    spawn(2, tmp_path / "two", train)
+    t1, t2 = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    shared = [k for k in t1 if ".A_" not in k]
+    assert deviation({k: t1[k] for k in shared}, {k: t2[k] for k in shared}) <= TOL
+    # a code near the pruning threshold moves one expert's refit A (measured 2.3e-3 of max|A| in one layer)
+    assert deviation({k: t1[k] for k in t1 if k not in shared}, {k: t2[k] for k in t2 if k not in shared}) <= 1e-2
+    s1, s2 = summary(tmp_path / "one"), summary(tmp_path / "two")
+    k1, k2 = s1["keep"], s2["keep"]  # the same experts kept (the shares: float sums in other thread counts)
+    assert k1["kept"] > 0 and k1 == {**k2, "gate_mass_share": pytest.approx(k2["gate_mass_share"], rel=1e-6)}
+    assert Artifacts.load(tmp_path / "one").kept == Artifacts.load(tmp_path / "two").kept
+    for k in ("rel_fro_error", "rel_fro_error_fitted", "ratio_vs_svd"):
+        assert s2["families"]["up"][k] == pytest.approx(s1["families"]["up"][k], rel=1e-5)
 
 
 def test_distributed_setting_errors(tmp_path, monkeypatch):

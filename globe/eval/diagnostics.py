@@ -110,6 +110,8 @@ def recon_stats(fa: Family, arts: Artifacts, ckpt, family: str, n_spectra: int =
         W = torch.stack([ckpt.expert(L, e, family, torch.float32) for e in range(E)])  # (E, p, d)
         idx = torch.arange(li * E, (li + 1) * E)
         Wh = fa.reconstruct(idx)  # (E, p, d)
+        for e in arts.kept_in_layer(L):  # kept uncompressed: the runtime runs the source's own weights
+            Wh[e] = W[e]
         r2 = ((W - Wh) ** 2).sum((1, 2)).double()
         w2 = (W**2).sum((1, 2)).double()
         per_expert += (r2 / w2.clamp_min(1e-300)).sqrt().tolist()

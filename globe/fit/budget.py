@@ -12,7 +12,8 @@ budget * N p d, capped at min(p, d), and rounded DOWN to a multiple of `bank.r_m
 torch's grouped_mm needs 16-byte aligned rows, and a bf16 row of A_i (p, r) is 2 r bytes; ranks below
 the multiple are kept as they are). An explicit `bank.r` or `bank.r_frac` wins over the budget. A
 budget below the smallest GloBE can store (r = 1) or above the largest it can use (r = min(p, d)) is a
-ValueError naming the nearest feasible budget.
+ValueError naming the nearest feasible budget. Experts kept uncompressed (`bank.keep_fraction`) store
+p d each and are counted: the fitted ones get what is left.
 """
 
 from __future__ import annotations
@@ -65,15 +66,19 @@ class RankPlan:
 
 def plan_rank(N: int, p: int, d: int, m: int, support: int, *, banks: int = 1, r: int | None = None,
               r_frac: float | None = None, budget: float | None = None, multiple: int = 8,
-              allow_r_above: bool = False) -> RankPlan:
+              allow_r_above: bool = False, kept: int = 0) -> RankPlan:
     """r for one family: explicit r, else round(r_frac p), else derived from `budget` (see module doc).
+
+    kept: experts kept uncompressed (bank.keep_fraction): they store p d each, counted in the budget, so
+    the fitted experts get budget - kept / N (their adapters and one code each are still stored: the
+    format keeps one A_i per expert).
 
     Raises ValueError("bank.budget: ...") when the budget cannot be met, with the nearest feasible one.
     """
     full = N * p * d
 
     def frac(rr: int) -> float:
-        return globe_params(N, p, d, m, rr, N * support, banks) / full
+        return (globe_params(N, p, d, m, rr, N * support, banks) + kept * p * d) / full
 
     if r is not None:
         return RankPlan(int(r), "r", None, frac(int(r)))
@@ -83,11 +88,12 @@ def plan_rank(N: int, p: int, d: int, m: int, support: int, *, banks: int = 1, r
     if budget is None:
         raise ValueError("bank.budget: set bank.budget, bank.r or bank.r_frac")
     cap = min(p, d)
-    r_max = rank_for_budget(budget, N, p, d, m, support, banks=banks)
+    r_max = rank_for_budget(budget - kept / N, N, p, d, m, support, banks=banks)
     if frac(1) > budget:
         lo = math.ceil(frac(1) * 1000) / 1000
         raise ValueError(f"bank.budget: {budget:g} cannot be met for {N} experts of {p} x {d} with {banks} bank(s) "
-                         f"of m={m} atoms and support {support} (r = 1 already stores {frac(1):.4f}); the nearest "
+                         f"of m={m} atoms and support {support}{f', {kept} kept uncompressed' if kept else ''} "
+                         f"(r = 1 already stores {frac(1):.4f}); the nearest "
                          f"feasible budget is {lo:g} (or lower bank.m_up/m_gate)")
     if r_max > cap and not allow_r_above:
         hi = math.floor(frac(cap) * 1000) / 1000
@@ -107,7 +113,13 @@ def fit_rank_plan(cfg: Any, fam: str, N: int, p: int, d: int, layers: int) -> Ra
 
     b = cfg.bank
     return plan_rank(N, p, d, b.m(fam), cfg.sparsity.target_support, banks=n_banks(b.share, max(1, layers)), r=b.r,
-                     r_frac=b.r_frac, budget=b.budget, multiple=b.r_multiple, allow_r_above=b.allow_r_above)
+                     r_frac=b.r_frac, budget=b.budget, multiple=b.r_multiple, allow_r_above=b.allow_r_above,
+                     kept=kept_count(b.keep_fraction, N))
+
+
+def kept_count(fraction: float, N: int) -> int:
+    """Experts kept uncompressed for bank.keep_fraction over N experts: round(fraction N)."""
+    return int(round(float(fraction) * N))
 
 
 def fit_rank(cfg: Any, fam: str, N: int, p: int, d: int, layers: int) -> int:

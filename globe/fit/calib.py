@@ -11,8 +11,9 @@ per expert; `whitener(...)` returns a function idx (n,) -> L (n, d, d).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -73,9 +74,9 @@ def calib_ids(ck: Checkpoint, text: str | Path, n_tokens: int, margin: int = 64)
 def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, make_hook,
                 progress: bool | None = None) -> None:
     """Run the model over the first n_tokens of `text` (sequences of `context` tokens), ONE DECODER LAYER
-    AT A TIME; make_hook(layer, experts) returns a function (x (t, d), top_k_index (t, k)) called with
-    what the router hands each MoE layer's experts module, so routing is the model's own (score-correction
-    biases, group limits) and never recomputed.
+    AT A TIME; make_hook(layer, experts) returns a function (x (t, d), top_k_index (t, k), top_k_weights
+    (t, k)) called with what the router hands each MoE layer's experts module, so routing is the model's
+    own (score-correction biases, group limits) and never recomputed.
 
     Sequential onloading (as llm-compressor's sequential pipeline): the model skeleton sits on the meta
     device; the token embeddings are looked up, the model's own forward records what each decoder layer
@@ -105,8 +106,9 @@ def _calib_pass(ck: Checkpoint, text: str | Path, n_tokens: int, context: int, m
         def pre(_mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             top = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            w = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
             x = x.reshape(-1, x.shape[-1])
-            fn(x, top.reshape(x.shape[0], -1))
+            fn(x, top.reshape(x.shape[0], -1), None if w is None else w.reshape(x.shape[0], -1))
         return pre
 
     moe = set(ck.moe_layers)
@@ -138,7 +140,7 @@ class _Covariances:
         self.pe: dict[tuple[int, int], tuple] = {}
 
     def make(self, L, _experts):
-        def hook(x, top):
+        def hook(x, top, _w=None):
             x = x.double()
             self.cov[L] += x.T @ x
             self.cnt[L] += x.shape[0]
@@ -176,7 +178,7 @@ class _RowWeights:
 
         silu = get_activation("silu")  # the experts' own SwiGLU activation (every registry architecture)
 
-        def hook(x, top):
+        def hook(x, top, _w=None):
             x = x.float()
             for e in range(E):
                 sel = (top == e).any(-1)
@@ -202,17 +204,24 @@ class _RowWeights:
 
 
 class _Counts:
-    """Routed-token count of every expert (N,), layer-major: how often the router picks it (top-k slots)."""
+    """Routed-token count of every expert (N,), layer-major: how often the router picks it (top-k slots); and
+    its gate mass sum_t g_ti^2 over those slots (g = the routing weight the MoE block scales the expert's
+    output by, as the router hands it to the experts module: the model's own normalisation)."""
 
     def __init__(self, ck: Checkpoint):
         self.ck, self.E = ck, ck.num_experts
         self.n = torch.zeros(len(ck.moe_layers) * self.E, dtype=torch.float64)
+        self.mass = torch.zeros_like(self.n)
 
     def make(self, L, _experts):
         li, E = self.ck.moe_layers.index(L), self.E
 
-        def hook(_x, top):
-            self.n[li * E:(li + 1) * E] += torch.bincount(top.reshape(-1).long(), minlength=E)[:E].double()
+        def hook(_x, top, w=None):
+            flat = top.reshape(-1).long()
+            self.n[li * E:(li + 1) * E] += torch.bincount(flat, minlength=E)[:E].double()
+            if w is not None:
+                self.mass[li * E:(li + 1) * E] += torch.zeros(E, dtype=torch.float64).index_add_(
+                    0, flat, w.reshape(-1).double() ** 2)
         return hook
 
     def result(self) -> torch.Tensor:
@@ -236,9 +245,9 @@ def _both(*collectors):
     def make(L, ex):
         hooks = [c.make(L, ex) for c in collectors if c is not None]
 
-        def hook(x, top):
+        def hook(x, top, w=None):
             for h in hooks:
-                h(x, top)
+                h(x, top, w)
         return hook
     return make
 
@@ -273,18 +282,28 @@ def routing_counts(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, conte
     return c.result()
 
 
+class Stats(NamedTuple):
+    """What one calibration pass collected (None where not asked for); see calibration_stats."""
+
+    covs: dict | None  # {layer: C (d, d)}
+    per: dict | None  # {(layer, e): (C (d, d), tokens)}
+    rows: dict[str, torch.Tensor] | None  # {'up'|'gate': (N, p)}
+    counts: torch.Tensor | None  # (N,) float64 routed slots
+    mass: torch.Tensor | None  # (N,) float64 gate mass sum_t g_ti^2 (with counts)
+
+
 def calibration_stats(ck: Checkpoint, text: str | Path, n_tokens: int = 4096, per_expert: bool = False,
                       rows: bool = False, context: int = 256, progress: bool | None = None, covariances: bool = True,
-                      counts: bool = False) -> tuple[dict | None, dict | None, dict[str, torch.Tensor] | None,
-                                                     torch.Tensor | None]:
-    """`input_covariances` (if covariances), `row_weights` (if rows) and `routing_counts` (if counts) from ONE
-    layer-wise pass: (covs | None, per | None, rows | None, counts | None)."""
+                      counts: bool = False) -> Stats:
+    """`input_covariances` (if covariances), `row_weights` (if rows), `routing_counts` and the gate mass (if
+    counts) from ONE layer-wise pass."""
     c = _Covariances(ck, per_expert) if covariances else None
     rw = _RowWeights(ck) if rows else None
     n = _Counts(ck) if counts else None
     _calib_pass(ck, text, n_tokens, context, _both(c, rw, n), progress)
     covs, per = c.result() if c is not None else (None, None)
-    return covs, per, (rw.result() if rw is not None else None), (n.result() if n is not None else None)
+    return Stats(covs, per, rw.result() if rw is not None else None, n.result() if n is not None else None,
+                 n.mass.clone() if n is not None else None)
 
 
 def whitener(ck: Checkpoint, covs: dict[int, torch.Tensor], per: dict | None = None, per_expert: bool = False,
@@ -306,24 +325,51 @@ def whitener(ck: Checkpoint, covs: dict[int, torch.Tensor], per: dict | None = N
 
 
 def calibrated(cfg: GlobeConfig) -> bool:
-    """Whether the fit reads cfg.train.calib_text (activation objective or routing weights)."""
-    return cfg.train.objective == "activation" or cfg.train.expert_weights == "routing"
+    """Whether the fit reads cfg.train.calib_text (activation objective, routing weights, or kept experts)."""
+    return (cfg.train.objective == "activation" or cfg.train.expert_weights == "routing"
+            or float(cfg.bank.keep_fraction) > 0)
 
 
-def calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
-    """(whiten callable | None, {family: row weights (N, p)} | None, expert weights (N,) | None, their summary
-    record | None) from one calibration pass: whitening for the activation objective, routed-token counts
-    for train.expert_weights=routing."""
+class Calibration(NamedTuple):
+    """What the fit takes from its calibration pass (None / [] where the config asks for nothing)."""
+
+    whiten: Callable | None  # expert idx (n,) -> whitening factors (activation objective)
+    rows: dict[str, torch.Tensor] | None  # {family: row weights (N, p)}
+    weights: torch.Tensor | None  # (N,) expert weights (train.expert_weights=routing)
+    stats: dict | None  # their summary record
+    kept: list[int]  # global ids of the experts kept uncompressed (bank.keep_fraction), ascending
+    keep_stats: dict | None  # what the kept experts carry (summary.json "keep")
+
+
+def calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None) -> Calibration:
+    """One calibration pass over train.calib_text: whitening for the activation objective, routed-token
+    counts for train.expert_weights=routing, the gate mass ranking of bank.keep_fraction (keep_busiest)."""
+    from .budget import kept_count
+    from .keep import keep_busiest
+
     tr = cfg.train
     act, routing = tr.objective == "activation", tr.expert_weights == "routing"
-    if not (act or routing):
-        return None, None, None, None
-    covs, per, rows, counts = calibration_stats(ck, tr.calib_text, tr.calib_tokens, tr.calib_per_expert,
-                                                act and tr.calib_row_weights, progress=progress, covariances=act,
-                                                counts=routing)
-    whiten = whitener(ck, covs, per, tr.calib_per_expert) if act else None
+    K = kept_count(cfg.bank.keep_fraction, len(ck.moe_layers) * ck.num_experts)
+    if not (act or routing or K):
+        return Calibration(None, None, None, None, [], None)
+    st = calibration_stats(ck, tr.calib_text, tr.calib_tokens, tr.calib_per_expert, act and tr.calib_row_weights,
+                           progress=progress, covariances=act, counts=routing or K > 0)
+    whiten = whitener(ck, st.covs, st.per, tr.calib_per_expert) if act else None
+    kept, keep_stats = [], None
+    if K:
+        kept = keep_busiest(st.mass, K)
+        mass, counts = st.mass, st.counts
+        keep_stats = {"kept": K, "fraction": float(cfg.bank.keep_fraction), "by": "gate_mass",
+                      "gate_mass_share": float(mass[kept].sum() / mass.sum().clamp_min(1e-300)),
+                      "routed_slot_share": float(counts[kept].sum() / counts.sum().clamp_min(1e-300)),
+                      "experts_per_layer": [sum(1 for i in kept if i // ck.num_experts == li)
+                                            for li in range(len(ck.moe_layers))]}
+        log("keep: the %d busiest of %d experts (bank.keep_fraction=%g) stay uncompressed: %.1f%% of the gate "
+            "mass, %.1f%% of the routed slots of the calibration text", K, mass.numel(), cfg.bank.keep_fraction,
+            100 * keep_stats["gate_mass_share"], 100 * keep_stats["routed_slot_share"])
     if not routing:
-        return whiten, rows, None, None
+        return Calibration(whiten, st.rows, None, None, kept, keep_stats)
+    counts = st.counts
     w = routing_weights(counts, tr.expert_weight_power)
     shown = w.double() / w.double().mean()  # as the fit uses them: mean one (over the live experts there)
     stats = {"kind": "routing", "power": float(tr.expert_weight_power), "routed_tokens": int(counts.sum()),
@@ -335,4 +381,4 @@ def calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None):
          "routed: %d of %d experts; weights (mean one) %.3f..%.3f (power %g)", stats["calib_tokens"],
          stats["count_min"], stats["count_median"], stats["count_max"], stats["experts_without_tokens"],
          counts.numel(), stats["weight_min"], stats["weight_max"], tr.expert_weight_power)
-    return whiten, rows, w, stats
+    return Calibration(whiten, st.rows, w, stats, kept, keep_stats)

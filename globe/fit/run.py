@@ -38,6 +38,7 @@ from .budget import fit_rank_plan, mobe_rank, svd_rank
 from .calib import calibrated, calibration
 from .dist import Dist, RankAWriter, read_checkpoint, wanted
 from .init import expert_scales, inv_scales, quiet, spectra
+from .keep import account_kept, hide_kept, restore_kept
 from .loop import FamilyFit, fit_family
 from .share import n_banks
 from .tracking import WandbRun, require_wandb, wandb_on
@@ -56,6 +57,9 @@ def _validate(cfg: GlobeConfig) -> None:
     if not cfg.output_dir:
         raise GlobeError("output_dir: required for fit")
     check_writable(cfg.output_dir, what="output_dir")  # read-only, not ours, a file in the way: before any work
+    if float(cfg.bank.keep_fraction) > 0 and not cfg.train.calib_text:
+        raise GlobeError("bank.keep_fraction needs train.calib_text: the busiest experts are those the calibration "
+                         "text routes the most gate mass to")
     if calibrated(cfg) and not Path(str(cfg.train.calib_text)).is_file():
         what = "is a directory, not a text file" if Path(str(cfg.train.calib_text)).is_dir() else "file not found"
         raise GlobeError(f"train.calib_text: {what}: {cfg.train.calib_text}")
@@ -270,8 +274,8 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
         plog("note: train.expert_weight_power=%g has no effect with train.expert_weights=uniform",
              tr.expert_weight_power)
     if tr.calib_text and not calibrated(cfg):
-        plog("note: train.calib_text is read only with train.objective=activation or train.expert_weights=routing; "
-             "this fit does not use it")
+        plog("note: train.calib_text is read only with train.objective=activation, train.expert_weights=routing or "
+             "bank.keep_fraction > 0; this fit does not use it")
     ck = Checkpoint(cfg.model.path, cfg.model.revision)  # headers only: no weight is read here
     N = len(ck.moe_layers) * ck.num_experts
     try:
@@ -320,10 +324,11 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                 continue  # finished earlier: its tensors stay on disk, never two families' adapters in memory
             if not cal:
                 cal.extend(calibration(cfg, ck, progress))
-            whiten_for, rows_for, weights, wstats = cal
+            whiten_for, rows_for, weights, wstats, kept, keep_stats = cal
             ckpt = out / STATE / f"{fam}.ckpt.pt"
             log.rewind(fam, read_checkpoint(ckpt, mmap=True)["step"] if lead and ckpt.is_file() else 0)  # no A read
             W, sc = _experts(ck, fam, cfg.train.max_memory_gb, progress, dist)
+            kept_sc = hide_kept(W, sc, kept, dist)  # kept experts: zero, fitted as dead ones (fit/keep.py)
             rows = None if rows_for is None else (lambda idx, w=rows_for[fam]: w[idx.cpu()])
             def sink(family, fam=fam):  # the final adapters stream into the family's file, chunk by chunk
                 if dist.on:  # [dist] per-rank files, assembled by rank 0
@@ -336,6 +341,10 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                              on_codes=log.codes_hook(fam), dist=dist)
             # spectra of the warm start (mmap: only sv is read, not the whole optimiser state)
             sv = read_checkpoint(ckpt, mmap=True)["sv"].clone() if whiten_for is None else None
+            if kept:  # errors over all experts; the baselines compress every expert, kept ones too
+                fit.artifact.kept = list(kept)
+                fit.metrics = account_kept(fit.metrics, kept, kept_sc, sc, fit.artifact.stored_params())
+                sv = restore_kept(W, sc, sv, kept, kept_sc, ck, fam, dist)
             base = _baselines(W, fit, sv, sc, ck, cfg, fam, dev, progress, dist, weights) if cfg.train.baselines else {}
             if base:
                 plog("baselines %s: %s", fam, ", ".join(f"{k} error {b['rel_fro_error']:.4f} in {b['time_s']:.1f} s"
@@ -351,7 +360,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
                 diverged = drop
                 raise
             res = {"metrics": {**fit.metrics, **plans[fam].as_dict()}, "baselines": base,
-                   "family_meta": fit.artifact.family_meta(), "expert_weights": wstats}
+                   "family_meta": fit.artifact.family_meta(), "expert_weights": wstats, "keep": keep_stats}
             if lead:
                 atomic_write(done, lambda p, res=res: Path(p).write_text(json.dumps(res, indent=1)))
             log.family_done(fam, fit)
@@ -372,6 +381,9 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             wstats = next((r["expert_weights"] for r in results.values() if r.get("expert_weights")), None)
             if wstats is not None:
                 summary["expert_weights"] = wstats
+            kstats = next((r["keep"] for r in results.values() if r.get("keep")), None)
+            if kstats is not None:
+                summary["keep"] = kstats
             if peaks is not None:
                 summary["distributed"] = {**dist.describe(), **peaks}
             atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
@@ -485,6 +497,9 @@ def _summary(results: dict, cfg: GlobeConfig, ck: Checkpoint, dev: str, secs: fl
             if k in mt:
                 fam_out[fam][k] = mt[k]
         fam_out[fam]["dead_experts"] = mt.get("dead_experts", 0)
+        for k in ("kept_experts", "kept_energy_share", "rel_fro_error_fitted"):
+            if k in mt:
+                fam_out[fam][k] = mt[k]
         fam_out[fam]["baselines_time_s"] = sum(b.get("time_s", 0.0) for b in res["baselines"].values())
         for name, b in res["baselines"].items():
             base_out.setdefault(name, {})[fam] = b

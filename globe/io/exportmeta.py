@@ -7,7 +7,8 @@ No torch here: `globe inspect` reads headers only.
 
 Keys (written by globe/runtime/export.py, see docs/format.md): format, version, dtype, moe_layers [int],
 num_experts, hidden_size, expert_intermediate_size, families {up|gate: {m, r, nnz, activation, banks,
-layer_bank [bank per MoE layer], col_scale}}, save_mixed, cache, base_model_type, experts_paths.
+layer_bank [bank per MoE layer], col_scale, kept [global ids kept uncompressed]}}, save_mixed, cache,
+base_model_type, experts_paths.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ def check_export_meta(meta: Any, where: str, activations: Collection[str] | None
         lb = fm.get("layer_bank", [0] * len(layers))
         if not isinstance(lb, list) or len(lb) != len(layers) or not all(_int(b, 0) and b < banks for b in lb):
             raise bad(f"families.{f}.layer_bank", f"is {lb!r}, expected one bank index in [0, {banks}) per MoE layer")
+    N = len(layers) * E
+    kept = [fm.get("kept") or [] for fm in fams.values()]
+    for f, k in zip(fams, kept):
+        if not isinstance(k, list) or not all(_int(i, 0) and i < N for i in k) or k != sorted(set(k)) or len(k) >= N:
+            raise bad(f"families.{f}.kept", f"is {k!r:.80}, expected distinct ascending expert ids in [0, {N})")
+        if k != kept[0]:
+            raise bad(f"families.{f}.kept", f"differs from families.{next(iter(fams))}.kept (an expert is kept in "
+                      "every family or in none)")
     kf = meta.get("keep_fp32", [])
     if not isinstance(kf, list) or not all(isinstance(x, str) for x in kf):
         raise bad("keep_fp32", f"is {kf!r}, expected a list of tensor names")
@@ -84,7 +93,8 @@ def check_export_meta(meta: Any, where: str, activations: Collection[str] | None
 def family_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every family tensor a well-formed export holds (see docs/format.md), from a section
     check_export_meta accepted: bank (G, m, r, d), gain (G,), CSR codes, col_scale (d,), A_L (E, p, r) and,
-    with save_mixed, mixed_L (E, r, d) per MoE layer."""
+    with save_mixed, mixed_L (E, r, d) per MoE layer; kept_f (K_L, p, d) beside each layer's experts that
+    keeps some uncompressed."""
     E, p, d, layers = meta["num_experts"], meta["expert_intermediate_size"], meta["hidden_size"], meta["moe_layers"]
     out: dict[str, tuple[int, ...]] = {}
     for f, fm in meta["families"].items():
@@ -98,4 +108,10 @@ def family_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             out[f"{k}A_{L}"] = (E, p, r)
             if meta.get("save_mixed"):
                 out[f"{k}mixed_{L}"] = (E, r, d)
+    paths = meta.get("experts_paths") or {}
+    kept = next((list(fm.get("kept") or []) for fm in meta["families"].values()), [])
+    for li, L in enumerate(layers):  # experts kept uncompressed: the source's gate/up beside the layer's Down
+        K = sum(1 for i in kept if i // E == li)
+        if K and str(L) in paths:
+            out.update({f"{paths[str(L)]}.kept_{f}": (K, p, d) for f in meta["families"]})
     return out

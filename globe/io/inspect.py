@@ -87,9 +87,9 @@ def inspect_export(d) -> dict[str, Any]:
     E, p, dd, L = int(g["num_experts"]), int(g["expert_intermediate_size"]), int(g["hidden_size"]), len(g["moe_layers"])
     fams = {}
     for f, fm in g["families"].items():
-        m, r, G = int(fm["m"]), int(fm["r"]), int(fm.get("banks", 1))
-        stored = G * (m * r * dd + 1) + L * E * p * r + int(fm["nnz"]) + (dd if fm.get("col_scale") else 0)
-        fams[f] = {"m": m, "r": r, "banks": G, "nnz": int(fm["nnz"]), "stored_params": stored,
+        m, r, G, K = int(fm["m"]), int(fm["r"]), int(fm.get("banks", 1)), len(fm.get("kept") or [])
+        stored = G * (m * r * dd + 1) + L * E * p * r + int(fm["nnz"]) + (dd if fm.get("col_scale") else 0) + K * p * dd
+        fams[f] = {"m": m, "r": r, "banks": G, "nnz": int(fm["nnz"]), "kept_experts": K, "stored_params": stored,
                    "original_params": L * E * p * dd, "stored_fraction": stored / (L * E * p * dd)}
     return {"format": "globe", "model_type": g.get("base_model_type"), "moe_layers": list(g["moe_layers"]),
             "num_experts": E, "top_k": conf.get("num_experts_per_tok"), "hidden_size": dd,
@@ -165,6 +165,10 @@ def _export_table(info: dict[str, Any]) -> str:
                 f" (source {_bytes(info['original_bytes'])}, {info['bytes_on_disk'] / info['original_bytes']:.1%})"
                 if info.get("original_bytes") else "")),
             ("cache", str((info.get("cache") or {}).get("mode")))]
+    kept = next(iter(info["families"].values()), {}).get("kept_experts", 0)
+    if kept:
+        rows.append(("kept experts", f"{kept} of {len(info['moe_layers']) * info['num_experts']} uncompressed "
+                                     "(bank.keep_fraction; counted in 'stored')"))
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows] + ["", f"{'family':<8}{'m':>6}{'banks':>7}{'r':>7}{'codes':>9}"
                                                    f"{'stored':>10}{'of routed':>11}"]

@@ -14,6 +14,10 @@ mode one table (E, R, d), a non-persistent buffer, so `.to()` / `.half()` / devi
 families' tilde_B rows [gate; up] -> (R, d), so one GEMM gives both rank-r projections, then one thin
 GEMM per family applies A; with compose_full the block holds A_f tilde_B_f (p, d) instead.
 
+Experts kept uncompressed (bank.keep_fraction) hold their original gate/up in `kept_{f}` (K, p, d); a
+call splits its assignments once (one host sync) into the kept ones, run as a dense layer of K
+experts, and the others, run through the bank path as above; the two parts add into the output.
+
 The compute runs in kernels.py: `choose_path` picks grouped GEMMs, a per-expert loop or a gather path
 from (device, dtype, T*k) only, so every cache mode takes the same path and modes agree bit for bit.
 """
@@ -40,7 +44,8 @@ class GloBEExperts(nn.Module):
 
     def __init__(self, info: ExpertsInfo, down_proj: nn.Parameter, store: GlobeStore, layer: int,
                  dense: dict[str, torch.Tensor] | None = None, mode: str = "full", S_per_layer: int = 16,
-                 compose_full: bool = False, collect_stats: bool = False, build: bool = True):
+                 compose_full: bool = False, collect_stats: bool = False, build: bool = True,
+                 kept: tuple[list[int], dict[str, torch.Tensor]] | None = None):
         super().__init__()
         dense = dict(dense or {})
         E, p, d = info.num_experts, info.p, info.d
@@ -68,6 +73,7 @@ class GloBEExperts(nn.Module):
                 raise GlobeError(f"layer {layer}: dense {f} weight has shape {tuple(w.shape)}, "
                                  f"expected ({E}, {p}, {d})")
             self.register_buffer(f"W_{f}", w.contiguous())  # (E, p, d), persistent: part of an export
+        self._set_kept(kept, E, p, d)
         self.rows: dict[str, tuple[int, int]] = {}  # family f occupies rows [lo, hi) of a block
         off = 0
         for f in fitted:
@@ -81,6 +87,23 @@ class GloBEExperts(nn.Module):
         self.stats: dict[str, int] | None = {"hits": 0, "misses": 0} if collect_stats else None
         if build:
             self.build_cache()
+
+    def _set_kept(self, kept, E: int, p: int, d: int) -> None:
+        """Experts kept uncompressed: local ids (ascending) and their fitted families' weights kept_{f} (K, p, d),
+        persistent buffers (part of an export)."""
+        ids, weights = (list(kept[0]), dict(kept[1])) if kept else ([], {})
+        if ids != sorted(set(ids)) or not all(0 <= e < E for e in ids):
+            raise GlobeError(f"layer {self.layer}: kept experts {ids} are not distinct ascending ids in [0, {E})")
+        if ids and set(weights) != set(self.fitted):
+            raise GlobeError(f"layer {self.layer}: kept experts need weights for {self.fitted}, got {sorted(weights)}")
+        self.kept_ids = ids
+        for f, w in weights.items():
+            if w.shape != (len(ids), p, d):
+                raise GlobeError(f"layer {self.layer}: kept {f} weight has shape {tuple(w.shape)}, expected "
+                                 f"({len(ids)}, {p}, {d})")
+            self.register_buffer(f"kept_{f}", w.contiguous())
+        self._kept_lw: LayerWeights | None = None  # Down and unfitted families' rows of the kept experts
+        self._kept_slot: torch.Tensor | None = None  # (E,) int64: row among the kept experts, -1 if not kept
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -128,6 +151,7 @@ class GloBEExperts(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        self._kept_lw = self._kept_slot = None
         if self.slab is not None:  # cached blocks are recomposed in the new dtype/device on demand
             old, self.slab = self.slab.stats, None
             if old is not None:
@@ -167,6 +191,8 @@ class GloBEExperts(nn.Module):
         """Reconstructed (p, d) weight of family f for expert e, fp32."""
         if f not in self.fitted:
             return getattr(self, f"W_{f}")[e].float()
+        if e in self.kept_ids:
+            return getattr(self, f"kept_{f}")[self.kept_ids.index(e)].float()
         if self.compose_full and self.table is not None:
             lo, hi = self.rows[f]
             return self.table[e, lo:hi].float()
@@ -175,6 +201,53 @@ class GloBEExperts(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.kept_ids:
+            return self._forward_split(hidden_states, top_k_index, top_k_weights)
+        return self._forward_bank(hidden_states, top_k_index, top_k_weights)
+
+    def _kept_layer(self) -> LayerWeights:
+        """The kept experts as a dense layer: their Down rows and unfitted families' rows copied once (K d p
+        numbers each, rebuilt after a cast or move), their fitted families from the kept_{f} buffers."""
+        if self._kept_lw is None:
+            ids = torch.tensor(self.kept_ids, device=self.down_proj.device)
+            dense = {f: getattr(self, f"kept_{f}") if f in self.fitted else getattr(self, f"W_{f}").index_select(0, ids)
+                     for f in FAMILY_ORDER}
+            down = self.down_proj.detach().index_select(0, ids)
+            self._kept_lw = LayerWeights(down=down, act_fn=self.act_fn, compute_dtype=dense[FAMILY_ORDER[0]].dtype,
+                                         dense=dense)
+            slot = torch.full((self.num_experts,), -1, dtype=torch.int64)
+            slot[self.kept_ids] = torch.arange(len(self.kept_ids))
+            self._kept_slot = slot.to(self.down_proj.device)
+        return self._kept_lw
+
+    def _forward_split(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Assignments to kept experts run densely, the others through the bank path; each part is a
+        (n, 1) routing of the rows it serves, summed into the tokens' outputs (one host sync to split)."""
+        T, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        self._kept_layer()
+        slot = self._kept_slot.index_select(0, flat)  # (n,) row among the kept experts, -1: through the bank
+        tok = torch.arange(T, device=hidden.device).repeat_interleave(k)
+        w = top_k_weights.reshape(-1, 1)
+        mask = slot >= 0
+        out = torch.zeros_like(hidden)
+        for rows, kept in (((~mask).nonzero().squeeze(1), False), (mask.nonzero().squeeze(1), True)):
+            if not rows.numel():
+                continue
+            t = tok.index_select(0, rows)
+            x, wr = hidden.index_select(0, t), w.index_select(0, rows)
+            if kept:
+                lw = self._kept_layer()
+                path = choose_path(hidden.device, lw.compute_dtype, rows.numel())
+                y = experts_forward(x, slot.index_select(0, rows)[:, None], wr, lw, None, path)
+            else:
+                y = self._forward_bank(x, flat.index_select(0, rows)[:, None], wr)
+            out.index_add_(0, t, y)
+        return out
+
+    def _forward_bank(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
         lw = self.layer_weights()
         path = choose_path(hidden_states.device, lw.compute_dtype, top_k_index.numel())
         if not self.fitted:
@@ -192,4 +265,4 @@ class GloBEExperts(nn.Module):
     def extra_repr(self) -> str:
         ranks = {f: hi - lo for f, (lo, hi) in self.rows.items()}
         return (f"layer={self.layer}, experts={self.num_experts}, d={self.hidden_dim}, p={self.intermediate_dim}, "
-                f"fitted={ranks}, cache={self.mode}, compute_dtype={self.compute_dtype}")
+                f"fitted={ranks}, kept={len(self.kept_ids)}, cache={self.mode}, compute_dtype={self.compute_dtype}")

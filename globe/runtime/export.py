@@ -6,7 +6,8 @@ planned from the source's tensor headers and the artifacts' metadata, then writt
 cast or reconstructed: peak memory is about one MoE layer (the largest: a fused (E, 2p, d) W_hat).
 
 format=dense: the source checkpoint with the routed experts' gate/up tensors replaced by W_hat
-(fp32 from the artifacts, cast to export.dtype), under the source's own on-disk names and layout
+(fp32 from the artifacts, cast to export.dtype; experts kept uncompressed keep the source's
+weights), under the source's own on-disk names and layout
 (per-expert or fused), so plain `AutoModelForCausalLM.from_pretrained` and vLLM load it.
 
 format=globe: the family tensors of the artifacts (see globe/artifacts.py, bank and A cast to
@@ -15,6 +16,7 @@ untouched, under the names the patched model holds in memory:
     <name>                                    every non-expert tensor (transformers' in-memory names)
     {layers}.{L}.{block}.experts.down_proj    (E, d, p)  Down, dense
     {layers}.{L}.{block}.experts.W_{f}        (E, p, d)  a family that was not fitted
+    {layers}.{L}.{block}.experts.kept_{f}     (K_L, p, d) the layer's experts kept uncompressed (bank.keep_fraction)
     globe.{f}.*                               the fitted families
 config.json is the source config with `model_type` "globe_<base>", `auto_map` entries and a `globe`
 section (the artifacts' metadata plus dtype, save_mixed, cache, base_model_type, experts_paths).
@@ -230,8 +232,8 @@ class _LayerRecon:
     (experts.0.gate_proj, experts.0.up_proj, experts.1.gate_proj, ...), so all families of the current layer
     are held together: 2 x E x p x d numbers in dtype (0.7 GB in bf16 at Qwen1.5-MoE-A2.7B's size)."""
 
-    def __init__(self, arts: Artifacts, dtype: torch.dtype):
-        self.arts, self.dtype, self.layer, self.val = arts, dtype, None, {}
+    def __init__(self, arts: Artifacts, dtype: torch.dtype, ck: Checkpoint):
+        self.arts, self.dtype, self.ck, self.layer, self.val = arts, dtype, ck, None, {}
 
     def get(self, f: str, L: int) -> torch.Tensor:
         if self.layer != L:
@@ -239,6 +241,8 @@ class _LayerRecon:
             self.val = {}
             for g, fam in self.arts.families.items():
                 self.val[g] = fam.reconstruct(torch.arange(sl.start, sl.stop)).to(self.dtype)
+                for e in self.arts.kept_in_layer(L):  # kept uncompressed: the source's own weights
+                    self.val[g][e] = self.ck.expert(L, e, g, self.dtype)
             self.layer = L
         return self.val[f]
 
@@ -258,7 +262,7 @@ def dense_plan(ck: Checkpoint, arts: Artifacts, dtype: torch.dtype) -> tuple[Pla
     plan = [(k, _float_dtype(ck, k, dtype), tuple(ck.shape(k))) for k in keys]
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
-        rec = _LayerRecon(arts, dtype)
+        rec = _LayerRecon(arts, dtype, ck)
         for k in keys:
             if k in fam_of:
                 f, L, e = fam_of[k]
@@ -295,6 +299,10 @@ def globe_plan(ck: Checkpoint, arts: Artifacts, dtype: torch.dtype, save_mixed: 
         for f in FAMILY_ORDER:
             if f not in arts.families:
                 items.append((L, f"{fp}.W_{f}", dtype, (E, p, d), lambda L=L, f=f: _stack(ck, L, f, dtype)))
+        ids = arts.kept_in_layer(L)
+        for f in arts.families if ids else ():  # kept uncompressed: the source's gate/up of those experts
+            items.append((L, f"{fp}.kept_{f}", dtype, (len(ids), p, d),
+                          lambda L=L, f=f, ids=ids: _stack(ck, L, f, dtype, ids)))
     items.sort(key=lambda x: (x[0], x[1]))
     plan: Plan = [(n, dt, s) for _, n, dt, s, _ in items]
     for f, fam in arts.families.items():
@@ -317,13 +325,15 @@ def check_finite(name: str, t: torch.Tensor, dtype: str) -> None:
                          f"checkpoint or the fit's artifacts are damaged, or values exceed {dtype}'s range")
 
 
-def _stack(ck: Checkpoint, L: int, family: str, dtype: torch.dtype) -> torch.Tensor:
-    """(E, p, d) gate/up or (E, d, p) down of layer L in dtype, one expert read at a time."""
-    first = ck.expert(L, 0, family)
-    out = torch.empty((ck.num_experts, *first.shape), dtype=dtype)
+def _stack(ck: Checkpoint, L: int, family: str, dtype: torch.dtype, experts: list[int] | None = None) -> torch.Tensor:
+    """(n, p, d) gate/up or (n, d, p) down of `experts` (default all E) of layer L in dtype, one expert
+    read at a time."""
+    ids = list(range(ck.num_experts)) if experts is None else list(experts)
+    first = ck.expert(L, ids[0], family)
+    out = torch.empty((len(ids), *first.shape), dtype=dtype)
     out[0] = first
-    for e in range(1, ck.num_experts):
-        out[e] = ck.expert(L, e, family)
+    for j, e in enumerate(ids[1:], 1):
+        out[j] = ck.expert(L, e, family)
     return out
 
 

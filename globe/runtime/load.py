@@ -10,7 +10,8 @@ Any tensor the model needs that the files lack is refused by name: nothing is ev
 initialised.
 
 Resident bytes by mode (weights as loaded, dtype size s; per family R_f = r, or p with compose_full):
-    base   every tensor of the export (non-expert, Down, A, banks, codes)
+    base   every tensor of the export (non-expert, Down, A, banks, codes, kept experts' gate/up)
+           + the kept experts' Down rows, copied once for their dense part (K d p s)
     full   base + sum over MoE layers of E * R * d * s     (the bank is freed once composed)
     lru    base + layers * min(S, E) * R * d * s
     none   base + a few blocks composed in flight (min(E, 8) * R * d * s)
@@ -39,7 +40,7 @@ from ..maps import ACTIVATIONS
 from ..progress import Progress, log
 from .export import GLOBE_PREFIX, is_globe_dir
 from .patch import build_caches, globe_layers, install, warmup
-from .skeleton import skeleton_dense, skeleton_store
+from .skeleton import kept_experts, skeleton_dense, skeleton_kept, skeleton_store
 
 # Activations, KV cache, allocator slack on top of the weights (fraction). 0.12: at full size, scoring 2k
 # tokens, the peak RSS measured up to 1.8% above a 0.08 estimate and up to 0.6% above a 0.10 one
@@ -95,10 +96,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     model = compat.empty_model(config, dt)
     store = skeleton_store(meta, dt, "meta")
     dense = skeleton_dense(meta, dt, "meta")
+    kept = skeleton_kept(meta, dt, "meta")
     if compat.moe_layer_ids(model) != list(meta["moe_layers"]):
         raise GlobeError(f"{p}: config.json MoE layers {compat.moe_layer_ids(model)} differ from the globe "
                          f"section's {meta['moe_layers']}")
-    install(model, store, dense, replace(cache, warmup_tokens=0), collect_stats, keep_original=False, build=False)
+    install(model, store, dense, replace(cache, warmup_tokens=0), collect_stats, keep_original=False, build=False,
+            kept=kept)
     assign_all(model, src, dev, str(p))
     build_caches(model, progress=len(meta["moe_layers"]) > 4)
     model._globe["cache"] = cache
@@ -178,6 +181,8 @@ def estimate_bytes(meta: dict[str, Any], src: TensorDir, cache: CacheCfg, dtype:
     R = sum(p if cache.compose_full else int(fm["r"]) for fm in meta["families"].values())
     bank = sum(int(fm.get("banks", 1)) * int(fm["m"]) * int(fm["r"]) * d * s for fm in meta["families"].values())
     blk = R * d * s  # one composed block
+    K = sum(len(ids) for ids in kept_experts(meta).values())  # kept uncompressed: their Down (and any unfitted
+    base += K * d * p * s * (1 + 2 - len(meta["families"]))  # family's) rows copied once for the dense part
     modes = {"full": base + L * E * blk, "lru": base + L * min(int(cache.S_per_layer), E) * blk,
              "none": base + min(E, 8) * blk}
     return {"base": base, "bank": bank, "block": blk, "modes": modes}

@@ -79,14 +79,15 @@ def experts_paths(model: nn.Module) -> dict[int, str]:
 
 def install(model: nn.Module, store: GlobeStore, dense: dict[int, dict[str, torch.Tensor]], cache: CacheCfg,
             collect_stats: bool = False, keep_original: bool = True, build: bool = True,
-            paths: dict[int, str] | None = None) -> nn.Module:
+            paths: dict[int, str] | None = None, kept: dict | None = None) -> nn.Module:
     """Register `store` as model.globe and swap every MoE layer's experts for a GloBEExperts.
 
-    dense[L]: weights (E, p, d) of the families that were not fitted. build=False leaves the `full`
-    tables empty (the loader fills the tensors first, then calls `build_caches`).
+    dense[L]: weights (E, p, d) of the families that were not fitted; kept[L]: (ids, {family: (K, p, d)})
+    of the experts kept uncompressed. build=False leaves the `full` tables empty (the loader fills the
+    tensors first, then calls `build_caches`).
     """
     originals = swap_experts(model, store, paths or experts_paths(model), dense, cache.mode, int(cache.S_per_layer),
-                             cache.compose_full, collect_stats, build=False)
+                             cache.compose_full, collect_stats, build=False, kept=kept)
     for f in FAMILY_ORDER:
         if f in store:  # one composition kernel per family for every mode and layer (cache.py)
             store[f].kernel = "compiled" if cache.compile else "eager"
@@ -163,10 +164,15 @@ def patch_model(model: nn.Module, artifacts: Artifacts | str | os.PathLike, cach
     cd, dev = compute_dtype(cache, info.dtype), info.device
     store = GlobeStore({f: store_from_family(f, fa, layers, cd, dev) for f, fa in arts.families.items()})
     dense: dict[int, dict[str, torch.Tensor]] = {}
+    kept: dict[int, tuple[list[int], dict[str, torch.Tensor]]] = {}
     for L in layers:
         gu = compat.gate_up_weight(compat.get_experts(model, L))
         dense[L] = {f: compat.family_rows(gu, f).clone() for f in FAMILY_ORDER if f not in store}
-    install(model, store, dense, cache, collect_stats, keep_original)
+        ids = arts.kept_in_layer(L)  # kept uncompressed: the model's own rows (the source's weights)
+        if ids:
+            sel = torch.tensor(ids, device=gu.device)
+            kept[L] = (ids, {f: compat.family_rows(gu, f).detach().index_select(0, sel) for f in store})
+    install(model, store, dense, cache, collect_stats, keep_original, kept=kept)
     if cache.mode == "lru" and int(cache.warmup_tokens) > 0:
         warmup(model, warmup_ids, int(cache.warmup_tokens))
     return model

@@ -86,9 +86,10 @@ class GlobeForCausalLM(_BaseForCausalLM):
         dtype = torch.get_default_dtype()  # transformers sets it to the loading dtype
         store = skeleton_store(meta, dtype, None)
         dense = skeleton_dense(meta, dtype, None)
+        kept = skeleton_kept(meta, dtype, None)
         paths = {{int(L): p for L, p in meta["experts_paths"].items()}}
         swap_experts(self, store, paths, dense, cache.get("mode", "full"), cache.get("S_per_layer", 16),
-                     cache.get("compose_full", False), build=False)
+                     cache.get("compose_full", False), build=False, kept=kept)
         for f in store:  # the composition kernel globe.load_model would use (cache.compile)
             store[f].kernel = "compiled" if cache.get("compile") is True else "eager"
 
@@ -167,7 +168,7 @@ def model_card(conf: dict[str, Any], fit_summary: dict[str, Any] | None) -> str:
              f"{g['bytes_on_disk'] / max(1, g['original_bytes']):.1%}).", "",
              "Every routed expert's gate and up projection is `A_i @ phi(g * sum_j alpha_ij B_j)`: sparse codes over "
              "basis banks shared by the MoE layers, and a per-expert adapter A_i. Down projections, routers, shared "
-             "experts and attention are the source's.", "",
+             "experts and attention are the source's." + _kept_line(g), "",
              "| family | atoms per bank | banks | rank r | nonzero codes | rel. Frobenius error | stored / original |",
              "|---|---|---|---|---|---|---|"]
     fams = (fit_summary or {}).get("families", {})
@@ -193,6 +194,16 @@ def model_card(conf: dict[str, Any], fit_summary: dict[str, Any] | None) -> str:
               "(least memory). vLLM and other runtimes without custom code: export `export.format=dense` instead.",
               ""]
     return "\n".join(lines)
+
+
+def _kept_line(g: dict[str, Any]) -> str:
+    """' K of N routed experts ...' for an export that keeps experts uncompressed, else ''."""
+    k = len(next(iter(g["families"].values())).get("kept") or [])
+    if not k:
+        return ""
+    return (f" {k} of {len(g['moe_layers']) * int(g['num_experts'])} routed experts (the busiest by calibration "
+            "gate mass, `bank.keep_fraction`) keep their original gate and up projections (counted in the stored "
+            "size; errors below cover all experts).")
 
 
 def write_remote_files(out: Path, conf: dict[str, Any], artifacts: str | list[str] | None) -> None:

@@ -43,11 +43,33 @@ def skeleton_dense(meta: dict[str, Any], dtype: torch.dtype,
                      if f not in meta["families"]} for L in meta["moe_layers"]}
 
 
+def kept_experts(meta: dict[str, Any]) -> dict[int, list[int]]:
+    """{MoE layer: local ids (ascending) of its experts kept uncompressed} from the families' `kept` lists
+    (global ids, layer-major; the same in every family: check_export_meta)."""
+    E, layers = int(meta["num_experts"]), [int(L) for L in meta["moe_layers"]]
+    ids = next((list(fm.get("kept") or []) for fm in meta["families"].values()), [])
+    out: dict[int, list[int]] = {}
+    for i in ids:
+        out.setdefault(layers[i // E], []).append(i % E)
+    return out
+
+
+def skeleton_kept(meta: dict[str, Any], dtype: torch.dtype, device: torch.device | str | None = None
+                  ) -> dict[int, tuple[list[int], dict[str, torch.Tensor]]]:
+    """{MoE layer: (kept ids, {fitted family: uninitialised (K, p, d)})} for the layers that keep experts."""
+    p, d = int(meta["expert_intermediate_size"]), int(meta["hidden_size"])
+    return {L: (ids, {f: torch.empty(len(ids), p, d, dtype=dtype, device=device) for f in meta["families"]})
+            for L, ids in kept_experts(meta).items()}
+
+
 def swap_experts(model: nn.Module, store: GlobeStore, paths: dict[int, str], dense: dict[int, dict[str, torch.Tensor]],
                  mode: str = "full", S_per_layer: int = 16, compose_full: bool = False, collect_stats: bool = False,
-                 build: bool = True) -> dict[int, nn.Module]:
+                 build: bool = True, kept: dict[int, tuple[list[int], dict[str, torch.Tensor]]] | None = None
+                 ) -> dict[int, nn.Module]:
     """Register `store` as model.globe and replace the experts module at each path by a GloBEExperts
-    (Down is the original Parameter). Returns {layer: the replaced module}."""
+    (Down is the original Parameter); kept[L]: that layer's experts kept uncompressed and their fitted
+    families' weights (see skeleton_kept). Returns {layer: the replaced module}."""
+    kept = kept or {}
     originals = {}
     for L, path in paths.items():
         parent_path, _, attr = path.rpartition(".")
@@ -55,7 +77,7 @@ def swap_experts(model: nn.Module, store: GlobeStore, paths: dict[int, str], den
         orig = getattr(parent, attr)
         new = GloBEExperts(experts_info(orig), orig.down_proj, store, int(L), dense.get(int(L), {}), mode=mode,
                            S_per_layer=int(S_per_layer), compose_full=compose_full, collect_stats=collect_stats,
-                           build=build)
+                           build=build, kept=kept.get(int(L)))
         setattr(parent, attr, new)
         originals[int(L)] = orig
     model.add_module("globe", store)

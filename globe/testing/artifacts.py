@@ -19,10 +19,11 @@ from ..artifacts import Artifacts, Family
 
 def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"), m: int = 8, r: int | None = None,
                      support: int = 3, seed: int = 0, activation: str = "silu", gain: float = 0.8,
-                     col_scale: bool = False, banks: int = 1) -> Artifacts:
+                     col_scale: bool = False, banks: int = 1, kept: Sequence[int] = ()) -> Artifacts:
     """Artifacts for every MoE layer of `model`: `banks` banks (G, m, r, d) (MoE layer li uses bank
     li % banks), codes with `support` nonzeros per expert (positive, summing to 1), A (N, p, r) scaled
-    so W_hat matches the experts' RMS. r defaults to p/2."""
+    so W_hat matches the experts' RMS. r defaults to p/2. kept: global ids of experts kept uncompressed
+    (bank.keep_fraction; their A is zero, as a fit leaves it)."""
     g = torch.Generator().manual_seed(seed)
     layers = compat.moe_layer_ids(model)
     first = compat.get_experts(model, layers[0])
@@ -47,7 +48,10 @@ def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"),
                              col_scale=(torch.rand(d, generator=g) + 0.5) if col_scale else None,
                              meta={"map": "random", "seed": seed})
         mixed_rms = float(fa.compose(torch.arange(min(N, 8))).pow(2).mean().sqrt())
-        fa.A_layers = list((torch.randn(N, p, r, generator=g) * (w_rms / (mixed_rms * r**0.5))).split(E))
+        A = torch.randn(N, p, r, generator=g) * (w_rms / (mixed_rms * r**0.5))
+        A[list(kept)] = 0.0
+        fa.A_layers = list(A.split(E))
+        fa.kept = sorted(int(i) for i in kept)
         fams[f] = fa
     return Artifacts(families=fams, model_type=compat.text_config(model.config).model_type, moe_layers=layers,
                      num_experts=E, hidden_size=d, expert_intermediate_size=p, source="random")
@@ -55,12 +59,15 @@ def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"),
 
 @torch.no_grad()
 def dense_reference(model: nn.Module, arts: Artifacts) -> nn.Module:
-    """Write W_hat = arts.reconstruct() into the model's fused gate/up weight (in place; use a copy)."""
+    """Write W_hat = arts.reconstruct() into the model's fused gate/up weight (in place; use a copy); experts
+    kept uncompressed keep the model's own rows."""
     for L in arts.moe_layers:
         gu = compat.gate_up_weight(compat.get_experts(model, L))  # a view of the parameter
         sl = arts.layer_slice(L)
-        idx = torch.arange(sl.start, sl.stop)
+        keep = set(arts.kept_in_layer(L))
+        local = [e for e in range(arts.num_experts) if e not in keep]
+        idx = torch.tensor([sl.start + e for e in local], dtype=torch.int64)
         for f in compat.GATE_UP_ORDER:
-            if f in arts.families:
-                compat.family_rows(gu, f).copy_(arts.families[f].reconstruct(idx).to(gu))
+            if f in arts.families and local:
+                compat.family_rows(gu, f)[local] = arts.families[f].reconstruct(idx).to(gu)
     return model
