@@ -13,6 +13,9 @@ the CPU is shared; peak memory runs each configuration in a fresh subprocess (Vm
     python benchmarks/bench_runtime.py [--layers 2 --dtype bf16 --rounds 3 --threads 1]
 writes benchmarks/results/runtime_cpu.json;  --device cuda --decode-batch 1 32 --skip memory hit_rate
 --out benchmarks/results/runtime_gpu.json measures a GPU (timings synchronised; batch-32 decode throughput).
+    python benchmarks/bench_runtime.py --kept 6 --out benchmarks/results/runtime_kept_cpu.json
+compares full and lru16 with 6 of the 60 experts per layer kept uncompressed (bank.keep_fraction 0.1;
+random routing sends them about a tenth of the assignments) against the same modes without (speed only).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def configs(args) -> dict[str, CacheCfg | None]:
     # seconds apart on a shared CPU, the order's bias cancelling; full vs full_compiled (the same GEMMs
     # once the table is built) shows what is left of the noise. CUDA ignores cache.compile: no twins there
     lru = {"mode": "lru", "S_per_layer": 16, "warmup_tokens": args.warmup_tokens}
+    if args.kept:  # experts kept uncompressed (bank.keep_fraction): each mode without and with them
+        return {"baseline": None, "full": CacheCfg(mode="full"), "full_kept": CacheCfg(mode="full"),
+                "lru16": CacheCfg(**lru), "lru16_kept": CacheCfg(**lru)}
     twins = torch.device(args.device).type == "cpu"
     out: dict[str, CacheCfg | None] = {"baseline": None}
     for name, kw in (("full", {"mode": "full"}), ("lru16", lru), ("none", {"mode": "none"})):
@@ -73,6 +79,11 @@ def build(args):
     model = real_dim_model(num_layers=args.layers, vocab_size=VOCAB, dtype=dtype)
     p = QWEN15_MOE_A27B["moe_intermediate_size"]
     arts = random_artifacts(model, m=args.m, r=p // 2, support=args.support, seed=0, activation=args.activation)
+    if args.kept:
+        E = QWEN15_MOE_A27B["num_experts"]
+        kept = [li * E + e for li in range(len(arts.moe_layers)) for e in range(args.kept)]
+        return model.to(DEVICE), (arts, random_artifacts(model, m=args.m, r=p // 2, support=args.support, seed=0,
+                                                         activation=args.activation, kept=kept))
     return model.to(DEVICE), arts
 
 
@@ -105,6 +116,7 @@ def decode_tok_s(model, n: int, seed: int, prompt: int = 32, batch: int = 1) -> 
 
 def speed(args) -> dict:
     model, arts = build(args)
+    arts, arts_kept = arts if args.kept else (arts, None)
     cfgs = configs(args)
     extra = [b for b in args.decode_batch if b != 1]
     res: dict[str, dict] = {c: {"decode_tok_s": [], "prefill_tok_s": [], **{f"decode_b{b}_tok_s": [] for b in extra}}
@@ -119,7 +131,8 @@ def speed(args) -> dict:
             cc = cfgs[name]
             if cc is not None:
                 t = time.perf_counter()
-                patch_model(model, arts, cc, collect_stats=name.startswith("lru16"))
+                patch_model(model, arts_kept if name.endswith("_kept") else arts, cc,
+                            collect_stats=name.startswith("lru16"))
                 res[name].setdefault("patch_s", []).append(time.perf_counter() - t)
             with torch.no_grad():
                 model(input_ids=torch.tensor([[5, 6, 7, 8]], device=DEVICE), use_cache=False)  # touch every path
@@ -256,11 +269,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--kept", type=int, default=0,
+                    help="experts per layer kept uncompressed (bank.keep_fraction): speed only, full and lru16 "
+                         "with and without them (write to another --out)")
     args = ap.parse_args()
     for flag in ("layers", "rounds", "decode_tokens", "prefill_tokens", "prefill_repeats", "m", "support",
                  "hit_tokens", "hit_context"):
         if getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.kept < QWEN15_MOE_A27B["num_experts"]:
+        die(f"--kept must be in [0, {QWEN15_MOE_A27B['num_experts']}), got {args.kept}")
+    if args.kept:
+        args.skip = sorted(set(args.skip) | {"memory", "hit_rate"})
     if args.support > args.m:
         die(f"--support {args.support} exceeds --m {args.m}")
     if min(args.S) < 1 or min(args.decode_batch) < 1 or args.warmup_tokens < 0 or args.hit_warmup < 0:
@@ -284,7 +304,7 @@ def main() -> None:
                   "lru_warmup_tokens": args.warmup_tokens,
                   "rounds": args.rounds, "device": args.device, "cpu": platform.processor() or platform.machine(),
                   "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
-                  "decode_batch": args.decode_batch,
+                  "decode_batch": args.decode_batch, "kept_per_layer": args.kept,
                   "torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     if "hit_rate" not in args.skip:

@@ -41,7 +41,7 @@ from .init import expert_scales, inv_scales, quiet, spectra
 from .keep import account_kept, hide_kept, restore_kept
 from .loop import FamilyFit, fit_family
 from .share import n_banks
-from .tracking import WandbRun, require_wandb, wandb_on
+from .tracking import FitLog, require_wandb, wandb_on
 
 STATE = ".globe_fit"
 OUTPUTS = ("globe.safetensors.index.json", "globe_config.json", "metrics.jsonl", "summary.json")  # + globe-{f}...
@@ -135,45 +135,6 @@ def _unclaim(out: Path, existed: bool) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)  # only this run wrote it: it made the claim
     if not existed and not any(out.iterdir()):
         out.rmdir()
-
-
-class _Log:
-    """metrics.jsonl (+ optional wandb run): on resume, lines of a family past its checkpoint step are dropped."""
-
-    def __init__(self, out: Path, cfg: GlobeConfig, on: bool = True):
-        self.path, self.on = out / "metrics.jsonl", on  # on=False: a rank other than 0 of a sharded fit
-        self.wb = WandbRun(cfg, out) if wandb_on(cfg) and on else None
-
-    def rewind(self, fam: str, step: int) -> None:
-        if not self.on or not self.path.exists():
-            return
-        keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and not (json.loads(ln).get("family") == fam and json.loads(ln).get("step", 0) > step)]
-        atomic_write(self.path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
-
-    def __call__(self, rec: dict) -> None:
-        if not self.on:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.wb is not None:
-            self.wb.log(rec)
-
-    def codes_hook(self, fam: str):
-        """Per-evaluation code histograms for wandb, or None when wandb is off."""
-        return None if self.wb is None else (lambda step, codes: self.wb.codes(fam, step, codes))
-
-    def family_done(self, fam: str, fit: FamilyFit) -> None:
-        if self.wb is not None:
-            self.wb.family_done(fam, fit.artifact.codes, fit.metrics, fit.metrics["steps_run"])
-
-    def summary(self, summ: dict) -> None:
-        if self.wb is not None:
-            self.wb.summary(summ)
-
-    def close(self, ok: bool) -> None:
-        if self.wb is not None:
-            self.wb.close(ok)
 
 
 def _expert_tensor(ck: Checkpoint, L: int, e: int, fam: str) -> str:
@@ -307,7 +268,7 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
     if lead and share.startswith("group:") and int(share.split(":")[1]) >= L > 1:
         plog("note: bank.share=%s covers all %d MoE layers: one bank, as bank.share=global", share, L)
     torch.manual_seed(cfg.train.seed)
-    log = _Log(out, cfg, on=lead)  # opens the wandb run, if any: closed in the finally below, also on error
+    log = FitLog(out, cfg, on=lead)  # opens the wandb run, if any: closed in the finally below, also on error
     progress = (sys.stderr.isatty() if progress is None else progress) and lead
     quiet_logger = _quiet_unless(lead)
     results: dict[str, dict] = {}

@@ -6,6 +6,8 @@ Why a separate module: wandb is an optional dependency; nothing here imports it 
 asks for a login and turns off wandb's own telemetry so nothing leaves the machine. Online mode needs
 configured credentials (WANDB_API_KEY, `wandb login`); it never prompts.
 
+`FitLog` writes metrics.jsonl (one JSON line per log step) and forwards each record to the wandb run.
+
 Logged: the run config (cfg.to_dict()); per log step the numeric fields of each metrics.jsonl record as
 `<family>/<key>` against the x-axis `<family>/step`; at evaluations histograms of the per-expert
 support size (codes (N, m) > 0 summed over atoms) and of atom popularity (experts using each atom,
@@ -15,12 +17,14 @@ plus its scalar metrics in the run summary; the scalars of summary.json under `s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..artifacts import atomic_write
 from ..config import GlobeConfig
 from ..errors import GlobeError
 from ..maps import code_stats
@@ -125,3 +129,43 @@ class WandbRun:
 
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
+
+
+class FitLog:
+    """`globe fit`'s metrics.jsonl (+ optional wandb run): on resume, lines of a family past its checkpoint
+    step are dropped."""
+
+    def __init__(self, out: Path, cfg: GlobeConfig, on: bool = True):
+        self.path, self.on = out / "metrics.jsonl", on  # on=False: a rank other than 0 of a sharded fit
+        self.wb = WandbRun(cfg, out) if wandb_on(cfg) and on else None
+
+    def rewind(self, fam: str, step: int) -> None:
+        if not self.on or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and not (json.loads(ln).get("family") == fam and json.loads(ln).get("step", 0) > step)]
+        atomic_write(self.path, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
+
+    def __call__(self, rec: dict) -> None:
+        if not self.on:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wb is not None:
+            self.wb.log(rec)
+
+    def codes_hook(self, fam: str):
+        """Per-evaluation code histograms for wandb, or None when wandb is off."""
+        return None if self.wb is None else (lambda step, codes: self.wb.codes(fam, step, codes))
+
+    def family_done(self, fam: str, fit) -> None:  # a loop.FamilyFit
+        if self.wb is not None:
+            self.wb.family_done(fam, fit.artifact.codes, fit.metrics, fit.metrics["steps_run"])
+
+    def summary(self, summ: dict) -> None:
+        if self.wb is not None:
+            self.wb.summary(summ)
+
+    def close(self, ok: bool) -> None:
+        if self.wb is not None:
+            self.wb.close(ok)

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..artifacts import FORMAT, VERSION, _check_version
+from ..artifacts import FORMAT, VERSION
 from ..common import DTYPES, check_type, count_non_finite, resolve_device, to_dtype
 from ..config import CacheCfg, GlobeConfig
 from ..errors import GlobeError
 from ..io.checkpoint import resolve_path
 from ..io.exportmeta import check_export_meta
+from ..io.fitdir import check_version
 from ..io.tensors import TensorDir
 from ..maps import ACTIVATIONS
 from ..progress import Progress, log
@@ -78,7 +79,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     meta = conf.pop("globe")
     if not isinstance(meta, dict):
         raise GlobeError(f"{p / 'config.json'}: the globe section must be an object, got {type(meta).__name__}")
-    _check_version(meta, p / "config.json")
+    check_version(meta, p / "config.json")
     check_export_meta(meta, str(p / "config.json"), ACTIVATIONS)
     dt = to_dtype(dtype, DTYPES[meta["dtype"]])
     if cache is None:
