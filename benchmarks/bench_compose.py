@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from usage import Parser, check_out, check_threads, die
+from usage import Parser, check_out, check_threads, cpu_name, die
 
 from globe.artifacts import atomic_write
 from globe.runtime.cache import BankCodes, compose_many, fused_available
@@ -114,7 +113,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     res = {"setup": {"r": R, "d": D, "out_dtype": "bf16", "threads": args.threads, "rounds": args.rounds,
-                     "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+                     "cpu": cpu_name(), "torch": torch.__version__},
            "results": run(args)}
     res["wall_s"] = time.time() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

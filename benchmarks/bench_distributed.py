@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from usage import Parser
+from usage import Parser, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -244,7 +243,7 @@ def main() -> None:
         "device": a.device, "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
         "shape": {k: getattr(a, k) for k in PRESETS["cpu"]}, "N": N, "checkpoint_bytes": made["bytes"],
         "expert_bytes_per_family_fp32": N * a.p * a.d * 4, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "cpu": cpu_name(), "cpus": os.cpu_count(),
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "runs": runs,
         "formula_examples": formula_examples(), "fixture_equality": equal,
     }

@@ -13,13 +13,12 @@ Writes benchmarks/results/fit_step_cpu.json (or fit_step_<device>.json).
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import time
 from pathlib import Path
 
 import torch
-from usage import Parser
+from usage import Parser, cpu_name
 
 from globe.fit.loop import _load, _refit, _residual, evaluate
 from globe.fit.model import GlobeParams
@@ -54,7 +53,7 @@ def main() -> None:
     opt = torch.optim.Adam(prm.parameters(), lr=1e-3)
     ctrl = TempController(1.0, 12, 0.05)
     out = {"shape": {"p": a.p, "d": a.d, "r": a.r, "m": a.m, "N_full": a.N_full, "experts_loaded": a.experts},
-           "device": dev, "threads": a.threads, "cpu": platform.processor() or platform.machine(),
+           "device": dev, "threads": a.threads, "cpu": cpu_name(),
            "torch": torch.__version__, "steps": {}}
     for bs in a.batch:
         times = []

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import statistics
 import time
 from collections import OrderedDict
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from usage import Parser, check_device, check_out, check_threads, die
+from usage import Parser, check_device, check_out, check_threads, cpu_name, die
 
 from globe.artifacts import atomic_write
 from globe.maps import ACTIVATIONS, get_activation
@@ -315,7 +314,7 @@ def main() -> None:
     t0 = time.time()
     res = {"setup": {**{k: v for k, v in vars(args).items() if k != "out"}, "d": QWEN15_MOE_A27B["hidden_size"],
                      "p": QWEN15_MOE_A27B["moe_intermediate_size"], "r": QWEN15_MOE_A27B["moe_intermediate_size"] // 2,
-                     "dtype": "bf16", "cpu": platform.processor() or platform.machine(),
+                     "dtype": "bf16", "cpu": cpu_name(),
                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                      "torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     res.update(run(args))

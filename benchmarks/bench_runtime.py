@@ -24,7 +24,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from usage import Parser, check_device, check_out, check_threads, die
+from usage import Parser, check_device, check_out, check_threads, cpu_name, die
 
 from globe import compat
 from globe.artifacts import atomic_write
@@ -302,7 +301,7 @@ def main() -> None:
                   "decode_tokens": args.decode_tokens,
                   "prefill_tokens": args.prefill_tokens, "prefill_repeats": args.prefill_repeats,
                   "lru_warmup_tokens": args.warmup_tokens,
-                  "rounds": args.rounds, "device": args.device, "cpu": platform.processor() or platform.machine(),
+                  "rounds": args.rounds, "device": args.device, "cpu": cpu_name(),
                   "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
                   "decode_batch": args.decode_batch, "kept_per_layer": args.kept,
                   "torch": torch.__version__, "transformers": __import__("transformers").__version__},

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import time
 from pathlib import Path
 
 import torch
-from usage import Parser
+from usage import Parser, cpu_name
 
 from globe.fit.init import _align, expert_scales, inv_scales, nnls, per_matrix, spectra, warm_start
 from globe.fit.temperature import calibrate
@@ -127,7 +126,7 @@ def main() -> None:
     N = a.N_full
     out = {
         "shape": {"p": p, "d": d, "r": r, "m": m, "experts_loaded": n, "chunk": a.chunk, "N_full": N},
-        "threads": a.threads, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": a.threads, "cpu": cpu_name(), "torch": torch.__version__,
         "loadavg_1min_start_mid_end": load,
         "rounds": rounds, "median_s_per_expert": med,
         "accuracy_vs_full_svd": acc,

@@ -55,3 +55,19 @@ def check_device(name: str, flag: str = "--device"):
     if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
         die(f"{flag} {name}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
     return dev
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, with the bf16 matrix extensions it reports (amx_bf16,
+    avx512_bf16): bf16 GEMM speed (prefill) differs by an order of magnitude with and without them, so
+    figures from different machines are only compared as ratios measured in the same run."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    ext = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name or platform.machine()} ({', '.join(ext) if ext else 'no bf16 matrix extensions'})"

@@ -191,3 +191,14 @@ def test_damaged_kept_lists_are_refused(tiny_dirs, tmp_path):
     (out / "config.json").write_text(json.dumps(conf))
     with pytest.raises(GlobeError, match="families.(gate|up).kept differs"):
         load_model(out)
+
+
+def test_a_fraction_that_keeps_nothing_is_said(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="globe"):
+        assert main(["fit", f"model.path={FIXTURE_DIR}", f"output_dir={tmp_path / 'o'}", "bank.keep_fraction=0.005",
+                     f"train.calib_text={FIXTURE_DIR / 'eval.txt'}", "train.calib_tokens=128", "train.steps=2",
+                     "train.baselines=false"]) == 0
+    assert "rounds to 0: no expert is kept" in caplog.text
+    assert Artifacts.load(tmp_path / "o").kept == []

@@ -34,7 +34,7 @@ from ..io.outputs import check_writable
 from ..progress import Progress
 from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
-from .budget import fit_rank_plan, mobe_rank, svd_rank
+from .budget import fit_rank_plan, kept_count, mobe_rank, svd_rank
 from .calib import calibrated, calibration
 from .dist import Dist, RankAWriter, read_checkpoint, wanted
 from .init import expert_scales, inv_scales, quiet, spectra
@@ -264,6 +264,9 @@ def run_fit(cfg: GlobeConfig, *, progress: bool | None = None) -> dict:
             plog("fit %s: bank.budget=%g gives r=%d, rounded down to r=%d (a multiple of bank.r_multiple=%d), which "
                  "keeps %.3f of the routed parameters; bank.r_multiple=1 keeps %.3f", f, pl.budget, pl.unrounded[0],
                  pl.r, cfg.bank.r_multiple, pl.predicted, pl.unrounded[1])
+    if lead and float(cfg.bank.keep_fraction) > 0 and not kept_count(cfg.bank.keep_fraction, N):
+        plog("note: bank.keep_fraction=%g of %d experts rounds to 0: no expert is kept uncompressed",
+             cfg.bank.keep_fraction, N)
     share, L = str(cfg.bank.share), len(ck.moe_layers)
     if lead and share.startswith("group:") and int(share.split(":")[1]) >= L > 1:
         plog("note: bank.share=%s covers all %d MoE layers: one bank, as bank.share=global", share, L)
