@@ -288,13 +288,21 @@ class Artifacts:
             if not all(0 <= b < fa.n_banks for b in fa.layer_bank):
                 raise GlobeError(f"artifact family {f}: layer_bank {fa.layer_bank} refers to missing banks")
             k = fa.kept
-            if not all(isinstance(i, int) and 0 <= i < n for i in k) or k != sorted(set(k)) or len(k) >= n:
+            if not all(type(i) is int and 0 <= i < n for i in k) or k != sorted(set(k)) or len(k) >= n:
                 raise GlobeError(f"artifact family {f}: kept experts {k[:8]}{'...' if len(k) > 8 else ''} are not "
                                  f"distinct ascending ids in [0, {n}), fewer than all (damaged file)")
             if k != self.kept:
                 raise GlobeError(f"artifact families keep different experts uncompressed ({len(k)} in {f}, "
                                  f"{len(self.kept)} in {next(iter(self.families))}): fitted with different "
                                  "bank.keep_fraction or calibration texts; fit them together")
+            q = (self.config.get("bank") or {}).get("keep_fraction") if isinstance(self.config, dict) else None
+            if isinstance(q, (int, float)) and len(k) != round(float(q) * n):
+                raise GlobeError(f"artifact family {f}: {len(k)} experts listed as kept, but the fit's "
+                                 f"bank.keep_fraction={q:g} keeps {round(float(q) * n)} of {n} (damaged metadata)")
+            rows = fa.codes[k]  # a kept expert holds the fit's placeholder: one code of 1.0 (its A is zero)
+            if k and not bool((((rows != 0).sum(1) == 1) & (rows.sum(1) == 1.0)).all()):
+                raise GlobeError(f"artifact family {f}: experts listed as kept hold fitted codes, not the "
+                                 "placeholder of a kept expert (damaged metadata: another list of kept experts)")
 
     # ---- writing ---------------------------------------------------------------------------------
     def save(self, out_dir: str | os.PathLike) -> None:

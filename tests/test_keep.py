@@ -179,9 +179,9 @@ def test_damaged_kept_lists_are_refused(tiny_dirs, tmp_path):
     (tmp_path / "arts" / "globe_config.json").write_text(json.dumps(meta))
     with pytest.raises(GlobeError, match="kept experts"):
         Artifacts.load(tmp_path / "arts")
-    meta["families"]["up"]["kept"] = [1, 3]
+    meta["families"]["up"]["kept"] = [1, 3]  # differs from gate's, and expert 3 holds fitted codes
     (tmp_path / "arts" / "globe_config.json").write_text(json.dumps(meta))
-    with pytest.raises(GlobeError, match="keep different experts"):
+    with pytest.raises(GlobeError, match="keep different experts|placeholder"):
         Artifacts.load(tmp_path / "arts")
     arts.save(tmp_path / "ok")
     out = run_export(GlobeConfig.from_dict({"model": {"path": str(src)}, "artifacts": str(tmp_path / "ok"),
@@ -202,3 +202,60 @@ def test_a_fraction_that_keeps_nothing_is_said(tmp_path, caplog):
                      "train.baselines=false"]) == 0
     assert "rounds to 0: no expert is kept" in caplog.text
     assert Artifacts.load(tmp_path / "o").kept == []
+
+
+def test_fits_that_keep_different_experts_are_not_merged(tiny_dirs, tmp_path, capsys):
+    model, src = tiny_dirs["qwen2_moe"]
+    random_artifacts(model, families=("up",), m=4, r=6, support=2, seed=5, kept=[1, 2]).save(tmp_path / "up")
+    random_artifacts(model, families=("gate",), m=4, r=6, support=2, seed=6).save(tmp_path / "gate")
+    with pytest.raises(GlobeError, match="keep different experts"):
+        Artifacts.load([tmp_path / "up", tmp_path / "gate"])
+    out = tmp_path / "x"  # Hydra's list syntax and the comma form both name the two directories
+    for arts in (f"[{tmp_path / 'up'},{tmp_path / 'gate'}]", f"{tmp_path / 'up'},{tmp_path / 'gate'}"):
+        assert main(["export", f"model.path={src}", f"artifacts={arts}", f"output_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "keep different experts" in err[-1] and not out.exists()
+
+
+def test_kept_lists_that_contradict_the_fit_are_refused(kept_fit, tiny_dirs, tmp_path):
+    import shutil
+
+    def damaged(src, kept):
+        d = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(src, d)
+        meta = json.loads((d / "globe_config.json").read_text())
+        for fm in meta["families"].values():
+            fm["kept"] = kept(fm["kept"])
+        (d / "globe_config.json").write_text(json.dumps(meta))
+        return d
+    with pytest.raises(GlobeError, match="are not distinct ascending ids"):
+        Artifacts.load(damaged(kept_fit, lambda k: [True, 21]))  # a bool is not an expert id
+    with pytest.raises(GlobeError, match="listed as kept, but the fit's bank.keep_fraction=0.1 keeps"):
+        Artifacts.load(damaged(kept_fit, lambda k: None))  # the fit config says how many were kept
+    model, _ = tiny_dirs["qwen2_moe"]
+    random_artifacts(model, m=4, r=6, support=2, seed=5, kept=[1, 2]).save(tmp_path / "arts")
+    with pytest.raises(GlobeError, match="hold fitted codes"):  # experts with 2 codes are not kept ones
+        Artifacts.load(damaged(tmp_path / "arts", lambda k: [i + 2 for i in k]))
+
+
+def test_remote_code_names_a_misshaped_tensor(tiny_dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model, src = tiny_dirs["qwen2_moe"]
+    random_artifacts(model, m=4, r=6, support=2, seed=5, kept=[1, 2, 9]).save(tmp_path / "arts")
+    out = run_export(GlobeConfig.from_dict({"model": {"path": str(src)}, "artifacts": str(tmp_path / "arts"),
+                                            "output_dir": str(tmp_path / "g")}))
+    conf = json.loads((out / "config.json").read_text())
+    for fm in conf["globe"]["families"].values():
+        fm["kept"] = [1, 9]  # layer 0 now expects 1 kept expert; its tensors hold 2
+    (out / "config.json").write_text(json.dumps(conf))
+    code = ("import sys; sys.modules['globe'] = None\nfrom transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "modeling_globe.GlobeError: " in last and "shape differs" in last
+    with pytest.raises(GlobeError, match="shape"):
+        load_model(out)

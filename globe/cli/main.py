@@ -82,6 +82,8 @@ def compose(overrides: list[str]) -> GlobeConfig:
         raise GlobeError(f"bad override: {msg}{_key_hint(msg)}") from None
     for key, val in verbatim.items():  # after Hydra: an explicit value beats a group's default
         if key == "artifacts" and val and "," in val and not Path(val).is_dir():
+            if val.startswith("[") and val.endswith("]"):  # Hydra's list syntax: artifacts=[DIR_UP,DIR_GATE]
+                val = val[1:-1]
             val = [v.strip() for v in val.split(",") if v.strip()]  # several fit directories: DIR_UP,DIR_GATE
         *sec, leaf = key.split(".")
         node = data

@@ -165,6 +165,7 @@ def merge(parts: list[Artifacts], where: str) -> Artifacts:
             raise GlobeError(f"artifacts {where}: family {sorted(dup)[0]} appears twice")
         base.families.update(other.families)
         base.source_digest = {**base.source_digest, **other.source_digest}
+    base.validate()  # e.g. families fitted with different bank.keep_fraction keep different experts
     return base
 
 

@@ -98,8 +98,18 @@ class GlobeForCausalLM(_BaseForCausalLM):
         """transformers' from_pretrained, refusing what globe.load_model refuses: a tensor the model needs
         missing from the files (transformers would leave it random or empty) or NaN/inf in a weight."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the export")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as e:  # transformers' multi-line size-mismatch report: one line naming the export
+            if "size mismatch" not in str(e) and "mismatched_sizes" not in str(e):
+                raise
+            raise GlobeError(f"{{where}}: a tensor's shape differs from what config.json's globe section says "
+                             "(damaged or hand-edited export: export it again)") from None
+        mism = sorted(info.get("mismatched_keys") or [])
+        if mism:  # ignore_mismatched_sizes=True would leave them randomly initialised
+            raise GlobeError(f"{{where}}: tensor {{mism[0][0] if isinstance(mism[0], tuple) else mism[0]}} has "
+                             "another shape than config.json's globe section says (damaged or hand-edited export)")
         missing = sorted(info.get("missing_keys") or [])
         if missing:
             raise GlobeError(f"{{where}}: the export lacks {{len(missing)}} tensor(s) the model needs, e.g. "

@@ -52,6 +52,9 @@ def random_artifacts(model: nn.Module, families: Sequence[str] = ("up", "gate"),
         A[list(kept)] = 0.0
         fa.A_layers = list(A.split(E))
         fa.kept = sorted(int(i) for i in kept)
+        for i in fa.kept:  # the fit's placeholder for a kept expert: one code of 1.0
+            fa.codes[i] = 0.0
+            fa.codes[i, i % m] = 1.0
         fams[f] = fa
     return Artifacts(families=fams, model_type=compat.text_config(model.config).model_type, moe_layers=layers,
                      num_experts=E, hidden_size=d, expert_intermediate_size=p, source="random")
