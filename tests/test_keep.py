@@ -259,3 +259,19 @@ def test_remote_code_names_a_misshaped_tensor(tiny_dirs, tmp_path):
     assert r.returncode != 0 and "modeling_globe.GlobeError: " in last and "shape differs" in last
     with pytest.raises(GlobeError, match="shape"):
         load_model(out)
+
+
+def test_inspect_names_kept_tensors_the_config_does_not_describe(tiny_dirs, tmp_path):
+    from globe.io.inspect import inspect
+
+    model, src = tiny_dirs["qwen2_moe"]
+    random_artifacts(model, m=4, r=6, support=2, seed=5, kept=[1, 2]).save(tmp_path / "arts")
+    out = run_export(GlobeConfig.from_dict({"model": {"path": str(src)}, "artifacts": str(tmp_path / "arts"),
+                                            "output_dir": str(tmp_path / "g")}))
+    assert inspect(str(out))["families"]["up"]["kept_experts"] == 2
+    conf = json.loads((out / "config.json").read_text())
+    for fm in conf["globe"]["families"].values():
+        fm["kept"] = []  # the kept_{f} tensors stay in the files
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(GlobeError, match=r"kept_(gate|up) is not described by config.json"):
+        inspect(str(out))

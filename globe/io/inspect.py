@@ -79,11 +79,16 @@ def inspect_export(d) -> dict[str, Any]:
                          "export it again from its fit directory with this globe")
     check_export_meta(g, str(d / "config.json"))
     src = TensorDir(d, g.get("weights_prefix", "model"))
-    for k, shape in family_shapes(g).items():  # headers only: a missing or resized family tensor is damage
+    shapes = family_shapes(g)
+    for k, shape in shapes.items():  # headers only: a missing or resized family tensor is damage
         if k not in src:
             raise GlobeError(f"{d}: export lacks tensor {k} (truncated or damaged: export it again)")
         if tuple(src.shape(k)) != shape:
             raise GlobeError(f"{d}: tensor {k} has shape {list(src.shape(k))}, its config.json says {list(shape)}")
+    extra = sorted(k for k in src.keys() if (k.startswith("globe.") or ".kept_" in k) and k not in shapes)
+    if extra:  # a family or kept-expert tensor config.json does not describe: the loaders refuse it too
+        raise GlobeError(f"{d}: tensor {extra[0]} is not described by config.json's globe section "
+                         f"({len(extra)} such; damaged or hand-edited export: export it again)")
     E, p, dd, L = int(g["num_experts"]), int(g["expert_intermediate_size"]), int(g["hidden_size"]), len(g["moe_layers"])
     fams = {}
     for f, fm in g["families"].items():
