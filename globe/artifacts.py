@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from .errors import GlobeError
+from .io.exportmeta import kept_by_layer, kept_problem
 from .io.outputs import scratch_dir
 from .io.tensors import TensorDir
 from .io.writer import ShardedWriter
@@ -88,6 +89,11 @@ def dense_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     out = torch.zeros(n, m)
     out[rows, indices.long()] = values.float()
     return out
+
+
+def kept_count(fraction: float, N: int) -> int:
+    """Experts kept uncompressed for bank.keep_fraction over N experts: round(fraction N)."""
+    return int(round(float(fraction) * N))
 
 
 def globe_params(N: int, p: int, d: int, m: int, r: int, nnz: int, banks: int = 1) -> int:
@@ -260,8 +266,7 @@ class Artifacts:
 
     def kept_in_layer(self, layer: int) -> list[int]:
         """Local ids (ascending) of the experts of MoE layer `layer` kept uncompressed."""
-        sl = self.layer_slice(layer)
-        return [i - sl.start for i in self.kept if sl.start <= i < sl.stop]
+        return kept_by_layer(self.kept, self.moe_layers, self.num_experts).get(layer, [])
 
     def layer_slice(self, layer: int) -> slice:
         li = self.moe_layers.index(layer)
@@ -287,19 +292,20 @@ class Artifacts:
                                  f"({self.expert_intermediate_size}, {self.hidden_size})")
             if not all(0 <= b < fa.n_banks for b in fa.layer_bank):
                 raise GlobeError(f"artifact family {f}: layer_bank {fa.layer_bank} refers to missing banks")
-            k = fa.kept
-            if not all(type(i) is int and 0 <= i < n for i in k) or k != sorted(set(k)) or len(k) >= n:
-                raise GlobeError(f"artifact family {f}: kept experts {k[:8]}{'...' if len(k) > 8 else ''} are not "
-                                 f"distinct ascending ids in [0, {n}), fewer than all (damaged file)")
-            if k != self.kept:
-                raise GlobeError(f"artifact families keep different experts uncompressed ({len(k)} in {f}, "
-                                 f"{len(self.kept)} in {next(iter(self.families))}): fitted with different "
-                                 "bank.keep_fraction or calibration texts; fit them together")
-            q = (self.config.get("bank") or {}).get("keep_fraction") if isinstance(self.config, dict) else None
-            if isinstance(q, (int, float)) and len(k) != round(float(q) * n):
-                raise GlobeError(f"artifact family {f}: {len(k)} experts listed as kept, but the fit's "
-                                 f"bank.keep_fraction={q:g} keeps {round(float(q) * n)} of {n} (damaged metadata)")
-            rows = fa.codes[k]  # a kept expert holds the fit's placeholder: one code of 1.0 (its A is zero)
+        problem = kept_problem({f: fa.kept for f, fa in self.families.items()}, n)
+        if problem and problem[2]:
+            raise GlobeError(f"artifact families keep different experts uncompressed (family {problem[0]} "
+                             f"{problem[1]}): fitted with different bank.keep_fraction or calibration texts; fit "
+                             "them together")
+        if problem:
+            raise GlobeError(f"artifact family {problem[0]}: kept experts {problem[1]} (damaged file)")
+        k = self.kept
+        q = (self.config.get("bank") or {}).get("keep_fraction") if isinstance(self.config, dict) else None
+        if isinstance(q, (int, float)) and len(k) != kept_count(q, n):
+            raise GlobeError(f"artifacts: {len(k)} experts listed as kept, but the fit's bank.keep_fraction={q:g} "
+                             f"keeps {kept_count(q, n)} of {n} (damaged metadata)")
+        for f, fa in self.families.items():  # a kept expert holds the fit's placeholder: one code of 1.0, A = 0
+            rows = fa.codes[k]
             if k and not bool((((rows != 0).sum(1) == 1) & (rows.sum(1) == 1.0)).all()):
                 raise GlobeError(f"artifact family {f}: experts listed as kept hold fitted codes, not the "
                                  "placeholder of a kept expert (damaged metadata: another list of kept experts)")

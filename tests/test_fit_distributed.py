@@ -266,7 +266,7 @@ def test_two_ranks_with_routing_weights_match_one_process(tmp_path):
 
 def test_two_ranks_keeping_experts_match_one_process(tmp_path):
     """Kept experts (bank.keep_fraction) are hidden on the rank that owns them; the errors over all experts
-    and the baselines (every expert, spectra recomputed when sharded) match one process."""
+    and the baselines (every expert; each rank decomposes the kept ones) match one process."""
     train = {"families": ["up"], "calib_text": str(FIXTURE_DIR / "eval.txt"), "calib_tokens": 300,
              "baseline_mobe": False, "bank": {"keep_fraction": 0.1}}
     one_process(tmp_path / "one", **json.loads(json.dumps(train)))

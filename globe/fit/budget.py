@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..artifacts import globe_params
+from ..artifacts import globe_params, kept_count
 
 
 def rank_for_budget(frac: float, N: int, p: int, d: int, m: int, support: int, r_max: int | None = None,
@@ -116,10 +116,6 @@ def fit_rank_plan(cfg: Any, fam: str, N: int, p: int, d: int, layers: int) -> Ra
                      r_frac=b.r_frac, budget=b.budget, multiple=b.r_multiple, allow_r_above=b.allow_r_above,
                      kept=kept_count(b.keep_fraction, N))
 
-
-def kept_count(fraction: float, N: int) -> int:
-    """Experts kept uncompressed for bank.keep_fraction over N experts: round(fraction N)."""
-    return int(round(float(fraction) * N))
 
 
 def fit_rank(cfg: Any, fam: str, N: int, p: int, d: int, layers: int) -> int:

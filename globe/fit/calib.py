@@ -220,8 +220,7 @@ class _Counts:
             flat = top.reshape(-1).long()
             self.n[li * E:(li + 1) * E] += torch.bincount(flat, minlength=E)[:E].double()
             if w is not None:
-                self.mass[li * E:(li + 1) * E] += torch.zeros(E, dtype=torch.float64).index_add_(
-                    0, flat, w.reshape(-1).double() ** 2)
+                self.mass[li * E:(li + 1) * E].index_add_(0, flat, w.reshape(-1).double() ** 2)
         return hook
 
     def result(self) -> torch.Tensor:
@@ -344,7 +343,8 @@ class Calibration(NamedTuple):
 def calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None) -> Calibration:
     """One calibration pass over train.calib_text: whitening for the activation objective, routed-token
     counts for train.expert_weights=routing, the gate mass ranking of bank.keep_fraction (keep_busiest)."""
-    from .budget import kept_count
+    from ..artifacts import kept_count
+    from ..io.exportmeta import kept_by_layer
     from .keep import keep_busiest
 
     tr = cfg.train
@@ -358,12 +358,12 @@ def calibration(cfg: GlobeConfig, ck: Checkpoint, progress: bool | None = None) 
     kept, keep_stats = [], None
     if K:
         kept = keep_busiest(st.mass, K)
+        by_layer = kept_by_layer(kept, ck.moe_layers, ck.num_experts)
         mass, counts = st.mass, st.counts
         keep_stats = {"kept": K, "fraction": float(cfg.bank.keep_fraction), "by": "gate_mass",
                       "gate_mass_share": float(mass[kept].sum() / mass.sum().clamp_min(1e-300)),
                       "routed_slot_share": float(counts[kept].sum() / counts.sum().clamp_min(1e-300)),
-                      "experts_per_layer": [sum(1 for i in kept if i // ck.num_experts == li)
-                                            for li in range(len(ck.moe_layers))]}
+                      "experts_per_layer": [len(by_layer.get(L, [])) for L in ck.moe_layers]}
         log("keep: the %d busiest of %d experts (bank.keep_fraction=%g) stay uncompressed: %.1f%% of the gate "
             "mass, %.1f%% of the routed slots of the calibration text", K, mass.numel(), cfg.bank.keep_fraction,
             100 * keep_stats["gate_mass_share"], 100 * keep_stats["routed_slot_share"])

@@ -21,7 +21,8 @@ import math
 import torch
 
 from ..io.checkpoint import Checkpoint
-from .init import inv_scales, spectra
+from ..progress import Progress
+from .init import inv_scales, quiet, spectra
 
 
 def keep_busiest(mass: torch.Tensor, count: int) -> list[int]:
@@ -42,30 +43,33 @@ def hide_kept(W, sc: torch.Tensor, kept: list[int], dist=None) -> torch.Tensor:
     sc (N,) in place, so the fit treats them as dead experts. Returns their scales (K,) for the errors."""
     idx = torch.tensor(kept, dtype=torch.int64)
     kept_sc = sc[idx].clone()
-    own = idx if dist is None else dist.own(idx)
+    own = dist.own(idx) if dist is not None else idx
     if own.numel():
-        W[own] = torch.zeros((own.numel(), *W.shape[1:]), dtype=W.dtype)
+        W[own] = 0.0  # a scalar fill: no (K, p, d) temporary
     sc[idx] = 0.0
     return kept_sc
 
 
 def restore_kept(W, sc: torch.Tensor, sv: torch.Tensor | None, kept: list[int], kept_sc: torch.Tensor,
-                 ck: Checkpoint, fam: str, dist=None) -> torch.Tensor | None:
-    """Put the kept experts back into W and sc (for the baselines, which compress every expert) and their
-    spectra into sv (N, k); returns sv, or None in a sharded fit (the spectra are then recomputed)."""
-    idx = torch.tensor(kept, dtype=torch.int64)
-    own = idx if dist is None or not dist.on else dist.own(idx)
+                 ck: Checkpoint, fam: str, dist=None, chunk: int = 8) -> torch.Tensor | None:
+    """Put the kept experts back into W (this rank's own rows) and sc, for the baselines, which compress
+    every expert, and their spectra into sv (N, k) (every rank holds all of sv: each decomposes all K kept
+    experts, `chunk` read at a time, instead of a new spectra pass over N). Returns sv (None if None)."""
     E = ck.num_experts
-    if own.numel():
-        rows = torch.stack([ck.expert(ck.moe_layers[i // E], i % E, fam, W.dtype) for i in own.tolist()])
-        W[own] = rows
-    sc[idx] = kept_sc
-    if sv is None or (dist is not None and dist.on):
-        return None
-    if idx.numel():
-        X = W[idx].float() * inv_scales(kept_sc, kept_sc > 0)[:, None, None]
-        sv = sv.clone()
-        sv[idx] = spectra(X)[0]
+    sc[torch.tensor(kept, dtype=torch.int64)] = kept_sc
+    sv = None if sv is None else sv.clone()
+    with Progress(len(kept), f"kept {fam} experts: read back for the baselines", "experts",
+                  quiet=quiet(len(kept) * ck.p * ck.hidden_size)) as pg:
+        for a in range(0, len(kept), chunk):
+            ids = torch.tensor(kept[a:a + chunk], dtype=torch.int64)
+            rows = torch.stack([ck.expert(ck.moe_layers[i // E], i % E, fam, torch.float32) for i in ids.tolist()])
+            own = dist.own(ids) if dist is not None else ids
+            if own.numel():
+                W[own] = rows[torch.isin(ids, own)].to(W.dtype)
+            if sv is not None:
+                s = kept_sc[a:a + chunk]
+                sv[ids] = spectra(rows * inv_scales(s, s > 0)[:, None, None])[0]
+            pg.update(len(ids))
     return sv
 
 

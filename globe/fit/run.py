@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import Artifacts, FamilyWriter, atomic_write, family_file, finish_fit_dir
+from ..artifacts import Artifacts, FamilyWriter, atomic_write, family_file, finish_fit_dir, kept_count
 from ..common import has_zero_row, resolve_device
 from ..config import GlobeConfig
 from ..errors import GlobeError
@@ -34,7 +34,7 @@ from ..io.outputs import check_writable
 from ..progress import Progress
 from ..progress import log as plog
 from .baselines import mobe_fit, svd_error
-from .budget import fit_rank_plan, kept_count, mobe_rank, svd_rank
+from .budget import fit_rank_plan, mobe_rank, svd_rank
 from .calib import calibrated, calibration
 from .dist import Dist, RankAWriter, read_checkpoint, wanted
 from .init import expert_scales, inv_scales, quiet, spectra

@@ -26,6 +26,28 @@ def _int(v: Any, lo: int = 1) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
+def kept_by_layer(kept: list[int], layers: list[int], E: int) -> dict[int, list[int]]:
+    """{MoE layer: local ids (ascending) of its experts kept uncompressed} from global ids (layer-major,
+    i = li * E + e) of a well-formed list (see kept_problem)."""
+    out: dict[int, list[int]] = {}
+    for i in kept:
+        out.setdefault(int(layers[i // E]), []).append(i % E)
+    return out
+
+
+def kept_problem(lists: dict[str, Any], N: int) -> tuple[str, str, bool] | None:
+    """(family, why, differs) for the first family whose `kept` list (global expert ids, bank.keep_fraction)
+    is not distinct ascending integer ids in [0, N), fewer than N (differs False), or differs from the first
+    family's (differs True: an expert is kept in every family or in none); None when all are well formed."""
+    first = next(iter(lists), None)
+    for f, k in lists.items():
+        if not isinstance(k, list) or not all(_int(i, 0) and i < N for i in k) or k != sorted(set(k)) or len(k) >= N:
+            return f, f"is {k!r:.80}, expected distinct ascending expert ids in [0, {N}), fewer than all", False
+        if k != lists[first]:
+            return f, f"differs from families.{first}.kept (an expert is kept in every family or in none)", True
+    return None
+
+
 def check_export_meta(meta: Any, where: str, activations: Collection[str] | None = None) -> dict[str, Any]:
     """Return `meta` when it is a well-formed globe section; GlobeError naming `where` and the key otherwise.
 
@@ -74,14 +96,9 @@ def check_export_meta(meta: Any, where: str, activations: Collection[str] | None
         lb = fm.get("layer_bank", [0] * len(layers))
         if not isinstance(lb, list) or len(lb) != len(layers) or not all(_int(b, 0) and b < banks for b in lb):
             raise bad(f"families.{f}.layer_bank", f"is {lb!r}, expected one bank index in [0, {banks}) per MoE layer")
-    N = len(layers) * E
-    kept = [fm.get("kept") or [] for fm in fams.values()]
-    for f, k in zip(fams, kept):
-        if not isinstance(k, list) or not all(_int(i, 0) and i < N for i in k) or k != sorted(set(k)) or len(k) >= N:
-            raise bad(f"families.{f}.kept", f"is {k!r:.80}, expected distinct ascending expert ids in [0, {N})")
-        if k != kept[0]:
-            raise bad(f"families.{f}.kept", f"differs from families.{next(iter(fams))}.kept (an expert is kept in "
-                      "every family or in none)")
+    problem = kept_problem({f: fm.get("kept") or [] for f, fm in fams.items()}, len(layers) * E)
+    if problem:
+        raise bad(f"families.{problem[0]}.kept", problem[1])
     kf = meta.get("keep_fp32", [])
     if not isinstance(kf, list) or not all(isinstance(x, str) for x in kf):
         raise bad("keep_fp32", f"is {kf!r}, expected a list of tensor names")
@@ -110,8 +127,7 @@ def family_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
                 out[f"{k}mixed_{L}"] = (E, r, d)
     paths = meta.get("experts_paths") or {}
     kept = next((list(fm.get("kept") or []) for fm in meta["families"].values()), [])
-    for li, L in enumerate(layers):  # experts kept uncompressed: the source's gate/up beside the layer's Down
-        K = sum(1 for i in kept if i // E == li)
-        if K and str(L) in paths:
-            out.update({f"{paths[str(L)]}.kept_{f}": (K, p, d) for f in meta["families"]})
+    for L, ids in kept_by_layer(kept, layers, E).items():  # the source's gate/up beside the layer's Down
+        if str(L) in paths:
+            out.update({f"{paths[str(L)]}.kept_{f}": (len(ids), p, d) for f in meta["families"]})
     return out

@@ -35,7 +35,7 @@ MODULE_FILE = "modeling_globe.py"
 SOURCES: list[tuple[str, list[str] | None]] = [
     ("globe.errors", ["GlobeError"]),
     ("globe.common", ["has_zero_row", "count_non_finite"]),
-    ("globe.io.exportmeta", ["_int", "FAMILIES", "_DTYPES", "check_export_meta"]),
+    ("globe.io.exportmeta", ["_int", "FAMILIES", "_DTYPES", "kept_by_layer", "kept_problem", "check_export_meta"]),
     ("globe.maps", None),
     ("globe.artifacts", ["MIN_GAIN", "KEEP_FP32", "check_gains"]),
     ("globe.compat", ["GATE_UP_ORDER", "ExpertsInfo", "experts_info"]),

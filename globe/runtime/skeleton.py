@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..compat import experts_info
+from ..io.exportmeta import kept_by_layer
 from .experts import FAMILY_ORDER, GloBEExperts, GlobeStore
 from .store import FamilyStore
 
@@ -46,12 +47,8 @@ def skeleton_dense(meta: dict[str, Any], dtype: torch.dtype,
 def kept_experts(meta: dict[str, Any]) -> dict[int, list[int]]:
     """{MoE layer: local ids (ascending) of its experts kept uncompressed} from the families' `kept` lists
     (global ids, layer-major; the same in every family: check_export_meta)."""
-    E, layers = int(meta["num_experts"]), [int(L) for L in meta["moe_layers"]]
     ids = next((list(fm.get("kept") or []) for fm in meta["families"].values()), [])
-    out: dict[int, list[int]] = {}
-    for i in ids:
-        out.setdefault(layers[i // E], []).append(i % E)
-    return out
+    return kept_by_layer(ids, [int(L) for L in meta["moe_layers"]], int(meta["num_experts"]))
 
 
 def skeleton_kept(meta: dict[str, Any], dtype: torch.dtype, device: torch.device | str | None = None
