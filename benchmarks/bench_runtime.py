@@ -15,7 +15,8 @@ writes benchmarks/results/runtime_cpu.json;  --device cuda --decode-batch 1 32 -
 --out benchmarks/results/runtime_gpu.json measures a GPU (timings synchronised; batch-32 decode throughput).
     python benchmarks/bench_runtime.py --kept 6 --out benchmarks/results/runtime_kept_cpu.json
 compares full and lru16 with 6 of the 60 experts per layer kept uncompressed (bank.keep_fraction 0.1;
-random routing sends them about a tenth of the assignments) against the same modes without (speed only).
+random routing sends them about a tenth of the assignments) against the same modes without (speed and
+peak memory; `--skip speed` for memory alone).
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def _status(key: str) -> int:
 def mem_child(args) -> None:
     """One configuration in a fresh process: build, patch (dropping the originals), then peak RSS of a run."""
     model, arts = build(args)
+    if args.kept:
+        arts = arts[1] if args.mem_child.endswith("_kept") else arts[0]
     cc = configs(args)[args.mem_child]
     if cc is not None:
         patch_model(model, arts, cc, keep_original=False)
@@ -209,7 +212,7 @@ def memory(args) -> dict:
     for name in configs(args):
         cmd = [sys.executable, __file__, "--mem-child", name, "--layers", str(args.layers), "--dtype", args.dtype,
                "--m", str(args.m), "--support", str(args.support), "--activation", args.activation,
-               "--threads", str(args.threads),
+               "--threads", str(args.threads), "--kept", str(args.kept),
                "--prefill-tokens", str(args.prefill_tokens), "--warmup-tokens", str(args.warmup_tokens)]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -269,7 +272,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decode-batch", type=int, nargs="+", default=[1])
     ap.add_argument("--kept", type=int, default=0,
-                    help="experts per layer kept uncompressed (bank.keep_fraction): speed only, full and lru16 "
+                    help="experts per layer kept uncompressed (bank.keep_fraction): speed and memory, full and lru16 "
                          "with and without them (write to another --out)")
     args = ap.parse_args()
     for flag in ("layers", "rounds", "decode_tokens", "prefill_tokens", "prefill_repeats", "m", "support",
@@ -279,7 +282,7 @@ def main() -> None:
     if not 0 <= args.kept < QWEN15_MOE_A27B["num_experts"]:
         die(f"--kept must be in [0, {QWEN15_MOE_A27B['num_experts']}), got {args.kept}")
     if args.kept:
-        args.skip = sorted(set(args.skip) | {"memory", "hit_rate"})
+        args.skip = sorted(set(args.skip) | {"hit_rate"})
     if args.support > args.m:
         die(f"--support {args.support} exceeds --m {args.m}")
     if min(args.S) < 1 or min(args.decode_batch) < 1 or args.warmup_tokens < 0 or args.hit_warmup < 0:
