@@ -20,9 +20,9 @@ from globe.fit.calib import _Counts
 from globe.fit.keep import keep_busiest
 from globe.fixtures import FIXTURE_DIR
 from globe.io.checkpoint import Checkpoint
-from globe.runtime import patch_model, unpatch_model
+from globe.runtime import patch_model, to_dense_model, unpatch_model
 from globe.runtime.export import run_export
-from globe.runtime.load import load_model
+from globe.runtime.load import globe_layers, load_model
 from globe.testing.artifacts import dense_reference, random_artifacts
 from globe.testing.models import TINY, tiny_model
 
@@ -146,7 +146,18 @@ def test_kept_experts_run_densely_in_every_cache_mode(mt):
     for mode in ("full", "lru", "none"):
         patch_model(model, arts, CacheCfg(mode=mode, S_per_layer=2, warmup_tokens=16))
         outs[mode] = _logits(model)
+        for mod in globe_layers(model).values():  # kept experts: no block, Down read in place
+            assert mod._kept_layer().down is mod.down_proj
+            if mode == "full":
+                assert mod.table.shape[0] == E - len(mod.kept_ids) == len(mod.cached_experts())
+                assert mod.cache_nbytes() == (E - len(mod.kept_ids)) * mod.table[0].numel() * mod.table.element_size()
+        if mode == "full":  # each expert's weight read back from the compact table (W_hat) is the reference's
+            torch.testing.assert_close(_logits(to_dense_model(copy.deepcopy(model))), ref, rtol=1e-5, atol=1e-5)
         unpatch_model(model)
+    patch_model(model, arts, CacheCfg(mode="full", compose_full=True))  # table blocks (p, d): A tilde_B
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(to_dense_model(copy.deepcopy(model))), ref, rtol=1e-5, atol=1e-5)
+    unpatch_model(model)
     torch.testing.assert_close(outs["full"], ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(outs["lru"], outs["full"]) and torch.equal(outs["none"], outs["full"])
     patch_model(model, without)  # the same artifacts run without keeping: kept experts' A is zero, differs

@@ -195,6 +195,48 @@ def test_empty_batch_every_mode_and_path():
             assert run(lw, cache.lookup, h, idx, w, path).shape == (0, 32)
 
 
+@pytest.mark.parametrize("T,k", [(1, 2), (9, 2), (16, 3)])
+def test_members_read_subset_weights_and_down_in_place(T, k):
+    """Weights holding only `members` (kept experts' gate (K, p, d)) next to weights indexed by expert
+    (up, Down): the same output as the expert-indexed copies, on every path."""
+    E, d, p, members = 7, 32, 24, [1, 4, 5]
+    g = torch.Generator().manual_seed(11)
+    W = {f: torch.randn(E, p, d, generator=g) / d**0.5 for f in FAMILIES}
+    down = torch.randn(E, d, p, generator=g) / p**0.5
+    full = LayerWeights(down=down, act_fn=F.silu, compute_dtype=torch.float32, dense=W)
+    sub = LayerWeights(down=down, act_fn=F.silu, compute_dtype=torch.float32,
+                       dense={"gate": W["gate"][members].clone(), "up": W["up"]})
+    h = torch.randn(T, d, generator=g)
+    idx = torch.tensor(members)[torch.randint(0, 3, (T, k), generator=g)]
+    w = torch.rand(T, k, generator=g)
+    for path in PATHS:
+        want = experts_forward(h, idx, w, full, None, path)
+        assert torch.equal(experts_forward(h, idx, w, sub, None, path, members=members), want), path
+        with pytest.raises(GlobeError, match="members"):
+            experts_forward(h, idx, w, sub, None, path, members=members[:2])
+
+
+def test_compact_table_through_a_map_equals_the_whole_table():
+    """A `full` table of some experts only (kept ones have no block), found through group_of: every path
+    gives the whole table's bits for assignments to those experts."""
+    E = 6
+    fams, lw, table, comp = make_layer(E=E)
+    some = [0, 2, 3, 5]
+    compact = build_table(comp, some, (lw.block_rows, 32), torch.float32, "cpu", chunk=3)
+    assert compact.shape[0] == len(some) and torch.equal(compact, table[some])
+    row = torch.full((E,), -1, dtype=torch.int64)
+    row[some] = torch.arange(len(some))
+    blocks = Blocks([compact], row, row.tolist())
+    g = torch.Generator().manual_seed(12)
+    for T in (1, 9):
+        h = torch.randn(T, 32, generator=g)
+        idx = torch.tensor(some)[torch.randint(0, len(some), (T, 2), generator=g)]
+        w = torch.rand(T, 2, generator=g)
+        for path in PATHS:
+            assert torch.equal(experts_forward(h, idx, w, lw, blocks, path),
+                               experts_forward(h, idx, w, lw, Blocks([table]), path)), (path, T)
+
+
 # ---- modes and paths bit-identical --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layer", ["fitted", "compose_full", "dense_up"])

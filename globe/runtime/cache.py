@@ -283,12 +283,14 @@ def compose_blocks(families: dict[str, BankCodes], lw: LayerWeights, base: int, 
             compose_many(families[f], [base + e for e in experts], dtype, out=[o[lo:hi] for o in out])
 
 
-def build_table(compose: Callable[[list[int], Any], None], num_experts: int, shape: tuple[int, int],
+def build_table(compose: Callable[[list[int], Any], None], experts: int | Sequence[int], shape: tuple[int, int],
                 dtype: torch.dtype, device: torch.device | str, chunk: int = 8) -> torch.Tensor:
-    """The `full` table (E, R, d): compose(experts, out) called on chunks of experts."""
-    table = torch.empty((num_experts, *shape), dtype=dtype, device=device)
-    for s in range(0, num_experts, chunk):
-        ids = list(range(s, min(num_experts, s + chunk)))
+    """The `full` table (G, R, d) of `experts` (ids, or a count E for 0..E-1), row g = experts[g]:
+    compose(ids, out) called on chunks of experts."""
+    experts = list(range(experts)) if isinstance(experts, int) else list(experts)
+    table = torch.empty((len(experts), *shape), dtype=dtype, device=device)
+    for s in range(0, len(experts), chunk):
+        ids = experts[s:s + chunk]
         compose(ids, table[s:s + len(ids)])
     return table
 

@@ -16,7 +16,9 @@ GEMM per family applies A; with compose_full the block holds A_f tilde_B_f (p, d
 
 Experts kept uncompressed (bank.keep_fraction) hold their original gate/up in `kept_{f}` (K, p, d); a
 call splits its assignments once (one host sync) into the kept ones, run as a dense layer of K
-experts, and the others, run through the bank path as above; the two parts add into the output.
+experts (gate/up from kept_{f}, Down read in place from down_proj: no copy), and the others, run
+through the bank path as above; the two parts add into the output. The `full` table then holds only
+the E - K fitted experts' blocks (E - K, R, d), found through a (E,) map.
 
 The compute runs in kernels.py: `choose_path` picks grouped GEMMs, a per-expert loop or a gather path
 from (device, dtype, T*k) only, so every cache mode takes the same path and modes agree bit for bit.
@@ -102,8 +104,9 @@ class GloBEExperts(nn.Module):
                 raise GlobeError(f"layer {self.layer}: kept {f} weight has shape {tuple(w.shape)}, expected "
                                  f"({len(ids)}, {p}, {d})")
             self.register_buffer(f"kept_{f}", w.contiguous())
-        self._kept_lw: LayerWeights | None = None  # Down and unfitted families' rows of the kept experts
-        self._kept_slot: torch.Tensor | None = None  # (E,) int64: row among the kept experts, -1 if not kept
+        self.bank_ids = [e for e in range(E) if e not in set(ids)]  # experts the bank path serves
+        self._kept_mask: torch.Tensor | None = None  # (E,) bool on the device: kept or not
+        self._table_row: torch.Tensor | None = None  # (E,) int64 on the device: expert -> row of a compact table
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -139,8 +142,25 @@ class GloBEExperts(nn.Module):
     def build_cache(self) -> None:
         """Compose the full table (mode full); a no-op otherwise. Runs at the first forward if not before."""
         if self.mode == "full" and self.fitted:
-            self.table = build_table(self._compose, self.num_experts, self.block_shape, self.compute_dtype,
+            self.table = build_table(self._compose, self.bank_ids, self.block_shape, self.compute_dtype,
                                      self.down_proj.device)
+
+    def _row(self, e: int) -> int:
+        """Row of expert e in the `full` table (compact when experts are kept)."""
+        return self.bank_ids.index(e) if self.kept_ids else e
+
+    def _table_blocks(self) -> Blocks:
+        """The `full` table as the kernels read it: indexed by expert, or through a map when compact."""
+        if not self.kept_ids:
+            return Blocks([self.table])
+        if self._table_row is None:
+            row = torch.full((self.num_experts,), -1, dtype=torch.int64)
+            row[self.bank_ids] = torch.arange(len(self.bank_ids))
+            self._table_row = row.to(self.down_proj.device)
+        groups = [-1] * self.num_experts
+        for j, e in enumerate(self.bank_ids):
+            groups[e] = j
+        return Blocks([self.table], self._table_row, groups)
 
     def _slab(self) -> SlabCache:
         if self.slab is None:
@@ -151,7 +171,7 @@ class GloBEExperts(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        self._kept_lw = self._kept_slot = None
+        self._kept_mask = self._table_row = None
         if self.slab is not None:  # cached blocks are recomposed in the new dtype/device on demand
             old, self.slab = self.slab.stats, None
             if old is not None:
@@ -166,7 +186,7 @@ class GloBEExperts(nn.Module):
     def cached_experts(self) -> list[int]:
         """Composed experts held, least recently used first (all in full mode once built)."""
         if self.mode == "full":
-            return list(range(self.num_experts)) if self.table is not None else []
+            return list(self.bank_ids) if self.table is not None else []
         return self.slab.keys() if self.slab is not None else []
 
     def cache_nbytes(self) -> int:
@@ -182,9 +202,9 @@ class GloBEExperts(nn.Module):
     # ---- composition ---------------------------------------------------------------------------
     def tilde_B(self, f: str, e: int) -> torch.Tensor:
         """tilde_B of family f for expert e: (r, d) in the compute dtype."""
-        if self.table is not None and not self.compose_full:
+        if self.table is not None and not self.compose_full and e not in self.kept_ids:
             lo, hi = self.rows[f]
-            return self.table[e, lo:hi]
+            return self.table[self._row(e), lo:hi]
         return self.store[f].compose(self.layer, e, self.compute_dtype)
 
     def weight(self, f: str, e: int) -> torch.Tensor:
@@ -195,7 +215,7 @@ class GloBEExperts(nn.Module):
             return getattr(self, f"kept_{f}")[self.kept_ids.index(e)].float()
         if self.compose_full and self.table is not None:
             lo, hi = self.rows[f]
-            return self.table[e, lo:hi].float()
+            return self.table[self._row(e), lo:hi].float()
         return self.A(f)[e].float() @ self.tilde_B(f, e).float()
 
     # ---- forward -------------------------------------------------------------------------------
@@ -206,19 +226,11 @@ class GloBEExperts(nn.Module):
         return self._forward_bank(hidden_states, top_k_index, top_k_weights)
 
     def _kept_layer(self) -> LayerWeights:
-        """The kept experts as a dense layer: their Down rows and unfitted families' rows copied once (K d p
-        numbers each, rebuilt after a cast or move), their fitted families from the kept_{f} buffers."""
-        if self._kept_lw is None:
-            ids = torch.tensor(self.kept_ids, device=self.down_proj.device)
-            dense = {f: getattr(self, f"kept_{f}") if f in self.fitted else getattr(self, f"W_{f}").index_select(0, ids)
-                     for f in FAMILY_ORDER}
-            down = self.down_proj.detach().index_select(0, ids)
-            self._kept_lw = LayerWeights(down=down, act_fn=self.act_fn, compute_dtype=dense[FAMILY_ORDER[0]].dtype,
-                                         dense=dense)
-            slot = torch.full((self.num_experts,), -1, dtype=torch.int64)
-            slot[self.kept_ids] = torch.arange(len(self.kept_ids))
-            self._kept_slot = slot.to(self.down_proj.device)
-        return self._kept_lw
+        """The kept experts as a dense layer: gate/up from kept_{f} (K, p, d) (an unfitted family's W_f and
+        Down (E, ...) read in place, indexed by expert: experts_forward's `members`)."""
+        dense = {f: getattr(self, f"kept_{f}") if f in self.fitted else getattr(self, f"W_{f}") for f in FAMILY_ORDER}
+        return LayerWeights(down=self.down_proj, act_fn=self.act_fn,
+                            compute_dtype=dense[self.fitted[0]].dtype, dense=dense)
 
     def _forward_split(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -226,23 +238,25 @@ class GloBEExperts(nn.Module):
         (n, 1) routing of the rows it serves, summed into the tokens' outputs (one host sync to split)."""
         T, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
-        self._kept_layer()
-        slot = self._kept_slot.index_select(0, flat)  # (n,) row among the kept experts, -1: through the bank
+        if self._kept_mask is None:
+            m = torch.zeros(self.num_experts, dtype=torch.bool)
+            m[self.kept_ids] = True
+            self._kept_mask = m.to(hidden.device)
+        mask = self._kept_mask.index_select(0, flat)  # (n,) True: a kept expert
         tok = torch.arange(T, device=hidden.device).repeat_interleave(k)
         w = top_k_weights.reshape(-1, 1)
-        mask = slot >= 0
         out = torch.zeros_like(hidden)
         for rows, kept in (((~mask).nonzero().squeeze(1), False), (mask.nonzero().squeeze(1), True)):
             if not rows.numel():
                 continue
             t = tok.index_select(0, rows)
-            x, wr = hidden.index_select(0, t), w.index_select(0, rows)
+            x, wr, ids = hidden.index_select(0, t), w.index_select(0, rows), flat.index_select(0, rows)[:, None]
             if kept:
                 lw = self._kept_layer()
                 path = choose_path(hidden.device, lw.compute_dtype, rows.numel())
-                y = experts_forward(x, slot.index_select(0, rows)[:, None], wr, lw, None, path)
+                y = experts_forward(x, ids, wr, lw, None, path, members=self.kept_ids)
             else:
-                y = self._forward_bank(x, flat.index_select(0, rows)[:, None], wr)
+                y = self._forward_bank(x, ids, wr)
             out.index_add_(0, t, y)
         return out
 
@@ -257,7 +271,7 @@ class GloBEExperts(nn.Module):
                 self.build_cache()
             if self.stats is not None:  # counting needs the active experts on the host (a sync)
                 self.stats["hits"] += len(active_experts(top_k_index, self.num_experts)[0])
-            return experts_forward(hidden_states, top_k_index, top_k_weights, lw, Blocks([self.table]), path)
+            return experts_forward(hidden_states, top_k_index, top_k_weights, lw, self._table_blocks(), path)
         active, counts = active_experts(top_k_index, self.num_experts)
         blocks = self._slab().lookup(active, counts)
         return experts_forward(hidden_states, top_k_index, top_k_weights, lw, blocks, path, counts)

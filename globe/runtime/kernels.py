@@ -231,12 +231,15 @@ class Blocks:
 # ---- forward ------------------------------------------------------------------------------------
 def experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                     lw: LayerWeights, blocks: Blocks | None, path: str = "grouped",
-                    counts: Sequence[int] | None = None) -> torch.Tensor:
+                    counts: Sequence[int] | None = None, members: Sequence[int] | None = None) -> torch.Tensor:
     """Routed experts output (T, d) in hidden's dtype; see the module docstring for the formula.
 
     blocks: None when no family is fitted. counts: per-expert assignment counts on the host if the
     caller has them (an `lru`/`none` lookup does); otherwise read once where needed (`loop`, or a
-    grouped call over slab parts). Raises GlobeError for an unknown path.
+    grouped call over slab parts). members: distinct ascending expert ids (K,) that every assignment
+    routes to; a weight of lw whose first dim is not E = down.shape[0] then holds only them (row j =
+    expert members[j], e.g. kept experts' gate/up (K, p, d)) while Down and the others stay indexed
+    by expert: no (K, d, p) copy of Down. Raises GlobeError for an unknown path.
     """
     if path not in PATHS:
         raise GlobeError(f"unknown experts path {path!r}; choose one of {', '.join(PATHS)}")
@@ -247,19 +250,28 @@ def experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     E = lw.down.shape[0]
     cd, od = lw.compute_dtype, lw.down.dtype
     flat = top_k_index.reshape(-1)  # (n,) n = T*k
+    sub = list(members) if members is not None else None
+    if sub is not None and any(w.shape[0] not in (E, len(sub)) for w in lw.dense.values()):
+        raise GlobeError(f"experts_forward: dense weights must hold {E} experts or the {len(sub)} members")
+
+    def whole(w):  # w indexed by expert (else by member); with K == E both are the same index
+        return sub is None or w.shape[0] == E
     if path == "gather":
         x = hidden.repeat_interleave(k, 0).to(cd)  # (n, d), assignment order
         if x.is_cuda:  # weights gathered on the device: static shapes, no sync
             z = torch.bmm(_gather_blocks(blocks, flat), x.unsqueeze(-1)).squeeze(-1) if lw.rows else None
+            slot = None if sub is None else _member_slots(sub, E, flat.device).index_select(0, flat)
 
             def mm(a, w):  # (n, K) x (E, N, K) gathered per assignment -> (n, N)
-                return torch.bmm(w.index_select(0, flat), a.unsqueeze(-1)).squeeze(-1)
+                return torch.bmm(w.index_select(0, flat if whole(w) else slot), a.unsqueeze(-1)).squeeze(-1)
         else:  # one mv per assignment on the stored weights: no copies (mv beats mm at one row)
             ids = flat.tolist()
             z = _mv_rows(x, _ExpertView(blocks), ids) if lw.rows else None
+            pos = None if sub is None else {e: j for j, e in enumerate(sub)}
+            sids = None if sub is None else [pos[e] for e in ids]
 
             def mm(a, w):
-                return _mv_rows(a, w, ids)
+                return _mv_rows(a, w, ids if whole(w) else sids)
         out = _experts_tail(x, z, lw, mm)
         out = out * top_k_weights.reshape(-1, 1).to(od)
         return out.view(T, k, d).sum(dim=1).to(hidden.dtype)
@@ -280,8 +292,14 @@ def experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
         else:
             z = _grouped_parts(hidden, flat, k, cd, blocks, order, counts if counts is not None else _counts(offs))
 
+    sub_offs = sub_counts = None
+    if sub is not None:  # members' groups: the same sorted rows, every other expert's group empty
+        sub_offs = offs.index_select(0, torch.tensor(sub, dtype=torch.int64, device=offs.device))
+        sub_counts = None if counts is None else [counts[e] for e in sub]
+
     def mm(a, w):
-        return loop_mm(a, w, counts) if path == "loop" else gmm(a, w, offs, counts)
+        o, c = (offs, counts) if whole(w) else (sub_offs, sub_counts)
+        return loop_mm(a, w, c) if path == "loop" else gmm(a, w, o, c)
     out = _experts_tail(x, z, lw, mm)  # (n, d) in expert order
     out = out * top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(od)
     res = torch.empty((flat.numel(), d), dtype=od, device=out.device)
@@ -321,10 +339,20 @@ def _mv_rows(a: torch.Tensor, w, ids: Sequence[int]) -> torch.Tensor:
     return out
 
 
+def _member_slots(members: Sequence[int], E: int, device) -> torch.Tensor:
+    """(E,) int64: expert -> its row among `members` (0 for the others, which no assignment routes to)."""
+    slot = torch.zeros(E, dtype=torch.int64)
+    slot[list(members)] = torch.arange(len(members))
+    return slot.to(device)
+
+
 def _gather_blocks(blocks: Blocks, flat: torch.Tensor) -> torch.Tensor:
-    """(n, R, d): the block of each assignment; a table is indexed on the device, a slab on the host."""
+    """(n, R, d): the block of each assignment; one resident part (a table, compact or not) is indexed on
+    the device, slab parts on the host."""
     if blocks.group_of is None:
         return blocks.parts[0].index_select(0, flat)
+    if len(blocks.parts) == 1 and isinstance(blocks.parts[0], torch.Tensor):
+        return blocks.parts[0].index_select(0, blocks.group_of.index_select(0, flat))
     ids = flat.tolist()
     if not ids:
         p0 = blocks.parts[0]

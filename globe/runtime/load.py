@@ -10,9 +10,10 @@ Any tensor the model needs that the files lack is refused by name: nothing is ev
 initialised.
 
 Resident bytes by mode (weights as loaded, dtype size s; per family R_f = r, or p with compose_full):
-    base   every tensor of the export (non-expert, Down, A, banks, codes, kept experts' gate/up)
-           + the kept experts' Down rows, copied once for their dense part (K d p s)
-    full   base + sum over MoE layers of E * R * d * s     (the bank is freed once composed)
+    base   every tensor of the export (non-expert, Down, A, banks, codes, kept experts' gate/up; kept
+           experts run from these in place, nothing is copied for them)
+    full   base + sum over MoE layers of (E - K_L) * R * d * s   (K_L kept experts in layer L have no
+           block; the bank is freed once composed)
     lru    base + layers * min(S, E) * R * d * s
     none   base + a few blocks composed in flight (min(E, 8) * R * d * s)
 """
@@ -182,9 +183,8 @@ def estimate_bytes(meta: dict[str, Any], src: TensorDir, cache: CacheCfg, dtype:
     R = sum(p if cache.compose_full else int(fm["r"]) for fm in meta["families"].values())
     bank = sum(int(fm.get("banks", 1)) * int(fm["m"]) * int(fm["r"]) * d * s for fm in meta["families"].values())
     blk = R * d * s  # one composed block
-    K = sum(len(ids) for ids in kept_experts(meta).values())  # kept uncompressed: their Down (and any unfitted
-    base += K * d * p * s * (1 + 2 - len(meta["families"]))  # family's) rows copied once for the dense part
-    modes = {"full": base + L * E * blk, "lru": base + L * min(int(cache.S_per_layer), E) * blk,
+    K = sum(len(ids) for ids in kept_experts(meta).values())  # kept uncompressed: no block in a `full` table
+    modes = {"full": base + (L * E - K) * blk, "lru": base + L * min(int(cache.S_per_layer), E) * blk,
              "none": base + min(E, 8) * blk}
     return {"base": base, "bank": bank, "block": blk, "modes": modes}
 
